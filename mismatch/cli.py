@@ -1,0 +1,145 @@
+"""The `mismatch` command line: argument parsing and terminal output only."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mismatch.config import ScanConfig
+from mismatch.engines import ENGINES, Sampling, default_engine
+from mismatch.models import DEFAULT_MODEL, ModelNotFound
+from mismatch.precision import parse_dtypes
+from mismatch.prompts import PromptError
+from mismatch.runs import OutputExists, default_run_dir, prepare_run_dir
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, help="Measure the training-inference mismatch of an LLM.")
+console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and CI: no 80-column wrap
+errors = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    """A user mistake: one line on stderr, exit code 2."""
+    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.callback(invoke_without_command=True)
+def main(ctx: typer.Context) -> None:
+    """With no command, `mismatch` scans the embedded default model."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(ctx.command.get_command(ctx, "scan"))
+
+
+@app.command()
+def scan(
+    model: str = typer.Option(DEFAULT_MODEL, help="HF hub id, local HF folder, or builtin:smollm2-135m."),
+    engine: Optional[str] = typer.Option(None, help="Inference engine: vllm (default where installed) or hf."),
+    dtypes: str = typer.Option("bf16,fp16", help="Engine dtypes, comma-separated (bf16, fp16, fp32)."),
+    pairs: str = typer.Option("default", help="default: each engine dtype vs itself and fp32; all: every engine x trainer dtype."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file: .jsonl (prompt or messages), .txt, .csv or .parquet (prompt column)."),
+    num_prompts: Optional[int] = typer.Option(None, help="Number of prompts (built-in set: 64; a file: all)."),
+    samples: int = typer.Option(1, help="Samples per prompt."),
+    chat_template: bool = typer.Option(True, help="Apply the tokenizer's chat template when it has one."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (> 0)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold in (0, 1]; the trainer applies the same."),
+    max_tokens: int = typer.Option(128, help="Maximum new tokens per response."),
+    seed: int = typer.Option(0, help="Seed for prompts, sampling and bootstrap."),
+    max_model_len: Optional[int] = typer.Option(None, help="vLLM max_model_len."),
+    tensor_parallel_size: int = typer.Option(1, help="vLLM tensor_parallel_size."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help="vLLM gpu_memory_utilization (on CPU: share of RAM for the KV cache; default 0.3 there, 0.85 on GPU)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the model folder / hub."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default reports/<model>-<timestamp>/)."),
+    force: bool = typer.Option(False, help="Write into a non-empty output folder."),
+) -> None:
+    """Generate with the engine, rescore the same tokens with HF per dtype, and report the gap."""
+    try:
+        engine_dtypes = parse_dtypes(dtypes)
+    except ValueError as exc:
+        fail(str(exc))
+    engine = engine or default_engine()
+    if engine not in ENGINES:
+        fail(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if pairs not in ("default", "all"):
+        fail(f"--pairs must be 'default' or 'all', not {pairs!r}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        fail("--temperature must be > 0: RL samples at T > 0 and the mismatch is measured on sampled tokens")
+    if not 0 < top_p <= 1:
+        fail("--top-p must be in (0, 1]")
+    for name, value in (("--max-tokens", max_tokens), ("--samples", samples), ("--num-prompts", num_prompts)):
+        if value is not None and value < 1:
+            fail(f"{name} must be at least 1")
+    config = ScanConfig(
+        model=model,
+        engine=engine,
+        dtypes=engine_dtypes,
+        out=out or default_run_dir(model),
+        sampling=Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed),
+        all_pairs=pairs == "all",
+        prompts=prompts,
+        num_prompts=num_prompts,
+        samples=samples,
+        chat_template=chat_template,
+        max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        trust_remote_code=trust_remote_code,
+    )
+    from mismatch.scan import run_scan  # heavy imports after the arguments are known to be good
+
+    try:
+        prepare_run_dir(config.out, force)
+        with RichProgress() as progress:
+            summary = run_scan(config, progress)
+    except (ModelNotFound, PromptError, OutputExists) as exc:
+        fail(str(exc))
+    console.print(pair_table_view(summary["pairs"]))
+    console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
+    console.print(f"Run folder: {config.out}")
+
+
+class RichProgress:
+    """One progress bar per stage (generation per engine dtype, rescoring per pair)."""
+
+    def __enter__(self):
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bars.__exit__(*exc)
+
+    def stage(self, description: str, total: int):
+        task = self.bars.add_task(description, total=total)
+        return lambda n: self.bars.advance(task, n)
+
+
+def _fmt(value, spec: str = ".2e") -> str:
+    return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def pair_table_view(pairs: list[dict]) -> Table:
+    table = Table(title="Training-inference mismatch, ℓ = log π(trainer) − log μ(engine)")
+    for column in ("engine→trainer", "tokens", "k3", "k3 95% CI", "k1", "mean|Δp|", "max|Δp|", "max ratio", ">2×", "seq KL", "slope/1k"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for p in pairs:
+        table.add_row(
+            f"{p['engine_dtype']}→{p['trainer_dtype']}",
+            f"{p['n_tokens']}" + (f" +{p['n_nonfinite']} non-finite" if p["n_nonfinite"] else ""),
+            _fmt(p["k3"]),
+            f"{_fmt(p.get('k3_ci_low'), '.1e')}–{_fmt(p.get('k3_ci_high'), '.1e')}",
+            _fmt(p["k1"], ".1e"),
+            _fmt(p["mean_abs_dp"], ".1e"),
+            _fmt(p["max_abs_dp"], ".3f"),
+            _fmt(p["max_ratio"], ".3f"),
+            _fmt(p["frac_outside_2"], ".3f"),
+            _fmt(p["seq_kl"], ".1e"),
+            _fmt(p["seq_slope_per_1k"], ".1e"),
+        )
+    return table

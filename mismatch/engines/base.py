@@ -1,0 +1,45 @@
+"""The engine protocol: prompts in, sampled tokens and their log-probabilities (μ) out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+Progress = Callable[[int], None]
+"""Called with the number of sequences just finished."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    seed: int = 0
+
+
+@dataclass
+class Rollout:
+    """One sampled response: `logp_engine[i]` is log μ(response_ids[i]) under the sampled distribution."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logp_engine: list[float]
+    finish_reason: str  # "stop" (end-of-sequence token) or "length"
+
+
+class Engine(Protocol):
+    name: str
+    dtype: str
+
+    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
+        """`samples` responses per prompt, ordered prompt-major; deterministic for a given seed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def request_seed(sampling: Sampling, prompt_index: int, sample_index: int, samples: int) -> int:
+    """Per-request seed, so a sample does not depend on how requests are batched."""
+    return sampling.seed * 1_000_003 + prompt_index * samples + sample_index

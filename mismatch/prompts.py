@@ -1,0 +1,113 @@
+"""Prompts: the built-in arithmetic set (with verifiable answers), prompt files, chat templating."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPT_FORMATS = (".jsonl", ".txt", ".csv", ".parquet")
+
+
+class PromptError(Exception):
+    """A prompt file that cannot be used; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    messages: tuple[dict, ...]  # chat messages; a plain prompt is one user message
+    answer: str | None = None
+
+    @classmethod
+    def from_text(cls, text: str, answer: str | None = None) -> Prompt:
+        return cls(({"role": "user", "content": text},), answer)
+
+
+def arithmetic_prompts(n: int, seed: int = 0) -> list[Prompt]:
+    """`n` seeded arithmetic questions with integer answers: sums, differences, products."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        op = rng.choice("+-*")
+        a, b = (rng.randint(2, 99), rng.randint(2, 99)) if op != "*" else (rng.randint(2, 19), rng.randint(2, 19))
+        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+        text = f"What is {a} {op} {b}? Think step by step, then give the final answer as a single number."
+        prompts.append(Prompt.from_text(text, str(answer)))
+    return prompts
+
+
+def load_prompts(path: Path) -> list[Prompt]:
+    """Read `.jsonl` (`prompt` or `messages`, optional `answer`), `.txt`, `.csv` or `.parquet` (`prompt`)."""
+    if not path.is_file():
+        raise PromptError(f"prompt file {path} not found")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        prompts = _read_jsonl(path)
+    elif suffix == ".txt":
+        prompts = [Prompt.from_text(line) for line in _read_text(path).splitlines() if line.strip()]
+    elif suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            prompts = _from_rows(list(csv.DictReader(f)), path)
+    elif suffix == ".parquet":
+        import pandas as pd
+
+        prompts = _from_rows(pd.read_parquet(path).to_dict("records"), path)
+    else:
+        raise PromptError(f"unsupported prompt file {path.name}: use one of {', '.join(PROMPT_FORMATS)}")
+    if not prompts:
+        raise PromptError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptError(f"{path} is not UTF-8 text (byte {exc.start}): re-encode it as UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> list[Prompt]:
+    prompts = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
+        answer = None if row.get("answer") is None else str(row["answer"])
+        if isinstance(row.get("messages"), list) and row["messages"]:
+            prompts.append(Prompt(tuple(row["messages"]), answer))
+        elif isinstance(row.get("prompt"), str):
+            prompts.append(Prompt.from_text(row["prompt"], answer))
+        else:
+            raise PromptError(f"{path}:{number}: each line needs a string 'prompt' or a list 'messages'")
+    return prompts
+
+
+def _from_rows(rows: list[dict], path: Path) -> list[Prompt]:
+    if rows and "prompt" not in rows[0]:
+        raise PromptError(f"{path} has no 'prompt' column (columns: {', '.join(map(str, rows[0]))})")
+    return [
+        Prompt.from_text(str(row["prompt"]), None if row.get("answer") in (None, "") else str(row["answer"]))
+        for row in rows
+        if str(row["prompt"]).strip()
+    ]
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt], chat_template: bool = True) -> list[list[int]]:
+    """Token ids for each prompt: the chat template (with generation prompt) when there is one."""
+    use_template = chat_template and tokenizer.chat_template is not None
+    encoded = []
+    for prompt in prompts:
+        if use_template:
+            text = tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            ids = tokenizer("\n".join(m["content"] for m in prompt.messages)).input_ids
+        if not ids:
+            raise PromptError("a prompt encodes to no tokens; remove empty prompts")
+        encoded.append(ids)
+    return encoded

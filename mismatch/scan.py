@@ -57,12 +57,12 @@ def run_scan(config: ScanConfig, progress: Progress | None = None) -> dict:
         summary["timings"][stage] = round(time.perf_counter() - start, 3)
 
     with timed("prepare"):
-        model_path = resolve_model(config.model)
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
         if config.prompts:
             prompts = load_prompts(config.prompts)[: config.num_prompts]
         else:
             prompts = arithmetic_prompts(config.num_prompts or DEFAULT_NUM_PROMPTS, seed=config.sampling.seed)
+        model_path = resolve_model(config.model)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
         prompt_ids = encode_prompts(tokenizer, prompts, chat_template=config.chat_template)
     summary["config"]["model_path"] = str(model_path)
 

@@ -1,0 +1,51 @@
+"""Both engines on the tiny model: output shape, μ against an FP32 forward, determinism."""
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from mismatch.engines import Sampling, start_engine
+from mismatch.rescore import load_trainer, rescore
+
+PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+SAMPLING = Sampling(temperature=0.8, top_p=1.0, max_tokens=12, seed=3)
+
+
+def fp32_engine_eos(folder):
+    return AutoTokenizer.from_pretrained(folder).eos_token_id
+
+
+@pytest.fixture(scope="module", params=["vllm", "hf"])
+def fp32_engine(request, tiny_model):
+    engine = start_engine(request.param, tiny_model, "fp32")
+    yield engine
+    engine.close()
+
+
+def test_outputs_have_one_logprob_per_token_in_prompt_major_order(fp32_engine, tiny_model):
+    rollouts = fp32_engine.generate(PROMPTS, 2, SAMPLING)
+    assert [(r.prompt_index, r.sample_index) for r in rollouts] == [(p, s) for p in range(3) for s in range(2)]
+    for r in rollouts:
+        assert r.prompt_ids == PROMPTS[r.prompt_index]
+        assert 1 <= len(r.response_ids) <= SAMPLING.max_tokens
+        assert len(r.logp_engine) == len(r.response_ids)
+        assert all(lp <= 0 for lp in r.logp_engine)
+        assert r.finish_reason in ("stop", "length")
+        if r.finish_reason == "length":
+            assert len(r.response_ids) == SAMPLING.max_tokens
+        else:
+            assert r.response_ids[-1] == fp32_engine_eos(tiny_model)
+    assert len({tuple(r.response_ids) for r in rollouts}) > 1
+
+
+def test_engine_logprobs_match_an_fp32_forward_at_the_sampling_temperature(fp32_engine, tiny_model):
+    rollouts = fp32_engine.generate(PROMPTS, 2, SAMPLING)
+    trainer = rescore(load_trainer(tiny_model, "fp32"), "fp32", rollouts, SAMPLING.temperature)
+    diff = np.concatenate([t - np.array(r.logp_engine) for t, r in zip(trainer, rollouts)])
+    assert np.abs(diff).max() < 1e-3
+
+
+def test_same_seed_same_samples(fp32_engine):
+    first = fp32_engine.generate(PROMPTS, 2, SAMPLING)
+    second = fp32_engine.generate(PROMPTS, 2, SAMPLING)
+    assert [r.response_ids for r in first] == [r.response_ids for r in second]

@@ -1,0 +1,78 @@
+"""Each metric against values computed by hand."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mismatch import metrics as m
+
+# Three tokens in two sequences: ℓ = log π − log μ = [log 2, 0, −log 2]; sequence 0 holds the first two.
+MU = np.log([0.25, 0.5, 0.8])
+PI = np.log([0.5, 0.5, 0.4])
+SEQ = np.array([0, 0, 1])
+
+
+def test_k1_k2_k3_chi2():
+    ln2 = math.log(2)
+    assert m.k1(PI, MU) == pytest.approx((-ln2 + 0 + ln2) / 3, abs=1e-12)
+    assert m.k2(PI, MU) == pytest.approx((ln2**2 / 2 + 0 + ln2**2 / 2) / 3)
+    # exp(ℓ) − 1 − ℓ: 2 − 1 − ln2, 0, 0.5 − 1 + ln2  → sum 0.5
+    assert m.k3(PI, MU) == pytest.approx(0.5 / 3)
+    # exp(2ℓ): 4, 1, 0.25 → mean 1.75 → minus 1
+    assert m.chi2_token(PI, MU) == pytest.approx(0.75)
+
+
+def test_probability_and_ratio_metrics():
+    assert m.mean_abs_dp(PI, MU) == pytest.approx((0.25 + 0 + 0.4) / 3)
+    assert m.max_abs_dp(PI, MU) == pytest.approx(0.4)
+    assert m.min_ratio(PI, MU) == pytest.approx(0.5)
+    assert m.max_ratio(PI, MU) == pytest.approx(2.0)
+    # exactly 2 and exactly 1/2 are not outside; nudge one over
+    assert m.frac_outside_2(PI, MU) == 0.0
+    assert m.frac_outside_2(PI + np.array([0.01, 0, 0]), MU) == pytest.approx(1 / 3)
+
+
+def test_sequence_metrics():
+    ln2 = math.log(2)
+    # Σℓ: seq0 = ln2, seq1 = −ln2 → mean of −Σℓ = 0
+    assert m.seq_kl(PI, MU, SEQ) == pytest.approx(0.0, abs=1e-12)
+    assert m.seq_kl(PI[:2], MU[:2], SEQ[:2]) == pytest.approx(-ln2)
+    # lengths 2 and 1, Σℓ ln2 and −ln2: slope = 2 ln2 per token
+    assert m.seq_slope_per_1k(PI, MU, SEQ) == pytest.approx(2000 * ln2)
+    assert math.isnan(m.seq_slope_per_1k(PI[:2], MU[:2], np.array([0, 1])))
+    # mean log μ − mean log π per sequence: seq0 (log .25 + log .5 − log .5 − log .5)/2 = −ln2/2, seq1 ln2
+    assert m.log_ppl_diff(PI, MU, SEQ) == pytest.approx((-ln2 / 2 + ln2) / 2)
+
+
+def test_bootstrap_interval_contains_the_mean_and_degenerates_for_constant_values():
+    rng = np.random.default_rng(1)
+    values, seqs = rng.normal(size=400), np.repeat(np.arange(40), 10)
+    low, high = m.bootstrap_mean_ci(values, seqs, seed=3)
+    assert low < values.mean() < high
+    assert high - low < 0.5
+    assert m.bootstrap_mean_ci(np.full(10, 0.2), np.arange(10)) == pytest.approx((0.2, 0.2))
+
+
+def test_pair_metrics_drops_non_finite_tokens_and_counts_them():
+    out = m.pair_metrics(np.append(PI, -np.inf), np.append(MU, -1.0), np.append(SEQ, 2))
+    assert out["n_nonfinite"] == 1 and out["n_tokens"] == 3 and out["n_seqs"] == 2
+    assert out["k3"] == pytest.approx(0.5 / 3)
+    assert out["k3_ci_low"] <= out["k3"] <= out["k3_ci_high"]
+    assert set(m.METRICS) <= set(out)
+
+
+def test_pair_table_groups_by_dtype_pair():
+    frame = pd.DataFrame(
+        {
+            "engine_dtype": ["bf16"] * 3 + ["fp16"] * 3,
+            "trainer_dtype": ["bf16"] * 3 + ["fp16"] * 3,
+            "seq_id": np.tile(SEQ, 2),
+            "logp_engine": np.tile(MU, 2),
+            "logp_trainer": np.concatenate([PI, MU]),
+        }
+    )
+    table = m.pair_table(frame).set_index("engine_dtype")
+    assert table.loc["bf16", "k3"] == pytest.approx(0.5 / 3)
+    assert table.loc["fp16", "k3"] == 0.0

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mismatch.engines.base import Rollout
+from mismatch.precision import EmulatedFP16Matmuls, parse_dtypes
+from mismatch.rescore import load_trainer, pad_batch, rescore, response_logprobs, top_p_filter
+
+
+def _rollouts(n=5):
+    rng = np.random.default_rng(0)
+    return [
+        Rollout(i, 0, rng.integers(3, 300, size=3 + 2 * i).tolist(), rng.integers(3, 300, size=9 - i).tolist(), [0.0] * (9 - i), "length")
+        for i in range(n)
+    ]
+
+
+def test_logprobs_equal_a_plain_forward_per_sequence(tiny_model):
+    model = load_trainer(tiny_model, "fp32")
+    rollouts = _rollouts()
+    batched = rescore(model, "fp32", rollouts, temperature=0.7)
+    for rollout, got in zip(rollouts, batched):
+        ids = torch.tensor([rollout.prompt_ids + rollout.response_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(rollout.prompt_ids) - 1 : -1].float()
+        want = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(rollout.response_ids)[:, None]).squeeze(-1)
+        assert got.dtype == np.float64 and got.shape == (len(rollout.response_ids),)
+        np.testing.assert_allclose(got, want.numpy(), atol=2e-5)
+
+
+def test_padding_does_not_change_results(tiny_model):
+    model = load_trainer(tiny_model, "bf16")
+    rollouts = _rollouts()
+    together = rescore(model, "bf16", rollouts, temperature=1.0)
+    alone = [rescore(model, "bf16", [r], temperature=1.0)[0] for r in rollouts]
+    for a, b in zip(together, alone):
+        np.testing.assert_allclose(a, b, atol=2e-2)  # bf16: kernels may block differently per shape
+
+
+def test_pad_batch_rows_point_at_the_position_before_each_response_token():
+    batch = pad_batch([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0, device=torch.device("cpu"))
+    assert batch.input_ids.tolist() == [[1, 2, 4, 5, 6], [3, 7, 0, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch.rows.tolist() == [1, 2, 3, 5] and batch.targets.tolist() == [4, 5, 6, 7]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    assert torch.isinf(top_p_filter(logits, 0.75)).tolist() == [[True, False, False]]
+    assert torch.isinf(top_p_filter(logits, 0.5)).tolist() == [[True, False, True]]
+    assert not torch.isinf(top_p_filter(logits, 1.0)).any()
+
+
+def test_top_p_applies_in_rescoring(tiny_model):
+    model = load_trainer(tiny_model, "fp32")
+    batch = pad_batch([[5, 6]], [[7]], 0, torch.device("cpu"))
+    with torch.no_grad():
+        full = response_logprobs(model, batch, 1.0)
+        nucleus = response_logprobs(model, batch, 1.0, top_p=0.3)
+    # renormalised over fewer tokens: higher, or -inf when the token is outside the nucleus
+    assert nucleus.item() > full.item() or nucleus.item() == float("-inf")
+
+
+def test_emulated_fp16_matmul_is_fp32_accumulation_rounded_to_fp16():
+    torch.manual_seed(0)
+    x, w = torch.randn(8, 64).half(), torch.randn(32, 64).half()
+    with EmulatedFP16Matmuls():
+        got = F.linear(x, w)
+        scores = x @ w.T
+    want = F.linear(x.float(), w.float()).half()
+    assert got.dtype == torch.float16 and torch.equal(got, want) and torch.equal(scores, want)
+
+
+def test_emulated_fp16_forward_matches_native_fp16(tiny_model):
+    fp16, fp32 = load_trainer(tiny_model, "fp16"), load_trainer(tiny_model, "fp32")
+    rollouts = _rollouts(3)
+    emulated = np.concatenate(rescore(fp16, "fp16", rollouts, 1.0))  # on CPU: the emulated path
+    with torch.inference_mode():
+        native = [response_logprobs(fp16, pad_batch([r.prompt_ids], [r.response_ids], 0, torch.device("cpu")), 1.0) for r in rollouts]
+    native = torch.cat(native).double().numpy()
+    reference = np.concatenate(rescore(fp32, "fp32", rollouts, 1.0))
+    assert np.abs(emulated - native).max() < 1e-2
+    assert np.abs(emulated - reference).max() < 1e-2
+
+
+def test_parse_dtypes():
+    assert parse_dtypes("bf16, fp16,bf16") == ["bf16", "fp16"]
+    with pytest.raises(ValueError, match="unknown dtype float8"):
+        parse_dtypes("bf16,float8")

@@ -33,6 +33,10 @@ def fail(message: str) -> None:
 @app.callback(invoke_without_command=True)
 def main(ctx: typer.Context) -> None:
     """With no command, `mismatch` scans the embedded default model."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     if ctx.invoked_subcommand is None:
         ctx.invoke(ctx.command.get_command(ctx, "scan"))
 

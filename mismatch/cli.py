@@ -14,10 +14,12 @@ from rich.table import Table
 
 from mismatch.config import ScanConfig
 from mismatch.engines import ENGINES, Sampling, default_engine
+from mismatch.gate import check_pairs, parse_condition
 from mismatch.models import DEFAULT_MODEL, ModelNotFound
 from mismatch.precision import parse_dtypes
 from mismatch.prompts import PromptError
-from mismatch.runs import OutputExists, default_run_dir, prepare_run_dir
+from mismatch.report.content import RunFolderError
+from mismatch.runs import OutputExists, default_run_dir, check_output_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Measure the training-inference mismatch of an LLM.")
 console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and CI: no 80-column wrap
@@ -61,6 +63,7 @@ def scan(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model folder / hub."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default reports/<model>-<timestamp>/)."),
     force: bool = typer.Option(False, help="Write into a non-empty output folder."),
+    fail_on: list[str] = typer.Option([], "--fail-on", help='CI gate, repeatable: "[ENGINE/TRAINER:]METRIC>VALUE" (>, >=, <, <=); default pairs: equal dtypes. Exit 1 when one holds.'),
 ) -> None:
     """Generate with the engine, rescore the same tokens with HF per dtype, and report the gap."""
     try:
@@ -95,17 +98,38 @@ def scan(
         gpu_memory_utilization=gpu_memory_utilization,
         trust_remote_code=trust_remote_code,
     )
+    try:
+        check_pairs([parse_condition(c) for c in fail_on], config.pairs())
+    except ValueError as exc:
+        fail(str(exc))
+    config.fail_on = list(fail_on)
     from mismatch.scan import run_scan  # heavy imports after the arguments are known to be good
 
     try:
-        prepare_run_dir(config.out, force)
+        check_output_dir(config.out, force)
         with RichProgress() as progress:
             summary = run_scan(config, progress)
     except (ModelNotFound, PromptError, OutputExists) as exc:
         fail(str(exc))
     console.print(pair_table_view(summary["pairs"]))
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
-    console.print(f"Run folder: {config.out}")
+    console.print(f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, summary.json)")
+    if failed := summary.get("gate", {}).get("failed"):
+        for condition in failed:
+            errors.print(f"[bold red]gate failed:[/] {condition}", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A scan's run folder.")) -> None:
+    """Rebuild report.html and summary.md from a run folder's saved data."""
+    from mismatch.report import write_report
+
+    try:
+        for path in write_report(run_dir):
+            console.print(f"wrote {path}")
+    except RunFolderError as exc:
+        fail(str(exc))
 
 
 class RichProgress:
@@ -147,3 +171,22 @@ def pair_table_view(pairs: list[dict]) -> Table:
             _fmt(p["seq_slope_per_1k"], ".1e"),
         )
     return table
+
+
+@app.command()
+def compare(
+    before: Path = typer.Argument(..., help="Run folder before the change."),
+    after: Path = typer.Argument(..., help="Run folder after the change."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default reports/compare-<timestamp>/)."),
+    force: bool = typer.Option(False, help="Write into a non-empty output folder."),
+) -> None:
+    """Before / after: both runs' metrics side by side with ratios, and both scatters (HTML + Markdown)."""
+    from mismatch.compare import NotComparable
+    from mismatch.report import write_compare
+
+    try:
+        target = check_output_dir(out or default_run_dir("compare"), force)
+        for path in write_compare(before, after, target):
+            console.print(f"wrote {path}")
+    except (RunFolderError, NotComparable, OutputExists) as exc:
+        fail(str(exc))

@@ -27,6 +27,7 @@ class ScanConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
     trust_remote_code: bool = False
+    fail_on: list[str] = field(default_factory=list)  # CI gate conditions (mismatch.gate)
 
     def pairs(self) -> list[tuple[str, str]]:
         """Each engine dtype against itself and FP32 (or against every dtype with `all_pairs`)."""

@@ -126,7 +126,10 @@ def log_ppl_diff(logp_trainer, logp_engine, seq_ids) -> float:
     return float(np.mean((seqs["logp_engine"] - seqs["logp_trainer"]) / seqs["length"]))
 
 
-def bootstrap_mean_ci(values, seq_ids, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+BOOTSTRAP_DRAWS = 1000
+
+
+def bootstrap_mean_ci(values, seq_ids, n_boot: int = BOOTSTRAP_DRAWS, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of the token-pooled mean of `values`, resampling whole sequences."""
     frame = pd.DataFrame({"seq": np.asarray(seq_ids), "v": np.asarray(values, dtype=np.float64)})
     per_seq = frame.groupby("seq").agg(total=("v", "sum"), count=("v", "size"))

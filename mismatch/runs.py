@@ -23,10 +23,10 @@ def default_run_dir(model: str, root: Path = Path("reports")) -> Path:
     return root / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(path: Path, force: bool) -> Path:
+def check_output_dir(path: Path, force: bool) -> Path:
+    """Refuse an existing non-empty folder unless forced; the writers create the folder."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
         raise OutputExists(f"output folder {path} is not empty; pass --force to overwrite or choose another --out")
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -35,6 +35,7 @@ def _atomic(path: Path):
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide reports from CI artefact uploaders
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -54,9 +55,13 @@ def _json_safe(value):
     return value
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_text(path: Path, text: str) -> None:
     with _atomic(path) as tmp:
-        tmp.write_text(json.dumps(_json_safe(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(_json_safe(data), indent=2, ensure_ascii=False) + "\n")
 
 
 def write_parquet(path: Path, frame: pd.DataFrame) -> None:

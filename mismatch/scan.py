@@ -14,10 +14,12 @@ from transformers import AutoTokenizer
 
 from mismatch.config import DEFAULT_NUM_PROMPTS, ScanConfig
 from mismatch.engines import Rollout, start_engine
+from mismatch.gate import evaluate, parse_condition
 from mismatch.metrics import pair_table
 from mismatch.models import resolve_model
 from mismatch.prompts import arithmetic_prompts, encode_prompts, load_prompts
 from mismatch.recommend import recommend
+from mismatch.report import write_report
 from mismatch.rescore import load_trainer, rescore
 from mismatch.runs import write_csv, write_json, write_parquet
 
@@ -48,6 +50,7 @@ def run_scan(config: ScanConfig, progress: Progress | None = None) -> dict:
     progress = progress or _Silent()
     out = config.out
     summary = {"complete": False, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": config.to_json(), "versions": versions(), "timings": {}}
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)
 
     @contextmanager
@@ -102,8 +105,14 @@ def run_scan(config: ScanConfig, progress: Progress | None = None) -> dict:
         pairs_list = table.to_dict("records")
     write_parquet(out / "tokens.parquet", tokens)
     write_csv(out / "metrics.csv", table)
-    summary |= {"pairs": pairs_list, "recommendation": recommend(pairs_list), "complete": True}
+    summary |= {"pairs": pairs_list, "recommendation": recommend(pairs_list)}
+    if config.fail_on:
+        summary["gate"] = evaluate([parse_condition(c) for c in config.fail_on], pairs_list)
+    summary["complete"] = True
     write_json(out / "summary.json", summary)
+    with timed("report"):
+        write_report(out)
+    write_json(out / "summary.json", summary)  # with the report's timing
     return summary
 
 

@@ -1,0 +1,75 @@
+"""The CI gate: `--fail-on "k3>1e-3"` or `--fail-on "bf16/bf16:max_abs_dp>0.5"`.
+
+A condition describes failure; without a pair it applies to every pair of equal engine and
+trainer dtype in the run.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+
+from mismatch.metrics import METRICS
+from mismatch.precision import DTYPES
+
+OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+_SYNTAX = re.compile(r"^\s*(?:(?P<engine>\w+)/(?P<trainer>\w+)\s*:)?\s*(?P<metric>\w+)\s*(?P<op>>=|<=|>|<)\s*(?P<value>\S+)\s*$")
+GATED = (*METRICS, "n_nonfinite", "k3_ci_low", "k3_ci_high", "mean_abs_dp_ci_low", "mean_abs_dp_ci_high")
+
+
+@dataclass(frozen=True)
+class Condition:
+    text: str
+    metric: str
+    op: str
+    threshold: float
+    pair: tuple[str, str] | None = None
+
+    def pairs_in(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return [self.pair] if self.pair else [(e, t) for e, t in pairs if e == t]
+
+
+def parse_condition(text: str) -> Condition:
+    """Parse one `--fail-on` expression; ValueError with the accepted syntax otherwise."""
+    match = _SYNTAX.match(text)
+    usage = 'expected [ENGINE/TRAINER:]METRIC(>|>=|<|<=)NUMBER, e.g. "k3>1e-3" or "bf16/bf16:max_abs_dp>0.5"'
+    if not match:
+        raise ValueError(f"--fail-on {text!r}: {usage}")
+    if match["metric"] not in GATED:
+        raise ValueError(f"--fail-on {text!r}: unknown metric {match['metric']!r}; one of {', '.join(GATED)}")
+    try:
+        threshold = float(match["value"])
+    except ValueError:
+        raise ValueError(f"--fail-on {text!r}: {match['value']!r} is not a number; {usage}") from None
+    pair = None
+    if match["engine"]:
+        pair = (match["engine"], match["trainer"])
+        if not set(pair) <= set(DTYPES):
+            raise ValueError(f"--fail-on {text!r}: pair dtypes must be among {', '.join(DTYPES)}")
+    return Condition(text.strip(), match["metric"], match["op"], threshold, pair)
+
+
+def check_pairs(conditions: list[Condition], scanned: list[tuple[str, str]]) -> None:
+    """Refuse conditions that name a pair the scan will not measure, or that match no pair at all."""
+    for condition in conditions:
+        if condition.pair and condition.pair not in scanned:
+            raise ValueError(f"--fail-on {condition.text!r}: the scan does not measure {'/'.join(condition.pair)} (pairs: {', '.join('/'.join(p) for p in scanned)})")
+        if not condition.pairs_in(scanned):
+            raise ValueError(f"--fail-on {condition.text!r}: no pair of equal dtypes to apply it to; name one as ENGINE/TRAINER:")
+
+
+def evaluate(conditions: list[Condition], pairs: list[dict]) -> dict:
+    """{"conditions": [...], "failed": [...]}: each failure says which pair and what value."""
+    by_pair = {(p["engine_dtype"], p["trainer_dtype"]): p for p in pairs}
+    failed = []
+    for condition in conditions:
+        for pair in condition.pairs_in(list(by_pair)):
+            value = by_pair[pair].get(condition.metric)
+            name = f"{'/'.join(pair)}:{condition.metric}"
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                failed.append(f"{name} is undefined (gate {condition.text})")
+            elif OPERATORS[condition.op](value, condition.threshold):
+                failed.append(f"{name} = {value:.4g} {condition.op} {condition.threshold:g}")
+    return {"conditions": [c.text for c in conditions], "failed": failed}

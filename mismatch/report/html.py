@@ -1,0 +1,72 @@
+"""report.html: one self-contained page (plots embedded as data URIs, no scripts, no fetches)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from mismatch.metrics import BOOTSTRAP_DRAWS
+from mismatch.report import plots
+from mismatch.report.content import Run, header_facts, worst_tokens
+from mismatch.report.frameworks import METRIC_NOTES, settings_for
+
+WORST_TOKENS = 25
+
+
+def _number(spec: str):
+    def format_number(value) -> str:
+        return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+    return format_number
+
+
+def environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env.filters["sci"] = _number(".2e")
+    env.filters["fixed"] = _number(".4f")
+    env.filters["ratio"] = lambda value: "—" if value is None else f"{value:.3g}×"
+    return env
+
+
+def figures(run: Run) -> dict[str, str]:
+    return {
+        name: plots.to_data_uri(draw(run.tokens))
+        for name, draw in (
+            ("scatter", plots.scatter),
+            ("sequence_drift", plots.sequence_drift),
+            ("ratio_histogram", plots.ratio_histogram),
+            ("position_profile", plots.position_profile),
+        )
+    }
+
+
+def render_report(run: Run) -> str:
+    recommendation = run.summary["recommendation"]
+    return environment().get_template("report.html.j2").render(
+        title=f"mismatch · {run.summary['config']['model']}",
+        facts=header_facts(run),
+        recommendation=recommendation,
+        gate=run.summary.get("gate"),
+        settings=settings_for(recommendation["verdict"]),
+        pairs=run.pairs,
+        metric_notes=METRIC_NOTES,
+        n_boot=BOOTSTRAP_DRAWS,
+        figures=figures(run),
+        worst=worst_tokens(run, WORST_TOKENS),
+        run_path=run.path,
+    )
+
+
+def render_compare(before: Run, after: Run) -> str:
+    from mismatch.compare import differences, side_by_side
+
+    return environment().get_template("compare.html.j2").render(
+        title=f"mismatch · before / after · {before.summary['config']['model']}",
+        before=before,
+        after=after,
+        differences=differences(before, after),
+        rows=side_by_side(before, after),
+        figures={"before": plots.to_data_uri(plots.scatter(before.tokens)), "after": plots.to_data_uri(plots.scatter(after.tokens))},
+    )

@@ -1,0 +1,72 @@
+"""summary.md: verdict, table and worst tokens as Markdown a PR comment can hold as is."""
+
+from __future__ import annotations
+
+import math
+
+from mismatch.report.content import Run, header_facts, worst_tokens
+
+LIMIT = 60_000  # GitHub's comment body limit is 65,536 characters
+CELL = 160  # characters of context per worst-token cell
+
+
+def _num(value, spec: str = ".2e") -> str:
+    return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def escape(text: str) -> str:
+    """Generated text inside a table cell: no HTML, no Markdown syntax, no line breaks."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for char in "\\`*_[]|#~":
+        text = text.replace(char, "\\" + char)
+    return text.replace("\r", "").replace("\n", "⏎")
+
+
+def render_markdown(run: Run, worst: int = 25) -> str:
+    """The summary; worst-token rows are dropped from the end until it fits under LIMIT."""
+    rows = worst_tokens(run, worst)
+    while True:
+        text = _render(run, rows)
+        if len(text) <= LIMIT or not rows:
+            return text
+        rows = rows[: len(rows) // 2]
+
+
+def _render(run: Run, worst: list[dict]) -> str:
+    recommendation = run.summary["recommendation"]
+    lines = [f"## mismatch: {escape(run.summary['config']['model'])}", "", f"**Verdict:** {recommendation['summary']}", ""]
+    lines += [f"- {action}" for action in recommendation["actions"]]
+    if gate := run.summary.get("gate"):
+        lines += ["", f"**CI gate:** {'failed: ' + '; '.join(gate['failed']) if gate['failed'] else 'passed'}"]
+    lines += ["", "| engine → trainer | tokens | k3 [95% CI] | k1 | mean \\|Δp\\| [95% CI] | max \\|Δp\\| | min / max ratio | frac outside ×2 | seq KL | slope / 1k | Δ log ppl |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for p in run.pairs:
+        tokens = f"{p['n_tokens']}" + (f" (+{p['n_nonfinite']} non-finite)" if p["n_nonfinite"] else "")
+        lines.append(
+            f"| {p['engine_dtype']} → {p['trainer_dtype']} | {tokens} | {_num(p['k3'])} [{_num(p['k3_ci_low'])}, {_num(p['k3_ci_high'])}] "
+            f"| {_num(p['k1'])} | {_num(p['mean_abs_dp'])} [{_num(p['mean_abs_dp_ci_low'])}, {_num(p['mean_abs_dp_ci_high'])}] "
+            f"| {_num(p['max_abs_dp'], '.4f')} | {_num(p['min_ratio'], '.4f')} / {_num(p['max_ratio'], '.4f')} | {_num(p['frac_outside_2'], '.4f')} "
+            f"| {_num(p['seq_kl'])} | {_num(p['seq_slope_per_1k'])} | {_num(p['log_ppl_diff'])} |"
+        )
+    lines += ["", "ℓ = log π(trainer) − log μ(engine) over sampled response tokens; k3 = mean(e^ℓ − 1 − ℓ) estimates KL[μ‖π].", ""]
+    lines += [" · ".join(f"{name}: {escape(value)}" for name, value in header_facts(run) if name != "tokens"), ""]
+    if worst:
+        lines += ["<details><summary>Worst tokens in context</summary>", "", "| pair | seq | pos | context (token in **bold**) | μ | π | π/μ |", "|---|--:|--:|---|--:|--:|--:|"]
+        for w in worst:
+            context = f"{escape(w['before'][-CELL:])}**{escape(w['token'])}**{escape(w['after'][:CELL])}"
+            lines.append(f"| {w['pair']} | {w['seq_id']} | {w['position']} | {context} | {w['mu']:.4f} | {w['pi']:.4f} | {w['ratio']:.4f} |")
+        lines += ["", "</details>", ""]
+    lines.append(f"<sub>mismatch {escape(str(run.summary.get('versions', {}).get('mismatch')))} · every number is recomputable from the run's tokens.parquet</sub>")
+    return "\n".join(lines) + "\n"
+
+
+def render_compare_markdown(before: Run, after: Run) -> str:
+    from mismatch.compare import differences, side_by_side
+
+    lines = ["## mismatch: before / after", "", f"**Before:** {before.summary['recommendation']['summary']}", "", f"**After:** {after.summary['recommendation']['summary']}", ""]
+    if diffs := differences(before, after):
+        lines += ["| setting | before | after |", "|---|---|---|"] + [f"| {escape(n)} | {escape(a)} | {escape(b)} |" for n, a, b in diffs] + [""]
+    lines += ["| engine → trainer | metric | before | after | after / before |", "|---|---|--:|--:|--:|"]
+    for row in side_by_side(before, after):
+        ratio = "—" if row["ratio"] is None else f"{row['ratio']:.3g}×"
+        lines.append(f"| {row['pair']} | {row['metric']} | {_num(row['before'])} | {_num(row['after'])} | {ratio} |")
+    return "\n".join(lines) + "\n"

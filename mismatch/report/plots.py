@@ -1,0 +1,118 @@
+"""Matplotlib figures of a run, drawn from its per-token frame (tokens.parquet) only."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+from mismatch.metrics import log_ratio  # noqa: E402
+
+PANEL = 3.6  # inches per panel
+COLORS = {"bf16": "#d1495b", "fp16": "#00798c", "fp32": "#30638e"}
+
+
+def pair_label(engine_dtype: str, trainer_dtype: str) -> str:
+    return f"{engine_dtype} → {trainer_dtype}"
+
+
+def pair_groups(tokens: pd.DataFrame):
+    """(engine_dtype, trainer_dtype, finite rows) in the order the pairs appear in the frame."""
+    finite = tokens[np.isfinite(tokens["logp_engine"]) & np.isfinite(tokens["logp_trainer"])]
+    for (engine, trainer), group in finite.groupby(["engine_dtype", "trainer_dtype"], sort=False):
+        yield engine, trainer, group
+
+
+def to_data_uri(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _panels(n: int, height: float = PANEL, sharey: bool = True):
+    fig, axes = plt.subplots(1, n, figsize=(PANEL * n, height), sharex=True, sharey=sharey, squeeze=False)
+    return fig, axes[0]
+
+
+def scatter(tokens: pd.DataFrame, worst: int = 10):
+    """The paper's token-level view: μ (engine) on x, π (trainer) on y, one panel per pair.
+
+    Points are coloured by how many tokens share their cell of a 100x100 grid (log scale), dense
+    ones drawn last; the `worst` tokens by |log π − log μ| are circled.
+    """
+    groups = list(pair_groups(tokens))
+    fig, axes = _panels(len(groups), height=PANEL + 0.3)
+    edges = np.linspace(0, 1, 101)
+    for ax, (engine, trainer, group) in zip(axes, groups):
+        mu, pi = np.exp(group["logp_engine"].to_numpy()), np.exp(group["logp_trainer"].to_numpy())
+        counts, _, _ = np.histogram2d(mu, pi, bins=[edges, edges])
+        cell = counts[np.clip(np.digitize(mu, edges) - 1, 0, 99), np.clip(np.digitize(pi, edges) - 1, 0, 99)]
+        order = np.argsort(cell)
+        points = ax.scatter(mu[order], pi[order], c=cell[order], s=4, cmap="viridis", norm=LogNorm(vmin=1, vmax=max(2, cell.max())), rasterized=True, linewidths=0)
+        ax.plot([0, 1], [0, 1], color="#888", lw=0.8, ls="--")
+        far = np.argsort(-np.abs(log_ratio(group["logp_trainer"], group["logp_engine"])))[:worst]
+        ax.scatter(mu[far], pi[far], s=40, facecolors="none", edgecolors="#e4572e", linewidths=1.2, label=f"{len(far)} largest |ℓ|")
+        ax.set(title=pair_label(engine, trainer), xlabel="μ: engine probability", xlim=(0, 1), ylim=(0, 1), aspect="equal")
+        ax.legend(loc="upper left", fontsize=7, frameon=False)
+    axes[0].set_ylabel("π: trainer probability")
+    fig.colorbar(points, ax=list(axes), shrink=0.8, label="tokens in cell")
+    return fig
+
+
+def sequence_drift(tokens: pd.DataFrame):
+    """Σℓ per sequence against its response length, with the least-squares line (slope per 1k tokens)."""
+    groups = list(pair_groups(tokens))
+    fig, axes = _panels(len(groups))
+    for ax, (engine, trainer, group) in zip(axes, groups):
+        seqs = group.assign(ratio=log_ratio(group["logp_trainer"], group["logp_engine"])).groupby("seq_id").agg(total=("ratio", "sum"), length=("ratio", "size"))
+        ax.scatter(seqs["length"], seqs["total"], s=10, color=COLORS.get(trainer, "#444"), alpha=0.7)
+        ax.axhline(0, color="#888", lw=0.8, ls="--")
+        if seqs["length"].nunique() > 1:
+            slope, intercept = np.polyfit(seqs["length"], seqs["total"], 1)
+            xs = np.array([seqs["length"].min(), seqs["length"].max()])
+            ax.plot(xs, slope * xs + intercept, color="#222", lw=1.2, label=f"slope {1000 * slope:+.3g} per 1k tokens")
+            ax.legend(loc="best", fontsize=7, frameon=False)
+        ax.set(title=pair_label(engine, trainer), xlabel="response length (tokens)")
+    axes[0].set_ylabel("Σ log(π/μ) over the response")
+    fig.tight_layout()
+    return fig
+
+
+def ratio_histogram(tokens: pd.DataFrame):
+    """Histogram of ℓ = log(π/μ) per pair on a log-count axis, shared bins."""
+    groups = list(pair_groups(tokens))
+    ratios = [log_ratio(g["logp_trainer"], g["logp_engine"]) for _, _, g in groups]
+    reach = max((np.abs(r).max() for r in ratios if len(r)), default=1.0) or 1e-6
+    bins = np.linspace(-reach, reach, 81)
+    fig, axes = _panels(len(groups))
+    for ax, (engine, trainer, _), ratio in zip(axes, groups, ratios):
+        ax.hist(ratio, bins=bins, color=COLORS.get(trainer, "#444"), log=True)
+        ax.axvline(0, color="#888", lw=0.8, ls="--")
+        ax.set(title=pair_label(engine, trainer), xlabel="ℓ = log π − log μ")
+    axes[0].set_ylabel("tokens (log scale)")
+    fig.tight_layout()
+    return fig
+
+
+def position_profile(tokens: pd.DataFrame, bins: int = 16):
+    """Mean |ℓ| against position in the response (equal-width position bins), one line per pair."""
+    fig, ax = plt.subplots(figsize=(PANEL * 2, PANEL))
+    top = max(int(tokens["position"].max()) + 1, 1)
+    edges = np.unique(np.linspace(0, top, bins + 1).astype(int))
+    for engine, trainer, group in pair_groups(tokens):
+        which = np.clip(np.digitize(group["position"], edges) - 1, 0, len(edges) - 2)
+        mean = pd.Series(np.abs(log_ratio(group["logp_trainer"], group["logp_engine"]))).groupby(which).mean()
+        centres = (edges[:-1] + edges[1:]) / 2
+        ax.plot(centres[mean.index], mean.to_numpy(), marker="o", ms=3, color=COLORS.get(engine), ls="-" if engine == trainer else ":", label=pair_label(engine, trainer))
+    ax.set(yscale="log", xlabel="position in the response (token)", ylabel="mean |log π − log μ|")
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig

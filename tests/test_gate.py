@@ -1,0 +1,31 @@
+import pytest
+
+from mismatch.gate import Condition, check_pairs, evaluate, parse_condition
+
+PAIRS = [
+    {"engine_dtype": "bf16", "trainer_dtype": "bf16", "k3": 2e-3, "max_abs_dp": 0.1, "seq_slope_per_1k": None},
+    {"engine_dtype": "bf16", "trainer_dtype": "fp32", "k3": 1e-3, "max_abs_dp": 0.6, "seq_slope_per_1k": 0.1},
+    {"engine_dtype": "fp16", "trainer_dtype": "fp16", "k3": 2e-5, "max_abs_dp": 0.02, "seq_slope_per_1k": 0.2},
+]
+
+
+def test_parse():
+    assert parse_condition(" k3 >= 1e-3 ") == Condition("k3 >= 1e-3", "k3", ">=", 1e-3)
+    assert parse_condition("bf16/fp32:max_abs_dp<0.5").pair == ("bf16", "fp32")
+
+
+def test_default_pairs_are_equal_dtypes_and_failures_name_the_value():
+    gate = evaluate([parse_condition("k3>1e-3")], PAIRS)
+    assert gate == {"conditions": ["k3>1e-3"], "failed": ["bf16/bf16:k3 = 0.002 > 0.001"]}
+    assert evaluate([parse_condition("bf16/fp32:max_abs_dp>0.5")], PAIRS)["failed"] == ["bf16/fp32:max_abs_dp = 0.6 > 0.5"]
+    assert evaluate([parse_condition("k3<=2e-5")], PAIRS)["failed"] == ["fp16/fp16:k3 = 2e-05 <= 2e-05"]
+    assert evaluate([parse_condition("k3>1")], PAIRS)["failed"] == []
+
+
+def test_undefined_value_fails_the_gate():
+    assert evaluate([parse_condition("bf16/bf16:seq_slope_per_1k>1")], PAIRS)["failed"] == ["bf16/bf16:seq_slope_per_1k is undefined (gate bf16/bf16:seq_slope_per_1k>1)"]
+
+
+def test_conditions_must_match_a_scanned_pair():
+    with pytest.raises(ValueError, match="no pair of equal dtypes"):
+        check_pairs([parse_condition("k3>1")], [("bf16", "fp32")])

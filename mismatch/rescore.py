@@ -52,17 +52,18 @@ def pad_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int
     )
 
 
-def response_logprobs(model, batch: PaddedBatch, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+def response_logprobs(model, batch: PaddedBatch, temperature: float, top_p: float = 1.0, with_entropy: bool = False):
     """log π of each response token (flat, FP32) under temperature (and top-p) as the engine sampled.
 
     The lm_head runs in the model's dtype (its output rounded to that dtype, as in training);
-    temperature, top-p and log-softmax run in FP32.
+    temperature, top-p and log-softmax run in FP32. With `with_entropy`, also the entropy of each
+    position's (tempered) distribution, as a second tensor.
     """
     hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    out = []
+    logps, entropies = [], []
     for start in range(0, len(batch.rows), LOGIT_ROWS):
         rows = batch.rows[start : start + LOGIT_ROWS]
         logits = head(hidden[rows]).float()
@@ -72,8 +73,12 @@ def response_logprobs(model, batch: PaddedBatch, temperature: float, top_p: floa
         if top_p < 1.0:
             logits = top_p_filter(logits, top_p)
         logp = torch.log_softmax(logits, dim=-1)
-        out.append(logp.gather(-1, batch.targets[start : start + LOGIT_ROWS, None]).squeeze(-1))
-    return torch.cat(out) if out else torch.empty(0, device=hidden.device)
+        logps.append(logp.gather(-1, batch.targets[start : start + LOGIT_ROWS, None]).squeeze(-1))
+        if with_entropy:
+            entropies.append(-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1))
+    empty = hidden.new_empty(0, dtype=torch.float32)
+    logp = torch.cat(logps) if logps else empty
+    return (logp, torch.cat(entropies) if entropies else empty) if with_entropy else logp
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:

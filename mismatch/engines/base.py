@@ -37,6 +37,10 @@ class Engine(Protocol):
         """`samples` responses per prompt, ordered prompt-major; deterministic for a given seed."""
         ...
 
+    def load_weights(self, state_dict: dict) -> None:
+        """Replace the live engine's weights (HF names) in place: the RL loop's sync after a step."""
+        ...
+
     def close(self) -> None: ...
 
 

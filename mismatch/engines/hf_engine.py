@@ -67,5 +67,12 @@ class HFEngine:
             rollouts.append(Rollout(p, s, prompt, ids, logps[row, : len(ids)].tolist(), "stop" if end else "length"))
         return rollouts
 
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict) -> None:
+        params = dict(self.model.named_parameters())
+        for name, tensor in state_dict.items():
+            if name in params:
+                params[name].copy_(tensor)
+
     def close(self) -> None:
         del self.model

@@ -83,6 +83,12 @@ class VLLMEngine:
                 progress(len(chunk))
         return rollouts
 
+    def load_weights(self, state_dict: dict) -> None:
+        # `reload_weights` runs vLLM's own loader (and its CPU GEMM repacking) on HF-named tensors;
+        # with the engine core in-process the iterator is handed over without serialisation.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(state_dict.items()))})
+        self.llm.reset_prefix_cache()
+
     def close(self) -> None:
         core = getattr(self.llm.llm_engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):

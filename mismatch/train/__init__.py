@@ -1,0 +1,1 @@
+"""`mismatch train`: a minimal GRPO loop that shows what the scan's mismatch does to RL."""

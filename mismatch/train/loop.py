@@ -1,0 +1,213 @@
+"""The GRPO loop: engine rollouts in --dtype → rewards → π_θ′ recompute → loss → step → weight sync.
+
+Mixed precision as FSDP / DeepSpeed do it: FP32 master weights hold the optimiser state; a compute
+copy in --dtype runs forward and backward (on CPU, FP16 through the same faithful fast path as
+rescoring); its gradients are unscaled into FP32, clipped and applied to the master, which is then
+copied into the compute model and into the live engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mismatch import metrics
+from mismatch.engines import Sampling, start_engine
+from mismatch.models import resolve_model
+from mismatch.precision import DTYPES, DynamicLossScaler, compute_context, default_device
+from mismatch.prompts import Prompt, arithmetic_prompts, encode_prompts, load_prompts, PromptError
+from mismatch.rescore import pad_batch, response_logprobs
+from mismatch.train.losses import LOSSES, group_advantages
+from mismatch.train.rewards import reward
+
+STEP_METRICS = (metrics.k1, metrics.k3, metrics.mean_abs_dp, metrics.max_abs_dp, metrics.min_ratio, metrics.max_ratio)
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    engine: str
+    dtype: str
+    out: Path
+    steps: int = 20
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_tokens: int = 96
+    temperature: float = 1.0
+    lr: float = 2e-6
+    grad_clip: float = 1.0
+    algo: str = "grpo"
+    seed: int = 0
+    save_every: int = 0
+    prompts: Path | None = None
+    num_prompts: int = 256
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+
+
+def tasks_for(config: TrainConfig) -> list[Prompt]:
+    if config.prompts is None:
+        return arithmetic_prompts(config.num_prompts, seed=config.seed)
+    tasks = load_prompts(config.prompts)
+    if any(t.answer is None for t in tasks):
+        raise PromptError(f"{config.prompts}: every row needs an 'answer' for the reward")
+    return tasks
+
+
+@dataclass
+class StepResult:
+    row: dict  # the step's logged numbers
+    tokens: dict = field(default_factory=dict)  # per-token μ and π_θ′ of the step's rollouts
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.device = default_device()
+        self.model_path = resolve_model(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.tasks = tasks_for(config)
+        self.prompt_ids = encode_prompts(self.tokenizer, self.tasks)
+        torch.manual_seed(config.seed)
+        self.master = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.device)
+        self.compute = self.master if config.dtype == "fp32" else copy.deepcopy(self.master).to(DTYPES[config.dtype])
+        self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=config.lr, weight_decay=0.0)
+        self.scaler = DynamicLossScaler(enabled=config.dtype == "fp16")
+        self.order = np.random.default_rng(config.seed).permutation(len(self.tasks))
+        extra = {"seed": config.seed, "gpu_memory_utilization": config.gpu_memory_utilization, "max_model_len": config.max_model_len} if config.engine == "vllm" else {}
+        self.engine = start_engine(config.engine, self.model_path, config.dtype, **extra)
+
+    def batch_indices(self, step: int) -> list[int]:
+        n = self.config.prompts_per_step
+        return [int(self.order[(step * n + i) % len(self.order)]) for i in range(n)]
+
+    def step(self, step: int) -> StepResult:
+        config, start = self.config, time.perf_counter()
+        chosen = self.batch_indices(step)
+        sampling = Sampling(temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed * 100_003 + step)
+        rollouts = self.engine.generate([self.prompt_ids[i] for i in chosen], config.group_size, sampling)
+        texts = self.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+        rewards = torch.tensor([reward(text, self.tasks[chosen[r.prompt_index]].answer) for text, r in zip(texts, rollouts)])
+        advantages = group_advantages(rewards, config.group_size).to(self.device)
+
+        batch = pad_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], self.pad_id, self.device)
+        lengths = batch.lengths
+        logp_engine = torch.tensor([lp for r in rollouts for lp in r.logp_engine], dtype=torch.float32, device=self.device)
+        with torch.no_grad(), compute_context(config.dtype, self.device):
+            logp_old, entropy = response_logprobs(self.compute, batch, config.temperature, with_entropy=True)
+
+        self.compute.zero_grad(set_to_none=True)
+        with compute_context(config.dtype, self.device):
+            logp = response_logprobs(self.compute, batch, config.temperature)
+        padded = [to_padded(t, lengths) for t in (logp, logp_old, logp_engine)]
+        mask = to_padded(torch.ones_like(logp), lengths)
+        loss = LOSSES[config.algo](*padded, advantages, mask)
+        (loss * self.scaler.scale).backward()
+        grad_norm, finite = self._apply_gradients()
+
+        mu, pi = logp_engine.double().cpu().numpy(), logp_old.double().cpu().numpy()
+        row = {
+            "step": step,
+            "reward_mean": float(rewards.mean()),
+            "accuracy": float((rewards == 1).float().mean()),
+            **{f.__name__: f(pi, mu) for f in STEP_METRICS},
+            "loss": float(loss),
+            "grad_norm": grad_norm,
+            "loss_scale": self.scaler.scale,
+            "skipped": not finite,
+            "skipped_total": self.scaler.skipped,
+            "entropy": float(entropy.mean()),
+            "response_len": float(np.mean(lengths)),
+            "step_time": time.perf_counter() - start,
+        }
+        seq_ids = np.repeat(np.arange(len(rollouts)), lengths)
+        return StepResult(row, {"step": step, "seq_id": seq_ids, "logp_engine": mu, "logp_trainer": pi})
+
+    def _apply_gradients(self) -> tuple[float, bool]:
+        """Unscale the compute copy's gradients into FP32 master grads; clip and step if finite."""
+        compute = dict(self.compute.named_parameters())
+        grads = []
+        for name, param in self.master.named_parameters():
+            grad = compute[name].grad
+            param.grad = None if grad is None else grad.float() if grad.dtype != torch.float32 else grad
+            if param.grad is not None:
+                grads.append(param.grad)
+        finite = self.scaler.unscale_(grads)
+        self.scaler.update(finite)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return math.nan, False
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.master.parameters(), self.config.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sync_weights()
+        return grad_norm, True
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        """Master → compute copy → live engine (no restart, no disk)."""
+        if self.compute is not self.master:
+            compute = dict(self.compute.named_parameters())
+            for name, param in self.master.named_parameters():
+                compute[name].copy_(param)
+        self.engine.load_weights({name: t.detach() for name, t in self.master.state_dict().items()})
+
+    def save(self, folder: Path) -> None:
+        self.master.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def to_padded(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Flat per-token values → [sequences, max length], zero-padded on the right."""
+    return torch.nn.utils.rnn.pad_sequence(list(torch.split(flat, lengths)), batch_first=True)
+
+
+def run_training(config: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train into `config.out`: metrics.csv / .parquet after every step, tokens.parquet (μ and π_θ′
+    per token and step), checkpoints, summary.json. Ctrl-C ends the run cleanly with what it has."""
+    import pandas as pd
+
+    from mismatch.runs import write_csv, write_json, write_parquet
+    from mismatch.scan import versions
+
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"complete": False, "kind": "train", "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items()}, "versions": versions()}
+    write_json(out / "summary.json", summary)
+    trainer = Trainer(config)
+    rows, tokens, interrupted = [], [], False
+    try:
+        for step in range(config.steps):
+            result = trainer.step(step)
+            rows.append(result.row)
+            tokens.append(pd.DataFrame(result.tokens))
+            write_csv(out / "metrics.csv", pd.DataFrame(rows))
+            if on_step:
+                on_step(result.row)
+            if config.save_every and (step + 1) % config.save_every == 0:
+                trainer.save(out / f"checkpoint-{step + 1}")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        trainer.close()
+    frame = pd.DataFrame(rows)
+    write_csv(out / "metrics.csv", frame)
+    write_parquet(out / "metrics.parquet", frame)
+    if tokens:
+        write_parquet(out / "tokens.parquet", pd.concat(tokens, ignore_index=True).assign(engine_dtype=config.dtype, trainer_dtype=config.dtype))
+    trainer.save(out / "checkpoint-final")
+    summary |= {"complete": not interrupted, "interrupted": interrupted, "steps_done": len(rows)}
+    write_json(out / "summary.json", summary)
+    return summary

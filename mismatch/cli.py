@@ -190,3 +190,72 @@ def compare(
             console.print(f"wrote {path}")
     except (RunFolderError, NotComparable, OutputExists) as exc:
         fail(str(exc))
+
+
+@app.command()
+def train(
+    model: str = typer.Option(DEFAULT_MODEL, help="HF hub id, local HF folder, or builtin:smollm2-135m."),
+    engine: Optional[str] = typer.Option(None, help="Rollout engine: vllm (default where installed) or hf."),
+    dtype: str = typer.Option("bf16", help="Precision of engine and policy compute (bf16, fp16, fp32)."),
+    compare: Optional[str] = typer.Option(None, help="Run once per dtype (e.g. bf16,fp16) with the same seed and data, one report."),
+    algo: str = typer.Option("grpo", help="Loss: grpo, gspo, token-tis, seq-mis, pg-seq-is."),
+    steps: int = typer.Option(20, help="Optimiser steps."),
+    prompts_per_step: int = typer.Option(8, help="Prompts per step."),
+    group_size: int = typer.Option(8, help="Samples per prompt (GRPO group, ≥ 2)."),
+    max_tokens: int = typer.Option(96, help="Maximum new tokens per rollout."),
+    temperature: float = typer.Option(1.0, help="Rollout temperature (> 0)."),
+    lr: float = typer.Option(2e-6, help="AdamW learning rate."),
+    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip."),
+    seed: int = typer.Option(0, help="Seed for data order, sampling and initial state."),
+    save_every: int = typer.Option(0, help="Also save an HF checkpoint every N steps (0: only at the end)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file whose rows carry an `answer` (default: built-in arithmetic)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default reports/train-<model>-<timestamp>/)."),
+    force: bool = typer.Option(False, help="Write into a non-empty output folder."),
+) -> None:
+    """A minimal GRPO loop: vLLM rollouts, HF policy, weight sync every step; reward and mismatch per step."""
+    from mismatch.train.losses import LOSSES
+
+    try:
+        dtypes = parse_dtypes(compare or dtype)
+    except ValueError as exc:
+        fail(str(exc))
+    engine = engine or default_engine()
+    if engine not in ENGINES:
+        fail(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if algo not in LOSSES:
+        fail(f"unknown --algo {algo!r}; use one of {', '.join(LOSSES)}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        fail("--temperature must be > 0")
+    for name, value, least in (("--steps", steps, 1), ("--prompts-per-step", prompts_per_step, 1), ("--group-size", group_size, 2), ("--max-tokens", max_tokens, 1)):
+        if value < least:
+            fail(f"{name} must be at least {least}")
+    root = out or default_run_dir(f"train-{model}")
+    from mismatch.report.training import render_training
+    from mismatch.runs import write_text
+    from mismatch.train.loop import TrainConfig, run_training
+
+    try:
+        check_output_dir(root, force)
+        folders = {}
+        for run_dtype in dtypes:
+            folder = root / run_dtype if len(dtypes) > 1 else root
+            config = TrainConfig(model=model, engine=engine, dtype=run_dtype, out=folder, steps=steps, prompts_per_step=prompts_per_step, group_size=group_size,
+                                 max_tokens=max_tokens, temperature=temperature, lr=lr, grad_clip=grad_clip, algo=algo, seed=seed, save_every=save_every, prompts=prompts)
+            summary = run_training(config, on_step=lambda row, d=run_dtype: console.print(step_line(d, row), highlight=False))
+            folders[run_dtype] = folder
+            if summary["interrupted"]:
+                errors.print(f"interrupted after {summary['steps_done']} step(s); writing what there is")
+                break
+        write_text(root / "report.html", render_training(folders))
+    except (ModelNotFound, PromptError, OutputExists) as exc:
+        fail(str(exc))
+    console.print(f"Run folder: {root} (report.html, metrics.csv, checkpoint-final/)")
+
+
+def step_line(dtype: str, row: dict) -> str:
+    skipped = " [red]skipped[/]" if row["skipped"] else ""
+    return (
+        f"{dtype} step {row['step']:>3}  reward {row['reward_mean']:.3f}  acc {row['accuracy']:.3f}  k3 {row['k3']:.2e}  "
+        f"mean|Δp| {row['mean_abs_dp']:.2e}  ratio {row['min_ratio']:.3f}–{row['max_ratio']:.3f}  grad {row['grad_norm']:.3f}  "
+        f"scale {row['loss_scale']:g}  entropy {row['entropy']:.2f}  len {row['response_len']:.0f}  {row['step_time']:.1f}s{skipped}"
+    )

@@ -23,7 +23,7 @@ from mismatch import metrics
 from mismatch.engines import Sampling, start_engine
 from mismatch.models import resolve_model
 from mismatch.precision import DTYPES, DynamicLossScaler, compute_context, default_device
-from mismatch.prompts import Prompt, arithmetic_prompts, encode_prompts, load_prompts, PromptError
+from mismatch.prompts import Prompt, PromptError, arithmetic_prompts, encode_prompts, load_prompts
 from mismatch.rescore import pad_batch, response_logprobs
 from mismatch.train.losses import LOSSES, group_advantages
 from mismatch.train.rewards import reward
@@ -69,8 +69,9 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, reward_fn: Callable[[str, str], float] = reward):
         self.config = config
+        self.reward_fn = reward_fn
         self.device = default_device()
         self.model_path = resolve_model(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -95,8 +96,9 @@ class Trainer:
         chosen = self.batch_indices(step)
         sampling = Sampling(temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed * 100_003 + step)
         rollouts = self.engine.generate([self.prompt_ids[i] for i in chosen], config.group_size, sampling)
+        generated = time.perf_counter()
         texts = self.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-        rewards = torch.tensor([reward(text, self.tasks[chosen[r.prompt_index]].answer) for text, r in zip(texts, rollouts)])
+        rewards = torch.tensor([self.reward_fn(text, self.tasks[chosen[r.prompt_index]].answer) for text, r in zip(texts, rollouts)])
         advantages = group_advantages(rewards, config.group_size).to(self.device)
 
         batch = pad_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], self.pad_id, self.device)
@@ -113,6 +115,9 @@ class Trainer:
         loss = LOSSES[config.algo](*padded, advantages, mask)
         (loss * self.scaler.scale).backward()
         grad_norm, finite = self._apply_gradients()
+        stepped = time.perf_counter()
+        if finite:
+            self.sync_weights()
 
         mu, pi = logp_engine.double().cpu().numpy(), logp_old.double().cpu().numpy()
         row = {
@@ -120,7 +125,7 @@ class Trainer:
             "reward_mean": float(rewards.mean()),
             "accuracy": float((rewards == 1).float().mean()),
             **{f.__name__: f(pi, mu) for f in STEP_METRICS},
-            "loss": float(loss),
+            "loss": loss.item(),
             "grad_norm": grad_norm,
             "loss_scale": self.scaler.scale,
             "skipped": not finite,
@@ -128,6 +133,9 @@ class Trainer:
             "entropy": float(entropy.mean()),
             "response_len": float(np.mean(lengths)),
             "step_time": time.perf_counter() - start,
+            "generate_time": generated - start,
+            "learn_time": stepped - generated,
+            "sync_time": time.perf_counter() - stepped,
         }
         seq_ids = np.repeat(np.arange(len(rollouts)), lengths)
         return StepResult(row, {"step": step, "seq_id": seq_ids, "logp_engine": mu, "logp_trainer": pi})
@@ -149,7 +157,6 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.master.parameters(), self.config.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.sync_weights()
         return grad_norm, True
 
     @torch.no_grad()

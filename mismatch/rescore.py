@@ -75,7 +75,8 @@ def response_logprobs(model, batch: PaddedBatch, temperature: float, top_p: floa
         logp = torch.log_softmax(logits, dim=-1)
         logps.append(logp.gather(-1, batch.targets[start : start + LOGIT_ROWS, None]).squeeze(-1))
         if with_entropy:
-            entropies.append(-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1))
+            with torch.no_grad():  # logged, never differentiated
+                entropies.append(-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1))
     empty = hidden.new_empty(0, dtype=torch.float32)
     logp = torch.cat(logps) if logps else empty
     return (logp, torch.cat(entropies) if entropies else empty) if with_entropy else logp

@@ -112,7 +112,7 @@ def rescore(
     device = next(model.parameters()).device
     order = sorted(range(len(rollouts)), key=lambda i: len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids))
     result: list[np.ndarray] = [np.empty(0)] * len(rollouts)
-    for group in _batches(order, rollouts):
+    for group in token_batches(order, rollouts, BATCH_TOKENS):
         chosen = [rollouts[i] for i in group]
         batch = pad_batch([r.prompt_ids for r in chosen], [r.response_ids for r in chosen], pad_id, device)
         with compute_context(dtype, device):
@@ -124,14 +124,18 @@ def rescore(
     return result
 
 
-def _batches(order: list[int], rollouts: Sequence[Rollout]):
-    """Groups of sequences (sorted by length, so padding is small) within the token budget."""
+def token_batches(order: list[int], rollouts: Sequence[Rollout], budget: int):
+    """Consecutive groups of `order` whose padded size (longest × count) stays within `budget` tokens.
+
+    (`rescore` passes the sequences sorted by length, so padding stays small.)"""
     group: list[int] = []
+    longest = 0
     for i in order:
         length = len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids)
-        if group and length * (len(group) + 1) > BATCH_TOKENS:
+        if group and max(longest, length) * (len(group) + 1) > budget:
             yield group
-            group = []
+            group, longest = [], 0
         group.append(i)
+        longest = max(longest, length)
     if group:
         yield group

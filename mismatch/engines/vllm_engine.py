@@ -50,7 +50,7 @@ class VLLMEngine:
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             # On CPU this is the share of RAM for the KV cache; vLLM's 0.92 default fails there.
-            gpu_memory_utilization=gpu_memory_utilization or (0.85 if on_gpu else 0.3),
+            gpu_memory_utilization=gpu_memory_utilization or (0.85 if on_gpu else 0.1),
             enforce_eager=not on_gpu,
             trust_remote_code=trust_remote_code,
             logprobs_mode="processed_logprobs",  # after temperature / top-p: the distribution sampled from

@@ -24,10 +24,11 @@ from mismatch.engines import Sampling, start_engine
 from mismatch.models import resolve_model
 from mismatch.precision import DTYPES, DynamicLossScaler, compute_context, default_device
 from mismatch.prompts import Prompt, PromptError, arithmetic_prompts, encode_prompts, load_prompts
-from mismatch.rescore import pad_batch, response_logprobs
+from mismatch.rescore import pad_batch, response_logprobs, token_batches
 from mismatch.train.losses import LOSSES, group_advantages
 from mismatch.train.rewards import reward
 
+MICRO_BATCH_TOKENS = 2048  # padded tokens per forward/backward in the learner
 STEP_METRICS = (metrics.k1, metrics.k3, metrics.mean_abs_dp, metrics.max_abs_dp, metrics.min_ratio, metrics.max_ratio)
 
 
@@ -101,19 +102,9 @@ class Trainer:
         rewards = torch.tensor([self.reward_fn(text, self.tasks[chosen[r.prompt_index]].answer) for text, r in zip(texts, rollouts)])
         advantages = group_advantages(rewards, config.group_size).to(self.device)
 
-        batch = pad_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], self.pad_id, self.device)
-        lengths = batch.lengths
+        lengths = [len(r.response_ids) for r in rollouts]
         logp_engine = torch.tensor([lp for r in rollouts for lp in r.logp_engine], dtype=torch.float32, device=self.device)
-        self.compute.zero_grad(set_to_none=True)
-        with compute_context(config.dtype, self.device):
-            logp, entropy = response_logprobs(self.compute, batch, config.temperature, with_entropy=True)
-        # One update per batch: π_θ′ (the learner before the update) is this very forward, detached;
-        # a separate no-grad recompute would give the same numbers at a quarter more cost.
-        logp_old = logp.detach()
-        padded = [to_padded(t, lengths) for t in (logp, logp_old, logp_engine)]
-        mask = to_padded(torch.ones_like(logp), lengths)
-        loss = LOSSES[config.algo](*padded, advantages, mask)
-        (loss * self.scaler.scale).backward()
+        loss, logp_old, entropy = self._learn(rollouts, logp_engine, advantages)
         grad_norm, finite = self._apply_gradients()
         stepped = time.perf_counter()
         if finite:
@@ -125,7 +116,7 @@ class Trainer:
             "reward_mean": float(rewards.mean()),
             "accuracy": float((rewards == 1).float().mean()),
             **{f.__name__: f(pi, mu) for f in STEP_METRICS},
-            "loss": loss.item(),
+            "loss": loss,
             "grad_norm": grad_norm,
             "loss_scale": self.scaler.scale,
             "skipped": not finite,
@@ -139,6 +130,31 @@ class Trainer:
         }
         seq_ids = np.repeat(np.arange(len(rollouts)), lengths)
         return StepResult(row, {"step": step, "seq_id": seq_ids, "logp_engine": mu, "logp_trainer": pi})
+
+    def _learn(self, rollouts, logp_engine: torch.Tensor, advantages: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Backpropagate the loss through the compute copy in micro-batches; memory stays bounded.
+
+        Pass 1 (no grad) gives log π_θ′ and the entropy; the loss's gradient with respect to each
+        token's log-probability is taken there, exactly, whatever the loss. Pass 2 recomputes each
+        micro-batch with grad and backpropagates that gradient (times the loss scale) through it.
+        """
+        config = self.config
+        groups = list(token_batches(list(range(len(rollouts))), rollouts, MICRO_BATCH_TOKENS))
+        batches = [pad_batch([rollouts[i].prompt_ids for i in g], [rollouts[i].response_ids for i in g], self.pad_id, self.device) for g in groups]
+        with torch.no_grad(), compute_context(config.dtype, self.device):
+            parts = [response_logprobs(self.compute, b, config.temperature, with_entropy=True) for b in batches]
+        logp_old, entropy = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        lengths = [len(r.response_ids) for r in rollouts]
+        logp = logp_old.clone().requires_grad_()
+        padded = [to_padded(t, lengths) for t in (logp, logp_old, logp_engine)]
+        loss = LOSSES[config.algo](*padded, advantages, to_padded(torch.ones_like(logp_old), lengths))
+        (grad_logp,) = torch.autograd.grad(loss * self.scaler.scale, logp)
+        self.compute.zero_grad(set_to_none=True)
+        for batch, grad in zip(batches, torch.split(grad_logp, [sum(b.lengths) for b in batches])):
+            with compute_context(config.dtype, self.device):
+                micro = response_logprobs(self.compute, batch, config.temperature)
+            micro.backward(grad)
+        return loss.item(), logp_old, entropy
 
     def _apply_gradients(self) -> tuple[float, bool]:
         """Unscale the compute copy's gradients into FP32 master grads; clip and step if finite."""

@@ -13,9 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mismatch.config import ScanConfig
-from mismatch.engines import ENGINES, Sampling, default_engine
+from mismatch.engines import ENGINES, EngineError, Sampling, default_engine
 from mismatch.gate import check_pairs, parse_condition
-from mismatch.models import DEFAULT_MODEL, ModelNotFound
+from mismatch.models import DEFAULT_MODEL, ModelError
 from mismatch.precision import parse_dtypes
 from mismatch.prompts import PromptError
 from mismatch.report.content import RunFolderError
@@ -63,6 +63,8 @@ def scan(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model folder / hub."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default reports/<model>-<timestamp>/)."),
     force: bool = typer.Option(False, help="Write into a non-empty output folder."),
+    resume: bool = typer.Option(False, help="Continue an interrupted scan in --out from its saved engine outputs."),
+    strict: bool = typer.Option(False, help="Fail on prompts that do not fit the context instead of skipping them."),
     fail_on: list[str] = typer.Option([], "--fail-on", help='CI gate, repeatable: "[ENGINE/TRAINER:]METRIC>VALUE" (>, >=, <, <=); default pairs: equal dtypes. Exit 1 when one holds.'),
 ) -> None:
     """Generate with the engine, rescore the same tokens with HF per dtype, and report the gap."""
@@ -70,9 +72,7 @@ def scan(
         engine_dtypes = parse_dtypes(dtypes)
     except ValueError as exc:
         fail(str(exc))
-    engine = engine or default_engine()
-    if engine not in ENGINES:
-        fail(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    engine = pick_engine(engine)
     if pairs not in ("default", "all"):
         fail(f"--pairs must be 'default' or 'all', not {pairs!r}")
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -97,7 +97,10 @@ def scan(
         tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
         trust_remote_code=trust_remote_code,
+        strict=strict,
     )
+    if resume and out is None:
+        fail("--resume needs the --out folder of the scan to continue")
     try:
         check_pairs([parse_condition(c) for c in fail_on], config.pairs())
     except ValueError as exc:
@@ -105,13 +108,23 @@ def scan(
     config.fail_on = list(fail_on)
     from mismatch.scan import run_scan  # heavy imports after the arguments are known to be good
 
+    from mismatch.scan import ResumeError
+
     try:
-        check_output_dir(config.out, force)
+        if not resume:
+            check_output_dir(config.out, force)
         with RichProgress() as progress:
-            summary = run_scan(config, progress)
-    except (ModelNotFound, PromptError, OutputExists) as exc:
+            summary = run_scan(config, progress, resume=resume)
+    except (ModelError, PromptError, OutputExists, EngineError, ResumeError) as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        errors.print(f"interrupted: {config.out} is marked incomplete; continue with the same command and --resume --out {config.out}")
+        raise typer.Exit(130) from None
     console.print(pair_table_view(summary["pairs"]))
+    if skipped := summary["skipped_prompts"]:
+        errors.print(f"skipped {len(skipped)} prompt(s) that do not fit the context with --max-tokens {max_tokens} (--strict to fail instead)")
+    if headroom := summary.get("fp16_headroom"):
+        console.print(f"FP16 headroom: largest |activation| {headroom['max_abs_activation']:.4g} ({headroom['module']}), {100 * headroom['fraction_of_limit']:.3g}% of 65504", highlight=False)
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
     console.print(f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, summary.json)")
     if failed := summary.get("gate", {}).get("failed"):
@@ -130,6 +143,17 @@ def report(run_dir: Path = typer.Argument(..., help="A scan's run folder.")) -> 
             console.print(f"wrote {path}")
     except RunFolderError as exc:
         fail(str(exc))
+
+
+def pick_engine(engine: str | None) -> str:
+    """The engine asked for, or vLLM where installed, else hf with a notice."""
+    if engine is None:
+        engine = default_engine()
+        if engine == "hf":
+            errors.print("notice: vLLM is not installed; using --engine hf (transformers generate)")
+    if engine not in ENGINES:
+        fail(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    return engine
 
 
 class RichProgress:
@@ -219,9 +243,7 @@ def train(
         dtypes = parse_dtypes(compare or dtype)
     except ValueError as exc:
         fail(str(exc))
-    engine = engine or default_engine()
-    if engine not in ENGINES:
-        fail(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    engine = pick_engine(engine)
     if algo not in LOSSES:
         fail(f"unknown --algo {algo!r}; use one of {', '.join(LOSSES)}")
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -247,7 +269,7 @@ def train(
                 errors.print(f"interrupted after {summary['steps_done']} step(s); writing what there is")
                 break
         write_text(root / "report.html", render_training(folders))
-    except (ModelNotFound, PromptError, OutputExists) as exc:
+    except (ModelError, PromptError, OutputExists, EngineError) as exc:
         fail(str(exc))
     console.print(f"Run folder: {root} (report.html, metrics.csv, checkpoint-final/)")
 

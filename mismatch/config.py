@@ -28,6 +28,7 @@ class ScanConfig:
     gpu_memory_utilization: float | None = None
     trust_remote_code: bool = False
     fail_on: list[str] = field(default_factory=list)  # CI gate conditions (mismatch.gate)
+    strict: bool = False  # fail, instead of skipping, on prompts that do not fit the context
 
     def pairs(self) -> list[tuple[str, str]]:
         """Each engine dtype against itself and FP32 (or against every dtype with `all_pairs`)."""

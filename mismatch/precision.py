@@ -10,6 +10,7 @@ model are routed through FP32 by `EmulatedFP16Matmuls`; every other op stays in 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -103,3 +104,42 @@ class DynamicLossScaler:
         self.good_steps += 1
         if self.enabled and self.good_steps % self.interval == 0:
             self.scale *= self.growth
+
+
+FP16_MAX = 65504.0
+
+
+class ActivationPeak:
+    """Largest |activation| seen while attached, with the module that produced it (forward hooks).
+
+    Watches every module's tensor output and every Linear's input (the MLP's widest activations);
+    a NaN counts as an overflow (inf). Used on the FP16 forward to measure headroom below 65504.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.value, self.module = 0.0, None
+        self._handles = [module.register_forward_hook(self._hook(name, isinstance(module, torch.nn.Linear))) for name, module in model.named_modules() if name]
+
+    def _hook(self, name: str, check_input: bool):
+        def hook(module, inputs, output):
+            tensors = [output[0] if isinstance(output, tuple) else output]
+            if check_input and inputs:
+                tensors.append(inputs[0])
+            for tensor in tensors:
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel():
+                    peak = float(tensor.detach().abs().amax())
+                    peak = math.inf if math.isnan(peak) else peak
+                    if peak > self.value:
+                        self.value, self.module = peak, name
+
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+    def summary(self) -> dict:
+        return {"max_abs_activation": self.value, "module": self.module, "limit": FP16_MAX, "fraction_of_limit": self.value / FP16_MAX}

@@ -22,14 +22,22 @@ def _pair(pairs: list[dict], engine: str, trainer: str) -> dict | None:
     return next((p for p in pairs if p["engine_dtype"] == engine and p["trainer_dtype"] == trainer), None)
 
 
-def recommend(pairs: list[dict[str, Any]]) -> dict[str, Any]:
-    """A verdict code, one sentence with the numbers behind it, and the settings to change."""
+def recommend(pairs: list[dict[str, Any]], fp16_headroom: dict | None = None) -> dict[str, Any]:
+    """A verdict code, one sentence with the numbers behind it, and the settings to change.
+
+    `fp16_headroom` is the largest |activation| of the FP16 forward against 65504 (ActivationPeak).
+    """
     bf16, fp16, fp32 = (_pair(pairs, d, d) for d in ("bf16", "fp16", "fp32"))
-    if fp16 and fp16["n_nonfinite"]:
+    nonfinite = sum(p["n_nonfinite"] for p in pairs if "fp16" in (p["engine_dtype"], p["trainer_dtype"]))
+    overflow = fp16_headroom is not None and fp16_headroom["fraction_of_limit"] >= 1
+    if nonfinite or overflow:
+        evidence = [f"{nonfinite} token log-probabilities were not finite in FP16"] if nonfinite else []
+        if overflow:
+            evidence.append(f"activations reached the FP16 limit 65504 (in {fp16_headroom['module']})")
         return {
             "verdict": "fp16_unsafe",
-            "summary": f"FP16 is not safe for this model: {fp16['n_nonfinite']} token log-probabilities were not finite "
-            "in FP16 (overflow); stay on BF16 and correct the mismatch with importance sampling.",
+            "summary": f"FP16 is not safe for this model: {' and '.join(evidence)} (overflow); "
+            "stay on BF16 and correct the mismatch with importance sampling.",
             "actions": CORRECTION_ACTIONS,
         }
     if bf16 and fp32 and bf16["k3"] <= FLOOR_FACTOR * fp32["k3"]:
@@ -43,6 +51,8 @@ def recommend(pairs: list[dict[str, Any]]) -> dict[str, Any]:
         cut = bf16["k3"] / fp16["k3"] if fp16["k3"] > 0 else float("inf")
         dp_cut = bf16["mean_abs_dp"] / fp16["mean_abs_dp"] if fp16["mean_abs_dp"] > 0 else float("inf")
         numbers = f"k3 {bf16['k3']:.2e} → {fp16['k3']:.2e} ({cut:.1f}× lower), mean |Δp| {dp_cut:.1f}× lower"
+        if fp16_headroom:
+            numbers += f"; largest FP16 activation {fp16_headroom['max_abs_activation']:.3g} ({100 * fp16_headroom['fraction_of_limit']:.2g}% of 65504)"
         if cut >= STRONG_CUT:
             return {
                 "verdict": "switch_to_fp16",

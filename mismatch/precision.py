@@ -142,4 +142,7 @@ class ActivationPeak:
             handle.remove()
 
     def summary(self) -> dict:
-        return {"max_abs_activation": self.value, "module": self.module, "limit": FP16_MAX, "fraction_of_limit": self.value / FP16_MAX}
+        """JSON-ready: on overflow the peak is not a number, so `overflow` says it and the peak is null."""
+        overflow = self.value >= FP16_MAX
+        peak = None if math.isinf(self.value) else self.value
+        return {"max_abs_activation": peak, "module": self.module, "limit": FP16_MAX, "fraction_of_limit": None if peak is None else peak / FP16_MAX, "overflow": overflow}

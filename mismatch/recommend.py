@@ -29,7 +29,7 @@ def recommend(pairs: list[dict[str, Any]], fp16_headroom: dict | None = None) ->
     """
     bf16, fp16, fp32 = (_pair(pairs, d, d) for d in ("bf16", "fp16", "fp32"))
     nonfinite = sum(p["n_nonfinite"] for p in pairs if "fp16" in (p["engine_dtype"], p["trainer_dtype"]))
-    overflow = fp16_headroom is not None and fp16_headroom["fraction_of_limit"] >= 1
+    overflow = fp16_headroom is not None and fp16_headroom["overflow"]
     if nonfinite or overflow:
         evidence = [f"{nonfinite} token log-probabilities were not finite in FP16"] if nonfinite else []
         if overflow:

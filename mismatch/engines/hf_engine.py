@@ -48,6 +48,7 @@ class HFEngine:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=0,
+            remove_invalid_values=True,  # FP16 overflow: sample on, the non-finite log-probs get counted
             max_new_tokens=sampling.max_tokens,
             eos_token_id=sorted(self.eos_ids) or None,
             pad_token_id=self.pad_id,

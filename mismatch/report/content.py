@@ -56,7 +56,7 @@ def header_facts(run: Run) -> list[tuple[str, str]]:
         ("mismatch", str(versions.get("mismatch"))),
     ]
     if headroom:
-        facts.append(("FP16 headroom", f"largest |activation| {headroom['max_abs_activation']:.4g} in {headroom['module']} = {100 * headroom['fraction_of_limit']:.3g}% of 65504"))
+        facts.append(("FP16 headroom", headroom_text(headroom)))
     if run.summary.get("skipped_prompts"):
         facts.append(("skipped", f"{len(run.summary['skipped_prompts'])} prompt(s) too long for the context"))
     return facts
@@ -92,3 +92,9 @@ def worst_tokens(run: Run, n: int = 20, left: int = 12, right: int = 6, prompt_c
             }
         )
     return rows
+
+
+def headroom_text(headroom: dict) -> str:
+    if headroom["overflow"]:
+        return f"overflow: activations reached the FP16 limit 65504 in {headroom['module']}"
+    return f"largest |activation| {headroom['max_abs_activation']:.4g} in {headroom['module']} = {100 * headroom['fraction_of_limit']:.3g}% of 65504"

@@ -5,7 +5,9 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 ARGS ?=
 
-.PHONY: setup scan test
+BENCH_VENV := .venv-bench
+
+.PHONY: setup scan test bench
 
 setup: $(STAMP)
 
@@ -29,3 +31,12 @@ scan: setup
 
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The benchmark compares against TRL's GRPOTrainer, installed only in its own environment.
+$(BENCH_VENV)/.setup-done:
+	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0 trl
+	touch $@
+
+bench: setup $(BENCH_VENV)/.setup-done
+	$(PY) bench/run.py

@@ -98,6 +98,7 @@ def scan(
         gpu_memory_utilization=gpu_memory_utilization,
         trust_remote_code=trust_remote_code,
         strict=strict,
+        fail_on=list(fail_on),
     )
     if resume and out is None:
         fail("--resume needs the --out folder of the scan to continue")
@@ -105,10 +106,7 @@ def scan(
         check_pairs([parse_condition(c) for c in fail_on], config.pairs())
     except ValueError as exc:
         fail(str(exc))
-    config.fail_on = list(fail_on)
-    from mismatch.scan import run_scan  # heavy imports after the arguments are known to be good
-
-    from mismatch.scan import ResumeError
+    from mismatch.scan import ResumeError, run_scan  # heavy imports after the arguments are known to be good
 
     try:
         if not resume:

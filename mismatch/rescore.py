@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from mismatch.engines.base import Rollout
 from mismatch.precision import DTYPES, compute_context, default_device
 
-LOGIT_ROWS = 512  # response positions turned into logits at once
+LOGIT_ROWS = 256  # response positions turned into logits at once
 BATCH_TOKENS = 8192  # padded tokens per forward
 
 

@@ -1,0 +1,243 @@
+"""`make bench`: the speed and memory goals, each printed as a ratio against its target.
+
+Runs on the embedded default model (SmolLM2-135M). Writes bench/results.json with the machine,
+the date, one entry per goal ({name, ratio, target, holds}) and the raw timings. Peak-memory
+measurements run in child processes so that each starts from the same baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mismatch.config import ScanConfig
+from mismatch.engines import Rollout, Sampling, start_engine
+from mismatch.models import resolve_model
+from mismatch.precision import compute_context
+from mismatch.prompts import arithmetic_prompts, encode_prompts
+from mismatch.rescore import BATCH_TOKENS, load_trainer, pad_batch, rescore, response_logprobs, token_batches
+from mismatch.scan import run_scan
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "builtin:smollm2-135m"
+RESCORE_SEQS, RESPONSE_LEN = 16, 256
+SCAN = {"num_prompts": 32, "max_tokens": 128}
+TRAIN = {"prompts_per_step": 4, "group_size": 4, "max_tokens": 64, "steps": 2}  # TRL needs minutes per step here
+
+
+def text_rollouts(tokenizer, n: int, length: int) -> list[Rollout]:
+    """Real English text (this repository's README) as responses after chat-templated prompts."""
+    text_ids = tokenizer((ROOT / "README.md").read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    prompts = encode_prompts(tokenizer, arithmetic_prompts(n))
+    return [Rollout(i, 0, prompts[i], text_ids[i * length : (i + 1) * length], [0.0] * length, "length") for i in range(n)]
+
+
+def seconds(fn, repeat: int = 3) -> float:
+    """Median wall time of `repeat` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(dtype: torch.dtype, m: int = 2048, k: int = 576, n: int = 1536) -> float:
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    return 2 * m * k * n / seconds(lambda: a @ b, repeat=20) / 1e9
+
+
+@torch.inference_mode()
+def native_fp16(model, rollouts: list[Rollout], pad_id: int) -> np.ndarray:
+    """Rescoring through the CPU's own (slow) FP16 kernels, for the fidelity comparison."""
+    out = []
+    for group in token_batches(list(range(len(rollouts))), rollouts, BATCH_TOKENS):
+        batch = pad_batch([rollouts[i].prompt_ids for i in group], [rollouts[i].response_ids for i in group], pad_id, torch.device("cpu"))
+        out.append(response_logprobs(model, batch, 1.0).double().numpy())
+    return np.concatenate(out)
+
+
+def bare_forward(model, dtype: str, rollouts: list[Rollout], pad_id: int) -> None:
+    """`model(input_ids)` over the same padded batches rescoring uses (sorted by length)."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(rollouts)), key=lambda i: len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids))
+    with torch.inference_mode(), compute_context(dtype, device):
+        for group in token_batches(order, rollouts, BATCH_TOKENS):
+            batch = pad_batch([rollouts[i].prompt_ids for i in group], [rollouts[i].response_ids for i in group], pad_id, device)
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+
+
+def rescoring_goals(model_path: Path, tokenizer, raw: dict) -> list[dict]:
+    rollouts = text_rollouts(tokenizer, RESCORE_SEQS, RESPONSE_LEN)
+    tokens = sum(len(r.response_ids) for r in rollouts)
+    all_tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
+    pad = tokenizer.pad_token_id or 0
+    models = {d: load_trainer(model_path, d) for d in ("bf16", "fp16", "fp32")}
+    rate = {d: tokens / seconds(lambda d=d: rescore(models[d], d, rollouts, 1.0, pad_id=pad)) for d in ("bf16", "fp16")}
+    logp = {d: np.concatenate(rescore(models[d], d, rollouts, 1.0, pad_id=pad)) for d in ("bf16", "fp16", "fp32")}
+    native_time = seconds(lambda: native_fp16(models["fp16"], rollouts, pad), repeat=1)
+    native = native_fp16(models["fp16"], rollouts, pad)
+    bare = seconds(lambda: bare_forward(models["bf16"], "bf16", rollouts, pad))
+    rescore_bf16 = tokens / rate["bf16"]
+    matmul = {str(d).removeprefix("torch."): matmul_gflops(d) for d in (torch.bfloat16, torch.float32, torch.float16)}
+    params = sum(p.numel() for p in models["bf16"].parameters())
+    achieved = 2 * params * all_tokens / rescore_bf16 / 1e9
+    raw["rescoring"] = {
+        "sequences": RESCORE_SEQS,
+        "response_tokens": tokens,
+        "tokens_incl_prompt": all_tokens,
+        "bf16_tok_per_s": rate["bf16"],
+        "fp16_emulated_tok_per_s": rate["fp16"],
+        "fp16_native_tok_per_s": tokens / native_time,
+        "max_abs_dlogp_fp16_emulated_vs_native": float(np.abs(logp["fp16"] - native).max()),
+        "max_abs_dlogp_fp16_emulated_vs_fp32": float(np.abs(logp["fp16"] - logp["fp32"]).max()),
+        "max_abs_dlogp_fp16_native_vs_fp32": float(np.abs(native - logp["fp32"]).max()),
+        "max_abs_dlogp_bf16_vs_fp32": float(np.abs(logp["bf16"] - logp["fp32"]).max()),
+        "bare_forward_bf16_s": bare,
+        "rescore_bf16_s": rescore_bf16,
+        "matmul_gflops": matmul,
+        "params": params,
+        "rescore_bf16_gflops": achieved,
+    }
+    return [
+        goal("FP16 rescoring rate / BF16 rescoring rate (CPU, faithful FP16 path)", rate["fp16"] / rate["bf16"], 0.8),
+        goal("rescoring throughput / bare model(input_ids) forward (BF16)", bare / rescore_bf16, 0.9),
+        goal("rescoring FLOP rate / measured BF16 matmul rate", achieved / matmul["bfloat16"], 0.6),
+    ]
+
+
+def peak_rss_child(mode: str) -> float:
+    """Peak RSS (MiB) of a child process that runs one 4096-token sequence through `mode`."""
+    out = subprocess.run([sys.executable, __file__, "--peak", mode], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def peak_child(mode: str) -> None:
+    model_path = resolve_model(MODEL)
+    model = load_trainer(model_path, "bf16")
+    ids = torch.randint(0, model.config.vocab_size, (1, 4096), generator=torch.Generator().manual_seed(0)).tolist()[0]
+    rollout = Rollout(0, 0, ids[:64], ids[64:], [0.0] * (4096 - 64), "length")
+    if mode == "bare":
+        bare_forward(model, "bf16", [rollout], 0)
+    else:
+        rescore(model, "bf16", [rollout], 1.0)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def scan_goals(raw: dict) -> list[dict]:
+    """A whole scan against bare engine generation plus bare forwards on the same tokens."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = ScanConfig(model=MODEL, engine="vllm", dtypes=["bf16", "fp16"], out=Path(tmp) / "scan", sampling=Sampling(max_tokens=SCAN["max_tokens"]), num_prompts=SCAN["num_prompts"])
+        start = time.perf_counter()
+        summary = run_scan(config)
+        scan_s = time.perf_counter() - start
+        saved = __import__("pandas").read_parquet(config.out / "rollouts.parquet")
+    model_path = resolve_model(MODEL)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompt_ids = encode_prompts(tokenizer, arithmetic_prompts(SCAN["num_prompts"]))
+    start = time.perf_counter()
+    for dtype in ("bf16", "fp16"):
+        engine = start_engine("vllm", model_path, dtype)
+        engine.generate(prompt_ids, 1, Sampling(max_tokens=SCAN["max_tokens"]))
+        engine.close()
+    by_dtype = {
+        d: [Rollout(r.prompt_index, 0, list(r.prompt_ids), list(r.response_ids), [], r.finish_reason) for r in g.itertuples()]
+        for d, g in saved.groupby("engine_dtype")
+    }
+    for trainer, engines in (("bf16", ["bf16"]), ("fp16", ["fp16"]), ("fp32", ["bf16", "fp16"])):
+        model = load_trainer(model_path, trainer)
+        for engine_dtype in engines:
+            bare_forward(model, trainer, by_dtype[engine_dtype], tokenizer.pad_token_id or 0)
+        del model
+    bare_s = time.perf_counter() - start
+    stages = summary["timings"]
+    raw["scan"] = {**SCAN, "scan_s": scan_s, "bare_generate_and_forwards_s": bare_s, "stage_timings": stages}
+    complete = sum(1 for t in stages.values() if {"seconds", "peak_rss_mb"} <= set(t)) / len(stages)
+    return [
+        goal("whole scan wall time / (bare vLLM generate + bare HF forwards)", scan_s / bare_s, 1.15, lower_is_better=True),
+        goal("stages with time and peak memory in summary.json timings (share)", complete, 1.0),
+    ]
+
+
+def train_goal(raw: dict) -> dict:
+    from mismatch.train.loop import TrainConfig, Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(model=MODEL, engine="vllm", dtype="bf16", out=Path(tmp), lr=1e-5, **{k: TRAIN[k] for k in ("prompts_per_step", "group_size", "max_tokens", "steps")})
+        trainer = Trainer(config)
+        ours = [trainer.step(s).row["step_time"] for s in range(TRAIN["steps"])]
+        trainer.close()
+        prompts = Path(tmp) / "prompts.json"
+        prompts.write_text(json.dumps([{"prompt": p.messages[0]["content"], "answer": p.answer} for p in arithmetic_prompts(64)]))
+        bench_python = ROOT / ".venv-bench" / "bin" / "python"
+        args = [str(bench_python), str(ROOT / "bench" / "trl_grpo.py"), str(resolve_model(MODEL)), str(prompts), *(str(TRAIN[k]) for k in ("prompts_per_step", "group_size", "max_tokens", "steps"))]
+        out = subprocess.run(args, capture_output=True, text=True, env=os.environ | {"TOKENIZERS_PARALLELISM": "false"})
+        if out.returncode:
+            raise RuntimeError(f"TRL run failed: {out.stderr[-2000:]}")
+        theirs = json.loads(out.stdout.strip().splitlines()[-1])["step_times"]
+    raw["train"] = {**TRAIN, "dtype": "bf16", "mismatch_step_s": ours, "trl_step_s": theirs, "trl_generation": "transformers generate (TRL default, use_vllm=False)"}
+    ratio = statistics.median(ours[1:]) / statistics.median(theirs[1:])  # the first step of each warms up
+    return goal("mismatch train step time / TRL GRPOTrainer step time (median after the first)", ratio, 0.5, lower_is_better=True)
+
+
+def goal(name: str, ratio: float, target: float, lower_is_better: bool = False) -> dict:
+    holds = ratio <= target if lower_is_better else ratio >= target
+    return {"name": name, "ratio": round(ratio, 4), "target": target, "direction": "≤" if lower_is_better else "≥", "holds": bool(holds)}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "avx512_fp16": "avx512_fp16" in flags,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    raw: dict = {}
+    model_path = resolve_model(MODEL)
+    goals = rescoring_goals(model_path, AutoTokenizer.from_pretrained(model_path), raw)
+    bare_peak, rescore_peak = peak_rss_child("bare"), peak_rss_child("rescore")
+    raw["memory_4096_tokens"] = {"bare_forward_peak_rss_mib": bare_peak, "rescore_peak_rss_mib": rescore_peak}
+    goals.append(goal("rescoring peak RSS / bare forward peak RSS (one 4096-token sequence)", rescore_peak / bare_peak, 1.0, lower_is_better=True))
+    goals += scan_goals(raw)
+    goals.append(train_goal(raw))
+    results = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "goals": goals, "raw": raw}
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{'goal':<88} {'ratio':>8}  target  holds")
+    for g in goals:
+        print(f"{g['name']:<88} {g['ratio']:>8.3f}  {g['direction']} {g['target']:<5} {'yes' if g['holds'] else 'NO'}")
+    print(json.dumps(raw["rescoring"], indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--peak":
+        peak_child(sys.argv[2])
+    else:
+        main()

@@ -59,7 +59,7 @@ def scan(
     seed: int = typer.Option(0, help="Seed for prompts, sampling and bootstrap."),
     max_model_len: Optional[int] = typer.Option(None, help="vLLM max_model_len."),
     tensor_parallel_size: int = typer.Option(1, help="vLLM tensor_parallel_size."),
-    gpu_memory_utilization: Optional[float] = typer.Option(None, help="vLLM gpu_memory_utilization (on CPU: share of RAM for the KV cache; default 0.1 there, 0.85 on GPU)."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help="vLLM gpu_memory_utilization (default 0.85 on GPU; on CPU a share of RAM for the KV cache instead of the default fixed 1 GiB)."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model folder / hub."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default reports/<model>-<timestamp>/)."),
     force: bool = typer.Option(False, help="Write into a non-empty output folder."),

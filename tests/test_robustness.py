@@ -50,7 +50,7 @@ def test_architecture_vllm_cannot_run_points_to_hf_engine(tiny_model, tmp_path):
 
 def test_vllm_out_of_memory_names_the_flag(tiny_model, tmp_path):
     output = one_line_error(scan("--model", tiny_model, "--engine", "vllm", "--dtypes", "fp32", "--gpu-memory-utilization", 0.999, "--out", tmp_path / "o"))
-    assert "Lower --gpu-memory-utilization (now 0.999) or --max-model-len" in output
+    assert "Adjust --gpu-memory-utilization (now 0.999; on CPU the share of RAM for the KV cache) or lower --max-model-len" in output
 
 
 def test_missing_vllm_falls_back_to_hf_with_a_notice(tiny_model, tmp_path, monkeypatch):

@@ -18,6 +18,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # our progress bars say what is happening
 
 CHUNK = 32  # requests per generate call; only sets how often the progress bar moves
+# On CPU, vLLM sizes an automatic KV cache as a share of RAM *minus this process's memory*, which
+# fails once a trainer lives in the same process; a fixed size avoids that.
+CPU_KV_CACHE_BYTES = 2**30
 
 
 def vllm_available() -> bool:
@@ -44,7 +47,7 @@ class VLLMEngine:
 
         on_gpu = torch.cuda.is_available()
         self.dtype = dtype
-        memory_share = gpu_memory_utilization or (0.85 if on_gpu else 0.1)
+        memory = {"gpu_memory_utilization": gpu_memory_utilization or 0.85} if on_gpu or gpu_memory_utilization else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
         try:
             self.llm = LLM(
                 model=str(model),
@@ -52,14 +55,13 @@ class VLLMEngine:
                 seed=seed,
                 max_model_len=max_model_len,
                 tensor_parallel_size=tensor_parallel_size,
-                # On CPU this is the share of RAM for the KV cache; vLLM's 0.92 default fails there.
-                gpu_memory_utilization=memory_share,
+                **memory,
                 enforce_eager=not on_gpu,
                 trust_remote_code=trust_remote_code,
                 logprobs_mode="processed_logprobs",  # after temperature / top-p: the distribution sampled from
             )
         except Exception as exc:
-            raise start_error(exc, memory_share) from exc
+            raise start_error(exc, gpu_memory_utilization) from exc
 
     def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
         from vllm import SamplingParams
@@ -102,13 +104,14 @@ class VLLMEngine:
         gc.collect()
 
 
-def start_error(exc: Exception, memory_share: float) -> EngineError:
+def start_error(exc: Exception, memory_share: float | None) -> EngineError:
     """vLLM's start-up failure as one actionable line."""
     text = str(exc)
     if unsupported := re.search(r"architectures? (\[[^\]]*\]) (?:are|is) not supported", text):
         return EngineError(f"vLLM does not support this model's architecture {unsupported.group(1)}; rerun with --engine hf")
     if "memory" in text.lower():
         reason = next(line for line in text.splitlines() if "memory" in line.lower()).split(". ")[0]
-        return EngineError(f"vLLM could not start: {reason}. Lower --gpu-memory-utilization (now {memory_share}) or --max-model-len, or free memory")
+        setting = f"now {memory_share}" if memory_share else "default: a 1 GiB KV cache on CPU"
+        return EngineError(f"vLLM could not start: {reason}. Adjust --gpu-memory-utilization ({setting}; on CPU the share of RAM for the KV cache) or lower --max-model-len")
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
     return EngineError(f"vLLM could not start: {first}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -120,7 +119,7 @@ def rescoring_goals(model_path: Path, tokenizer, raw: dict) -> list[dict]:
 
 
 def peak_rss_child(mode: str) -> float:
-    """Peak RSS (MiB) of a child process that runs one 4096-token sequence through `mode`."""
+    """Peak RSS (MiB) while a child process, model loaded, runs one 4096-token sequence through `mode`."""
     out = subprocess.run([sys.executable, __file__, "--peak", mode], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -130,11 +129,13 @@ def peak_child(mode: str) -> None:
     model = load_trainer(model_path, "bf16")
     ids = torch.randint(0, model.config.vocab_size, (1, 4096), generator=torch.Generator().manual_seed(0)).tolist()[0]
     rollout = Rollout(0, 0, ids[:64], ids[64:], [0.0] * (4096 - 64), "length")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak: measure the forward, not the load
     if mode == "bare":
         bare_forward(model, "bf16", [rollout], 0)
     else:
         rescore(model, "bf16", [rollout], 1.0)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    status = Path("/proc/self/status").read_text().splitlines()
+    print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024)
 
 
 def scan_goals(raw: dict) -> list[dict]:

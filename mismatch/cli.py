@@ -132,11 +132,17 @@ def scan(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A scan's run folder.")) -> None:
-    """Rebuild report.html and summary.md from a run folder's saved data."""
+def report(run_dir: Path = typer.Argument(..., help="A scan's run folder, or a train run folder.")) -> None:
+    """Rebuild report.html (and summary.md for a scan) from a run folder's saved data."""
     from mismatch.report import write_report
+    from mismatch.report.training import render_training, training_runs
+    from mismatch.runs import write_text
 
     try:
+        if runs := training_runs(run_dir):
+            write_text(run_dir / "report.html", render_training(runs))
+            console.print(f"wrote {run_dir / 'report.html'}")
+            return
         for path in write_report(run_dir):
             console.print(f"wrote {path}")
     except RunFolderError as exc:

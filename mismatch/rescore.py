@@ -66,17 +66,21 @@ def response_logprobs(model, batch: PaddedBatch, temperature: float, top_p: floa
     logps, entropies = [], []
     for start in range(0, len(batch.rows), LOGIT_ROWS):
         rows = batch.rows[start : start + LOGIT_ROWS]
+        targets = batch.targets[start : start + LOGIT_ROWS, None]
         logits = head(hidden[rows]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        logits = logits / temperature
+        if temperature != 1.0:
+            logits = logits / temperature
         if top_p < 1.0:
             logits = top_p_filter(logits, top_p)
-        logp = torch.log_softmax(logits, dim=-1)
-        logps.append(logp.gather(-1, batch.targets[start : start + LOGIT_ROWS, None]).squeeze(-1))
         if with_entropy:
+            logp = torch.log_softmax(logits, dim=-1)
+            logps.append(logp.gather(-1, targets).squeeze(-1))
             with torch.no_grad():  # logged, never differentiated
                 entropies.append(-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1))
+        else:  # log_softmax at the targets only: no second (rows x vocab) tensor
+            logps.append((logits.gather(-1, targets) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(-1))
     empty = hidden.new_empty(0, dtype=torch.float32)
     logp = torch.cat(logps) if logps else empty
     return (logp, torch.cat(entropies) if entropies else empty) if with_entropy else logp

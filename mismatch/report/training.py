@@ -77,3 +77,16 @@ def render_training(folders: dict[str, Path]) -> str:
         columns=["dtype", "step", "reward_mean", "accuracy", "k3", "mean_abs_dp", "max_abs_dp", "max_ratio", "grad_norm", "loss_scale", "skipped", "entropy", "response_len", "step_time"],
         rows=table.to_dict("records"),
     )
+
+
+def training_runs(root: Path) -> dict[str, Path]:
+    """The train runs in `root`: itself (one dtype) or its per-dtype subfolders (`--compare`)."""
+    candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
+    runs = {}
+    for folder in candidates:
+        summary_file = folder / "summary.json"
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text(encoding="utf-8"))
+            if summary.get("kind") == "train":
+                runs[summary["config"]["dtype"]] = folder
+    return runs

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from mismatch.config import ScanConfig
@@ -145,7 +146,7 @@ def scan_goals(raw: dict) -> list[dict]:
         start = time.perf_counter()
         summary = run_scan(config)
         scan_s = time.perf_counter() - start
-        saved = __import__("pandas").read_parquet(config.out / "rollouts.parquet")
+        saved = pd.read_parquet(config.out / "rollouts.parquet")
     model_path = resolve_model(MODEL)
     from transformers import AutoTokenizer
 

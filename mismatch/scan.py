@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from mismatch.config import DEFAULT_NUM_PROMPTS, ScanConfig
 from mismatch.engines import Rollout, start_engine
+from mismatch.engines.base import seq_id
 from mismatch.gate import evaluate, parse_condition
 from mismatch.metrics import pair_table
 from mismatch.models import resolve_model
@@ -173,7 +174,8 @@ def fit_context(prompt_ids: list[list[int]], context: int | None, max_tokens: in
             f"(first: prompt {too_long[0]}, {len(prompt_ids[too_long[0]])} tokens); shorten them or lower --max-tokens"
             + ("" if strict else "; nothing left to scan")
         )
-    kept = [ids for i, ids in enumerate(prompt_ids) if i not in set(too_long)]
+    dropped = set(too_long)
+    kept = [ids for i, ids in enumerate(prompt_ids) if i not in dropped]
     return kept, too_long
 
 
@@ -217,7 +219,7 @@ def rollouts_frame(rollouts: dict[str, list[Rollout]], tokenizer, samples: int) 
     rows = [
         {
             "engine_dtype": dtype,
-            "seq_id": r.prompt_index * samples + r.sample_index,
+            "seq_id": seq_id(r.prompt_index, r.sample_index, samples),
             "prompt_index": r.prompt_index,
             "sample_index": r.sample_index,
             "prompt_ids": r.prompt_ids,
@@ -242,7 +244,7 @@ def tokens_frame(rollouts: dict[str, list[Rollout]], logp_trainer: dict[tuple[st
         frames.append(
             pd.DataFrame(
                 {
-                    "seq_id": np.repeat([r.prompt_index * samples + r.sample_index for r in group], lengths),
+                    "seq_id": np.repeat([seq_id(r.prompt_index, r.sample_index, samples) for r in group], lengths),
                     "prompt_index": np.repeat([r.prompt_index for r in group], lengths),
                     "position": np.concatenate([np.arange(n) for n in lengths]),
                     "token_id": np.concatenate([r.response_ids for r in group]).astype(np.int64),

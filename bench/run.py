@@ -177,11 +177,12 @@ def scan_goals(raw: dict) -> list[dict]:
 
 
 def train_goal(raw: dict) -> dict:
-    from mismatch.train.loop import TrainConfig, Trainer
+    from mismatch.config import TrainConfig
+    from mismatch.train.loop import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = TrainConfig(model=MODEL, engine="vllm", dtype="bf16", out=Path(tmp), lr=1e-5, **{k: TRAIN[k] for k in ("prompts_per_step", "group_size", "max_tokens", "steps")})
-        trainer = Trainer(config)
+        config = TrainConfig(model=MODEL, engine="vllm", dtypes="bf16", out=Path(tmp), lr=1e-5, **{k: TRAIN[k] for k in ("prompts_per_step", "group_size", "max_tokens", "steps")})
+        trainer = Trainer(config, "bf16")
         ours = [trainer.step(s).row["step_time"] for s in range(TRAIN["steps"])]
         trainer.close()
         prompts = Path(tmp) / "prompts.json"

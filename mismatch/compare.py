@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import math
 
-from mismatch.report.content import Run
+from mismatch.errors import NotComparable
+from mismatch.runs import ScanRun
 
 COMPARED = ("k3", "k1", "chi2_token", "mean_abs_dp", "max_abs_dp", "max_ratio", "frac_outside_2", "seq_kl", "log_ppl_diff")
 SAME_SAMPLING = ("temperature", "top_p")
 SETTINGS = ("model", "engine", "prompts", "num_prompts", "samples", "chat_template")
 
 
-class NotComparable(Exception):
-    """The two runs measure different things; the message says why."""
-
-
 def _key(pair: dict) -> tuple[str, str]:
     return pair["engine_dtype"], pair["trainer_dtype"]
 
 
-def check_comparable(before: Run, after: Run) -> None:
+def check_comparable(before: ScanRun, after: ScanRun) -> None:
     """Refuse runs sampled differently (the gap depends on temperature and top-p) or with no pair in common."""
     reasons = []
     for name in SAME_SAMPLING:
@@ -32,7 +29,7 @@ def check_comparable(before: Run, after: Run) -> None:
         raise NotComparable("runs are not comparable: " + "; ".join(reasons))
 
 
-def differences(before: Run, after: Run) -> list[tuple[str, str, str]]:
+def differences(before: ScanRun, after: ScanRun) -> list[tuple[str, str, str]]:
     """Settings that differ between the runs: what the comparison is about (or a caveat)."""
     a_config, b_config = before.summary["config"], after.summary["config"]
     rows = [(name, str(a_config.get(name)), str(b_config.get(name))) for name in SETTINGS if a_config.get(name) != b_config.get(name)]
@@ -43,7 +40,7 @@ def differences(before: Run, after: Run) -> list[tuple[str, str, str]]:
     return rows
 
 
-def side_by_side(before: Run, after: Run) -> list[dict]:
+def side_by_side(before: ScanRun, after: ScanRun) -> list[dict]:
     """Per shared pair and metric: before, after and after / before."""
     after_pairs = {_key(p): p for p in after.pairs}
     rows = []

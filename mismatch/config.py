@@ -1,14 +1,53 @@
-"""Scan settings as plain values, and which (engine dtype, trainer dtype) pairs a scan measures."""
+"""Settings of each command as plain values, checked on construction.
+
+A library caller (the bench, a notebook) gets the same one-line `ConfigError` the CLI prints, so
+no range check lives in the CLI. Lists may be given as comma-separated text ("bf16,fp16").
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mismatch.engines.base import Sampling
+from mismatch.engines import ENGINES, Sampling
+from mismatch.errors import ConfigError
+from mismatch.gate import Condition, check_pairs, parse_condition
+from mismatch.precision import parse_dtypes
 
 REFERENCE_DTYPE = "fp32"
 DEFAULT_NUM_PROMPTS = 64  # for the built-in arithmetic set; a prompt file is used whole
+PAIR_MODES = ("default", "all")
+ALGOS = ("grpo", "gspo", "token-tis", "seq-mis", "pg-seq-is")  # mismatch.train.losses.LOSSES
+
+
+def _at_least(name: str, value: int | None, least: int = 1) -> None:
+    if value is not None and value < least:
+        raise ConfigError(f"{name} must be at least {least}")
+
+
+def _check_sampling(sampling: Sampling) -> None:
+    if not (sampling.temperature > 0 and math.isfinite(sampling.temperature)):
+        raise ConfigError("--temperature must be > 0: RL samples at T > 0 and the mismatch is measured on sampled tokens")
+    if not 0 < sampling.top_p <= 1:
+        raise ConfigError("--top-p must be in (0, 1]")
+    _at_least("--max-tokens", sampling.max_tokens)
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+
+
+def _dtypes(value: str | list[str]) -> list[str]:
+    return parse_dtypes(value if isinstance(value, str) else ",".join(value))
+
+
+def pairs_mode(text: str) -> bool:
+    """`--pairs`: "default" → False, "all" → True (every engine × trainer dtype)."""
+    if text not in PAIR_MODES:
+        raise ConfigError(f"--pairs must be 'default' or 'all', not {text!r}")
+    return text == "all"
 
 
 @dataclass
@@ -30,6 +69,19 @@ class ScanConfig:
     fail_on: list[str] = field(default_factory=list)  # CI gate conditions (mismatch.gate)
     strict: bool = False  # fail, instead of skipping, on prompts that do not fit the context
 
+    def __post_init__(self):
+        self.dtypes = _dtypes(self.dtypes)
+        _check_engine(self.engine)
+        _check_sampling(self.sampling)
+        _at_least("--samples", self.samples)
+        _at_least("--num-prompts", self.num_prompts)
+        _at_least("--tensor-parallel-size", self.tensor_parallel_size)
+        check_pairs(self.conditions(), self.pairs())
+
+    def conditions(self) -> list[Condition]:
+        """The parsed `--fail-on` gate."""
+        return [parse_condition(text) for text in self.fail_on]
+
     def pairs(self) -> list[tuple[str, str]]:
         """Each engine dtype against itself and FP32 (or against every dtype with `all_pairs`)."""
         trainers = list(dict.fromkeys([*self.dtypes, REFERENCE_DTYPE]))
@@ -40,3 +92,40 @@ class ScanConfig:
         data["out"], data["prompts"] = str(self.out), self.prompts and str(self.prompts)
         data["pairs"] = [list(p) for p in self.pairs()]
         return data
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    engine: str
+    dtypes: list[str]  # one run per dtype, same seed and data order (`--compare`)
+    out: Path  # the run folder; with several dtypes, the root of one folder per dtype
+    steps: int = 20
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_tokens: int = 96
+    temperature: float = 1.0
+    lr: float = 2e-6
+    grad_clip: float = 1.0
+    algo: str = "grpo"
+    seed: int = 0
+    save_every: int = 0
+    prompts: Path | None = None
+    num_prompts: int = 256
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+
+    def __post_init__(self):
+        self.dtypes = _dtypes(self.dtypes)
+        _check_engine(self.engine)
+        if self.algo not in ALGOS:
+            raise ConfigError(f"unknown --algo {self.algo!r}; use one of {', '.join(ALGOS)}")
+        _check_sampling(Sampling(temperature=self.temperature, max_tokens=self.max_tokens))
+        for name, value, least in (("--steps", self.steps, 1), ("--prompts-per-step", self.prompts_per_step, 1), ("--group-size", self.group_size, 2)):
+            _at_least(name, value, least)
+        _at_least("--save-every", self.save_every, 0)
+
+    def to_json(self, dtype: str) -> dict:
+        """The settings of the run in `dtype` (what its summary.json records)."""
+        data = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        return data | {"dtype": dtype}

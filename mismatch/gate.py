@@ -11,6 +11,7 @@ import operator
 import re
 from dataclasses import dataclass
 
+from mismatch.errors import ConfigError
 from mismatch.metrics import METRICS
 from mismatch.precision import DTYPES
 
@@ -32,22 +33,22 @@ class Condition:
 
 
 def parse_condition(text: str) -> Condition:
-    """Parse one `--fail-on` expression; ValueError with the accepted syntax otherwise."""
+    """Parse one `--fail-on` expression; ConfigError with the accepted syntax otherwise."""
     match = _SYNTAX.match(text)
     usage = 'expected [ENGINE/TRAINER:]METRIC(>|>=|<|<=)NUMBER, e.g. "k3>1e-3" or "bf16/bf16:max_abs_dp>0.5"'
     if not match:
-        raise ValueError(f"--fail-on {text!r}: {usage}")
+        raise ConfigError(f"--fail-on {text!r}: {usage}")
     if match["metric"] not in GATED:
-        raise ValueError(f"--fail-on {text!r}: unknown metric {match['metric']!r}; one of {', '.join(GATED)}")
+        raise ConfigError(f"--fail-on {text!r}: unknown metric {match['metric']!r}; one of {', '.join(GATED)}")
     try:
         threshold = float(match["value"])
     except ValueError:
-        raise ValueError(f"--fail-on {text!r}: {match['value']!r} is not a number; {usage}") from None
+        raise ConfigError(f"--fail-on {text!r}: {match['value']!r} is not a number; {usage}") from None
     pair = None
     if match["engine"]:
         pair = (match["engine"], match["trainer"])
         if not set(pair) <= set(DTYPES):
-            raise ValueError(f"--fail-on {text!r}: pair dtypes must be among {', '.join(DTYPES)}")
+            raise ConfigError(f"--fail-on {text!r}: pair dtypes must be among {', '.join(DTYPES)}")
     return Condition(text.strip(), match["metric"], match["op"], threshold, pair)
 
 
@@ -55,9 +56,9 @@ def check_pairs(conditions: list[Condition], scanned: list[tuple[str, str]]) -> 
     """Refuse conditions that name a pair the scan will not measure, or that match no pair at all."""
     for condition in conditions:
         if condition.pair and condition.pair not in scanned:
-            raise ValueError(f"--fail-on {condition.text!r}: the scan does not measure {'/'.join(condition.pair)} (pairs: {', '.join('/'.join(p) for p in scanned)})")
+            raise ConfigError(f"--fail-on {condition.text!r}: the scan does not measure {'/'.join(condition.pair)} (pairs: {', '.join('/'.join(p) for p in scanned)})")
         if not condition.pairs_in(scanned):
-            raise ValueError(f"--fail-on {condition.text!r}: no pair of equal dtypes to apply it to; name one as ENGINE/TRAINER:")
+            raise ConfigError(f"--fail-on {condition.text!r}: no pair of equal dtypes to apply it to; name one as ENGINE/TRAINER:")
 
 
 def evaluate(conditions: list[Condition], pairs: list[dict]) -> dict:

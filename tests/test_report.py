@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mismatch.cli import app
-from mismatch.report.content import Run, load_run
 from mismatch.report.markdown import LIMIT, render_markdown
+from mismatch.runs import ScanRun, load_scan
 
 runner = CliRunner()
 PAYLOAD = '<script>alert("x")</script><img src=x onerror="alert(1)"> & "quotes"'
@@ -89,7 +89,7 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
 
 
 def test_summary_md_stays_under_the_comment_limit_on_a_large_run(hostile_run):
-    run = load_run(hostile_run)
+    run = load_scan(hostile_run)
     rng = np.random.default_rng(0)
     n = 200_000
     huge = pd.DataFrame(
@@ -104,7 +104,7 @@ def test_summary_md_stays_under_the_comment_limit_on_a_large_run(hostile_run):
         }
     )
     prompts = pd.DataFrame({"engine_dtype": "bf16", "seq_id": np.arange(n // 100), "prompt": "p" * 5000})
-    text = render_markdown(Run(run.path, run.summary, huge, prompts), worst=500)
+    text = render_markdown(ScanRun(run.path, run.summary, huge, prompts), worst=500)
     assert len(text) <= LIMIT
     assert "Worst tokens" in text and "<b>" not in text
 

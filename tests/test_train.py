@@ -9,9 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from mismatch.cli import app
-from mismatch.precision import DynamicLossScaler
 from mismatch.rescore import load_trainer, rescore
-from mismatch.train.loop import Trainer, TrainConfig, run_training
+from mismatch.config import TrainConfig
+from mismatch.train.loop import Trainer, train_one
+from mismatch.train.scaling import DynamicLossScaler
 
 TOLERANCE = {"fp16": 2e-2, "bf16": 1.5e-1}  # engine in dtype vs FP32 rescoring of the same weights
 
@@ -22,8 +23,8 @@ def parity_reward(text: str, answer: str) -> float:
 
 
 def make_trainer(tiny_model, tmp_path, dtype, engine="vllm"):
-    config = TrainConfig(model=str(tiny_model), engine=engine, dtype=dtype, out=tmp_path, steps=2, prompts_per_step=2, group_size=4, max_tokens=12, lr=5e-3, num_prompts=8)
-    return Trainer(config, reward_fn=parity_reward)
+    config = TrainConfig(model=str(tiny_model), engine=engine, dtypes=dtype, out=tmp_path, steps=2, prompts_per_step=2, group_size=4, max_tokens=12, lr=5e-3, num_prompts=8)
+    return Trainer(config, dtype, reward_fn=parity_reward)
 
 
 def engine_vs_fp32(trainer, tiny_model, tmp_path):
@@ -97,8 +98,8 @@ def test_ctrl_c_ends_the_run_cleanly_with_what_it_has(tiny_model, tmp_path):
         if row["step"] == 1:
             raise KeyboardInterrupt
 
-    config = TrainConfig(model=str(tiny_model), engine="hf", dtype="bf16", out=tmp_path, steps=5, prompts_per_step=2, group_size=2, max_tokens=6)
-    summary = run_training(config, on_step=interrupt)
+    config = TrainConfig(model=str(tiny_model), engine="hf", dtypes="bf16", out=tmp_path, steps=5, prompts_per_step=2, group_size=2, max_tokens=6)
+    summary = train_one(config, "bf16", tmp_path, on_step=interrupt)
     assert summary["interrupted"] and not summary["complete"] and summary["steps_done"] == 2
     assert len(pd.read_parquet(tmp_path / "metrics.parquet")) == 2
     assert (tmp_path / "checkpoint-final" / "model.safetensors").is_file()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mismatch.engines.base import Engine, EngineError, Rollout, Sampling
+from mismatch.engines.base import Engine, Rollout, Sampling
+from mismatch.errors import ConfigError, EngineError
 
 ENGINES = ("vllm", "hf")
 
@@ -22,7 +23,7 @@ def start_engine(name: str, model: Path, dtype: str, *, trust_remote_code: bool 
         from mismatch.engines.hf_engine import HFEngine
 
         return HFEngine(model, dtype, trust_remote_code=trust_remote_code)
-    raise ValueError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
+    raise ConfigError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
 
 
 def default_engine() -> str:
@@ -31,4 +32,4 @@ def default_engine() -> str:
     return "vllm" if vllm_available() else "hf"
 
 
-__all__ = ["ENGINES", "Engine", "EngineError", "Rollout", "Sampling", "default_engine", "start_engine"]
+__all__ = ["ENGINES", "Engine", "Rollout", "Sampling", "default_engine", "start_engine"]

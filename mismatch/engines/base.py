@@ -9,10 +9,6 @@ Progress = Callable[[int], None]
 """Called with the number of sequences just finished."""
 
 
-class EngineError(Exception):
-    """An engine that cannot run as asked; the message names the option to change."""
-
-
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 1.0

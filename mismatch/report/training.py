@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -10,17 +9,8 @@ import numpy as np
 import pandas as pd
 
 from mismatch.report import plots
-from mismatch.report.content import RunFolderError
 from mismatch.report.html import environment
-
-
-def load_training(folder: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    """summary, per-step metrics and per-token μ / π_θ′ of one training run."""
-    if not (folder / "metrics.parquet").is_file() or not (folder / "summary.json").is_file():
-        raise RunFolderError(f"{folder} is not a finished mismatch train run (no metrics.parquet)")
-    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    tokens = pd.read_parquet(folder / "tokens.parquet") if (folder / "tokens.parquet").is_file() else pd.DataFrame()
-    return summary, pd.read_parquet(folder / "metrics.parquet"), tokens
+from mismatch.runs import load_train
 
 
 def curves(steps: dict[str, pd.DataFrame]):
@@ -59,11 +49,11 @@ def verdict(steps: dict[str, pd.DataFrame]) -> str:
 
 
 def render_training(folders: dict[str, Path]) -> str:
-    loaded = {dtype: load_training(folder) for dtype, folder in folders.items()}
-    steps = {dtype: frame for dtype, (_, frame, _) in loaded.items()}
-    tokens = pd.concat([t for _, _, t in loaded.values() if len(t)], ignore_index=True)
+    loaded = {dtype: load_train(folder) for dtype, folder in folders.items()}
+    steps = {dtype: run.steps for dtype, run in loaded.items()}
+    tokens = pd.concat([run.tokens for run in loaded.values() if len(run.tokens)], ignore_index=True)
     first, last = int(tokens["step"].min()), int(tokens["step"].max())
-    config = next(iter(loaded.values()))[0]["config"]
+    config = next(iter(loaded.values())).summary["config"]
     table = pd.concat([frame.assign(dtype=dtype) for dtype, frame in steps.items()], ignore_index=True)
     return environment().get_template("training.html.j2").render(
         title=f"mismatch train · {config['model']} · {' vs '.join(folders)}",
@@ -77,16 +67,3 @@ def render_training(folders: dict[str, Path]) -> str:
         columns=["dtype", "step", "reward_mean", "accuracy", "k3", "mean_abs_dp", "max_abs_dp", "max_ratio", "grad_norm", "loss_scale", "skipped", "entropy", "response_len", "step_time"],
         rows=table.to_dict("records"),
     )
-
-
-def training_runs(root: Path) -> dict[str, Path]:
-    """The train runs in `root`: itself (one dtype) or its per-dtype subfolders (`--compare`)."""
-    candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
-    runs = {}
-    for folder in candidates:
-        summary_file = folder / "summary.json"
-        if summary_file.is_file():
-            summary = json.loads(summary_file.read_text(encoding="utf-8"))
-            if summary.get("kind") == "train":
-                runs[summary["config"]["dtype"]] = folder
-    return runs

@@ -19,39 +19,20 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mismatch import metrics
+from mismatch import metrics, runs
+from mismatch.config import TrainConfig
 from mismatch.engines import Sampling, start_engine
+from mismatch.errors import PromptError
 from mismatch.models import resolve_model
-from mismatch.precision import DTYPES, DynamicLossScaler, compute_context, default_device
-from mismatch.prompts import Prompt, PromptError, arithmetic_prompts, encode_prompts, load_prompts
+from mismatch.precision import DTYPES, compute_context, default_device
+from mismatch.prompts import Prompt, arithmetic_prompts, encode_prompts, load_prompts
 from mismatch.rescore import pad_batch, response_logprobs, token_batches
 from mismatch.train.losses import LOSSES, group_advantages
 from mismatch.train.rewards import reward
+from mismatch.train.scaling import DynamicLossScaler
 
 MICRO_BATCH_TOKENS = 2048  # padded tokens per forward/backward in the learner
 STEP_METRICS = (metrics.k1, metrics.k3, metrics.mean_abs_dp, metrics.max_abs_dp, metrics.min_ratio, metrics.max_ratio)
-
-
-@dataclass
-class TrainConfig:
-    model: str
-    engine: str
-    dtype: str
-    out: Path
-    steps: int = 20
-    prompts_per_step: int = 8
-    group_size: int = 8
-    max_tokens: int = 96
-    temperature: float = 1.0
-    lr: float = 2e-6
-    grad_clip: float = 1.0
-    algo: str = "grpo"
-    seed: int = 0
-    save_every: int = 0
-    prompts: Path | None = None
-    num_prompts: int = 256
-    gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None
 
 
 def tasks_for(config: TrainConfig) -> list[Prompt]:
@@ -70,8 +51,10 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, reward_fn: Callable[[str, str], float] = reward):
-        self.config = config
+    """One run of the loop in one dtype: the policy (master + compute copy), its optimiser and the live engine."""
+
+    def __init__(self, config: TrainConfig, dtype: str, reward_fn: Callable[[str, str], float] = reward):
+        self.config, self.dtype = config, dtype
         self.reward_fn = reward_fn
         self.device = default_device()
         self.model_path = resolve_model(config.model)
@@ -81,12 +64,12 @@ class Trainer:
         self.prompt_ids = encode_prompts(self.tokenizer, self.tasks)
         torch.manual_seed(config.seed)
         self.master = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.device)
-        self.compute = self.master if config.dtype == "fp32" else copy.deepcopy(self.master).to(DTYPES[config.dtype])
+        self.compute = self.master if dtype == "fp32" else copy.deepcopy(self.master).to(DTYPES[dtype])
         self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=config.lr, weight_decay=0.0)
-        self.scaler = DynamicLossScaler(enabled=config.dtype == "fp16")
+        self.scaler = DynamicLossScaler(enabled=dtype == "fp16")
         self.order = np.random.default_rng(config.seed).permutation(len(self.tasks))
         extra = {"seed": config.seed, "gpu_memory_utilization": config.gpu_memory_utilization, "max_model_len": config.max_model_len} if config.engine == "vllm" else {}
-        self.engine = start_engine(config.engine, self.model_path, config.dtype, **extra)
+        self.engine = start_engine(config.engine, self.model_path, dtype, **extra)
 
     def batch_indices(self, step: int) -> list[int]:
         n = self.config.prompts_per_step
@@ -141,7 +124,7 @@ class Trainer:
         config = self.config
         groups = list(token_batches(list(range(len(rollouts))), rollouts, MICRO_BATCH_TOKENS))
         batches = [pad_batch([rollouts[i].prompt_ids for i in g], [rollouts[i].response_ids for i in g], self.pad_id, self.device) for g in groups]
-        with torch.no_grad(), compute_context(config.dtype, self.device):
+        with torch.no_grad(), compute_context(self.dtype, self.device):
             parts = [response_logprobs(self.compute, b, config.temperature, with_entropy=True) for b in batches]
         logp_old, entropy = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         lengths = [len(r.response_ids) for r in rollouts]
@@ -151,7 +134,7 @@ class Trainer:
         (grad_logp,) = torch.autograd.grad(loss * self.scaler.scale, logp)
         self.compute.zero_grad(set_to_none=True)
         for batch, grad in zip(batches, torch.split(grad_logp, [sum(b.lengths) for b in batches])):
-            with compute_context(config.dtype, self.device):
+            with compute_context(self.dtype, self.device):
                 micro = response_logprobs(self.compute, batch, config.temperature)
             micro.backward(grad)
         return loss.item(), logp_old, entropy
@@ -197,26 +180,38 @@ def to_padded(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(list(torch.split(flat, lengths)), batch_first=True)
 
 
-def run_training(config: TrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
-    """Train into `config.out`: metrics.csv / .parquet after every step, tokens.parquet (μ and π_θ′
-    per token and step), checkpoints, summary.json. Ctrl-C ends the run cleanly with what it has."""
+def run_training(config: TrainConfig, on_step: Callable[[str, dict], None] | None = None, force: bool = False) -> list[dict]:
+    """One run per dtype of `config.dtypes` (same seed and data order), then one report.html over
+    all of them in `config.out`. Ctrl-C ends the current run cleanly with what it has, and the
+    runs after it are not started. Returns each run's summary."""
+    from mismatch.report.training import render_training
+
+    runs.check_output_dir(config.out, force)
+    folders = runs.train_layout(config.out, config.dtypes)
+    summaries = []
+    for dtype, folder in folders.items():
+        log_step = (lambda row, d=dtype: on_step(d, row)) if on_step else None
+        summaries.append(train_one(config, dtype, folder, log_step))
+        if summaries[-1]["interrupted"]:
+            break
+    runs.write_text(config.out / runs.REPORT_HTML, render_training({d: f for d, f in folders.items() if (f / runs.STEP_METRICS).is_file()}))
+    return summaries
+
+
+def train_one(config: TrainConfig, dtype: str, out: Path, on_step: Callable[[dict], None] | None = None, reward_fn=reward) -> dict:
+    """Train in `dtype` into `out`: metrics.csv after every step; at the end metrics.parquet,
+    tokens.parquet (μ and π_θ′ per token and step), checkpoints and summary.json."""
     import pandas as pd
 
-    from mismatch.runs import write_csv, write_json, write_parquet
-    from mismatch.scan import versions
-
-    out = config.out
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {"complete": False, "kind": "train", "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(config).items()}, "versions": versions()}
-    write_json(out / "summary.json", summary)
-    trainer = Trainer(config)
+    log = runs.RunLog(out, "train", config.to_json(dtype))
+    trainer = Trainer(config, dtype, reward_fn)
     rows, tokens, interrupted = [], [], False
     try:
         for step in range(config.steps):
             result = trainer.step(step)
             rows.append(result.row)
             tokens.append(pd.DataFrame(result.tokens))
-            write_csv(out / "metrics.csv", pd.DataFrame(rows))
+            runs.write_train_steps(out, rows)
             if on_step:
                 on_step(result.row)
             if config.save_every and (step + 1) % config.save_every == 0:
@@ -225,12 +220,10 @@ def run_training(config: TrainConfig, on_step: Callable[[dict], None] | None = N
         interrupted = True
     finally:
         trainer.close()
-    frame = pd.DataFrame(rows)
-    write_csv(out / "metrics.csv", frame)
-    write_parquet(out / "metrics.parquet", frame)
+    runs.write_train_steps(out, rows, final=True)
     if tokens:
-        write_parquet(out / "tokens.parquet", pd.concat(tokens, ignore_index=True).assign(engine_dtype=config.dtype, trainer_dtype=config.dtype))
+        runs.write_parquet(out / runs.TOKENS, pd.concat(tokens, ignore_index=True).assign(engine_dtype=dtype, trainer_dtype=dtype))
     trainer.save(out / "checkpoint-final")
-    summary |= {"complete": not interrupted, "interrupted": interrupted, "steps_done": len(rows)}
-    write_json(out / "summary.json", summary)
-    return summary
+    log.summary |= {"interrupted": interrupted, "steps_done": len(rows)}
+    log.finish(complete=not interrupted)
+    return log.summary

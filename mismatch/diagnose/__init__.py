@@ -1,0 +1,1 @@
+"""Diagnostics: where a gap comes from, measured inside the trainer's forward."""

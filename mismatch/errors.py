@@ -1,0 +1,47 @@
+"""User-facing errors: each says what is wrong and what to do, in one line.
+
+The CLI turns any `MismatchError` into that line on stderr and exit code 2; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class MismatchError(Exception):
+    """Root of every error the user can act on; the message is the whole explanation."""
+
+
+class ConfigError(MismatchError, ValueError):
+    """An option out of range or unknown (the message names the flag)."""
+
+
+class ModelError(MismatchError):
+    """A model that cannot be used as given."""
+
+
+class ModelNotFound(ModelError):
+    """The model could not be located; the message names everything that was tried."""
+
+
+class PromptError(MismatchError):
+    """A prompt file (or prompt set) that cannot be used."""
+
+
+class EngineError(MismatchError):
+    """An engine that cannot run as asked; the message names the option to change."""
+
+
+class OutputExists(MismatchError):
+    """The output folder already holds files and `--force` was not given."""
+
+
+class RunFolderError(MismatchError):
+    """A folder that is not a (complete) run of the kind asked for, or of an unknown format."""
+
+
+class ResumeError(MismatchError):
+    """`--resume` on a folder that holds no scan, or one run with other settings."""
+
+
+class NotComparable(MismatchError):
+    """Two runs that measure different things."""

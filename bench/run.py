@@ -66,7 +66,7 @@ def native_fp16(model, rollouts: list[Rollout], pad_id: int) -> np.ndarray:
     out = []
     for group in token_batches(list(range(len(rollouts))), rollouts, BATCH_TOKENS):
         batch = pad_batch([rollouts[i].prompt_ids for i in group], [rollouts[i].response_ids for i in group], pad_id, torch.device("cpu"))
-        out.append(response_logprobs(model, batch, 1.0).double().numpy())
+        out.append(response_logprobs(model, batch, 1.0).logp.double().numpy())
     return np.concatenate(out)
 
 
@@ -86,8 +86,8 @@ def rescoring_goals(model_path: Path, tokenizer, raw: dict) -> list[dict]:
     all_tokens = sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)
     pad = tokenizer.pad_token_id or 0
     models = {d: load_trainer(model_path, d) for d in ("bf16", "fp16", "fp32")}
-    rate = {d: tokens / seconds(lambda d=d: rescore(models[d], d, rollouts, 1.0, pad_id=pad)) for d in ("bf16", "fp16")}
-    logp = {d: np.concatenate(rescore(models[d], d, rollouts, 1.0, pad_id=pad)) for d in ("bf16", "fp16", "fp32")}
+    rate = {d: tokens / seconds(lambda d=d: rescore(models[d], d, rollouts, 1.0, pad_id=pad)["logp_trainer"]) for d in ("bf16", "fp16")}
+    logp = {d: np.concatenate(rescore(models[d], d, rollouts, 1.0, pad_id=pad)["logp_trainer"]) for d in ("bf16", "fp16", "fp32")}
     native_time = seconds(lambda: native_fp16(models["fp16"], rollouts, pad), repeat=1)
     native = native_fp16(models["fp16"], rollouts, pad)
     bare = seconds(lambda: bare_forward(models["bf16"], "bf16", rollouts, pad))

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mismatch import quiet
+from mismatch import quiet  # first: it sets switches read when torch and tqdm load
 from mismatch.config import ScanConfig, TrainConfig, pairs_mode
 from mismatch.engines import Sampling, default_engine
 from mismatch.errors import ConfigError, MismatchError
@@ -119,6 +119,8 @@ def scan(
         console.print(f"FP16 headroom: {headroom_text(headroom)}", highlight=False)
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
     console.print(f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, summary.json)")
+    for condition in summary.get("gate", {}).get("not_measured", []):
+        errors.print(f"notice: {condition}", highlight=False)
     if failed := summary.get("gate", {}).get("failed"):
         for condition in failed:
             errors.print(f"[bold red]gate failed:[/] {condition}", highlight=False)
@@ -230,7 +232,7 @@ def pair_table_view(pairs: list[dict]) -> Table:
     for p in pairs:
         table.add_row(
             f"{p['engine_dtype']}→{p['trainer_dtype']}",
-            f"{p['n_tokens']}" + (f" +{p['n_nonfinite']} non-finite" if p["n_nonfinite"] else ""),
+            f"{p['n_tokens']}" + (f" +{p['n_nonfinite']} non-finite" if p["n_nonfinite"] else "") + (f" +{p['n_outside_nucleus']} outside nucleus" if p["n_outside_nucleus"] else ""),
             _fmt(p["k3"]),
             f"{_fmt(p.get('k3_ci_low'), '.1e')}–{_fmt(p.get('k3_ci_high'), '.1e')}",
             _fmt(p["k1"], ".1e"),

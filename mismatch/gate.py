@@ -12,12 +12,12 @@ import re
 from dataclasses import dataclass
 
 from mismatch.errors import ConfigError
-from mismatch.metrics import METRICS
+from mismatch.metrics import METRICS, NUCLEUS_METRICS
 from mismatch.precision import DTYPES
 
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 _SYNTAX = re.compile(r"^\s*(?:(?P<engine>\w+)/(?P<trainer>\w+)\s*:)?\s*(?P<metric>\w+)\s*(?P<op>>=|<=|>|<)\s*(?P<value>\S+)\s*$")
-GATED = (*METRICS, "n_nonfinite", "k3_ci_low", "k3_ci_high", "mean_abs_dp_ci_low", "mean_abs_dp_ci_high")
+GATED = (*METRICS, *NUCLEUS_METRICS, "n_nonfinite", "k3_ci_low", "k3_ci_high", "mean_abs_dp_ci_low", "mean_abs_dp_ci_high")
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,17 @@ def check_pairs(conditions: list[Condition], scanned: list[tuple[str, str]]) -> 
 
 
 def evaluate(conditions: list[Condition], pairs: list[dict]) -> dict:
-    """{"conditions": [...], "failed": [...]}: each failure says which pair and what value."""
+    """{"conditions": [...], "failed": [...], "not_measured": [...]}: each failure says which pair
+    and what value; a metric that is undefined for a pair (e.g. the length slope when every
+    response has the same length) is listed as not measured, never as a failure."""
     by_pair = {(p["engine_dtype"], p["trainer_dtype"]): p for p in pairs}
-    failed = []
+    failed, not_measured = [], []
     for condition in conditions:
         for pair in condition.pairs_in(list(by_pair)):
             value = by_pair[pair].get(condition.metric)
             name = f"{'/'.join(pair)}:{condition.metric}"
             if value is None or (isinstance(value, float) and math.isnan(value)):
-                failed.append(f"{name} is undefined (gate {condition.text})")
+                not_measured.append(f"{name} is undefined for this run (gate {condition.text} not applied)")
             elif OPERATORS[condition.op](value, condition.threshold):
                 failed.append(f"{name} = {value:.4g} {condition.op} {condition.threshold:g}")
-    return {"conditions": [c.text for c in conditions], "failed": failed}
+    return {"conditions": [c.text for c in conditions], "failed": failed, "not_measured": not_measured}

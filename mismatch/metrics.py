@@ -129,9 +129,10 @@ def log_ppl_diff(logp_trainer, logp_engine, seq_ids) -> float:
 BOOTSTRAP_DRAWS = 1000
 
 
-def bootstrap_mean_ci(values, seq_ids, n_boot: int = BOOTSTRAP_DRAWS, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of the token-pooled mean of `values`, resampling whole sequences."""
-    frame = pd.DataFrame({"seq": np.asarray(seq_ids), "v": np.asarray(values, dtype=np.float64)})
+def bootstrap_mean_ci(values, clusters, n_boot: int = BOOTSTRAP_DRAWS, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the token-pooled mean of `values`, resampling whole clusters (the
+    independent units: prompts, whose samples are correlated, or sequences)."""
+    frame = pd.DataFrame({"seq": np.asarray(clusters), "v": np.asarray(values, dtype=np.float64)})
     per_seq = frame.groupby("seq").agg(total=("v", "sum"), count=("v", "size"))
     totals, counts = per_seq["total"].to_numpy(), per_seq["count"].to_numpy(dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -141,12 +142,34 @@ def bootstrap_mean_ci(values, seq_ids, n_boot: int = BOOTSTRAP_DRAWS, seed: int 
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def pair_metrics(logp_trainer, logp_engine, seq_ids, seed: int = 0) -> dict[str, float | int]:
-    """Every metric for one (engine dtype, trainer dtype) pair, over its finite tokens."""
-    trainer, engine, seqs = (np.asarray(a) for a in (logp_trainer, logp_engine, seq_ids))
-    finite = np.isfinite(trainer) & np.isfinite(engine)
-    out: dict[str, float | int] = {"n_tokens": int(finite.sum()), "n_seqs": int(len(np.unique(seqs[finite]))), "n_nonfinite": int((~finite).sum())}
-    trainer, engine, seqs = trainer[finite], engine[finite], seqs[finite]
+NUCLEUS_METRICS = ("n_outside_nucleus", "mean_kept_mass", "nucleus_log_bias")
+
+
+def pair_metrics(logp_trainer, logp_engine, seq_ids, seed: int = 0, prompt_ids=None, logp_trainer_full=None, log_kept_mass=None) -> dict[str, float | int]:
+    """Every metric for one (engine dtype, trainer dtype) pair, over its measurable tokens.
+
+    `logp_trainer` is log π under the trainer's nucleus. A token the engine sampled outside that
+    nucleus (−inf there, finite under the full distribution `logp_trainer_full`) is counted in
+    `n_outside_nucleus` and left out; `n_nonfinite` counts only non-finite engine or full trainer
+    log-probs (overflow). `mean_kept_mass` is the mean probability S the nucleus keeps and
+    `nucleus_log_bias` = mean(−log S), what renormalising to the nucleus adds to ℓ. Intervals
+    resample prompts (with all their samples) when `prompt_ids` is given, else sequences.
+    """
+    trainer, engine, seqs = np.asarray(logp_trainer, dtype=np.float64), np.asarray(logp_engine, dtype=np.float64), np.asarray(seq_ids)
+    full = trainer if logp_trainer_full is None else np.asarray(logp_trainer_full, dtype=np.float64)
+    kept = np.zeros_like(trainer) if log_kept_mass is None else np.asarray(log_kept_mass, dtype=np.float64)
+    clusters = seqs if prompt_ids is None else np.asarray(prompt_ids)
+    valid = np.isfinite(full) & np.isfinite(engine)
+    finite = valid & np.isfinite(trainer)
+    out: dict[str, float | int] = {
+        "n_tokens": int(finite.sum()),
+        "n_seqs": int(len(np.unique(seqs[finite]))),
+        "n_nonfinite": int((~valid).sum()),
+        "n_outside_nucleus": int((valid & ~np.isfinite(trainer)).sum()),
+        "mean_kept_mass": float(np.mean(np.exp(kept[finite]))) if finite.any() else float("nan"),
+        "nucleus_log_bias": float(np.mean(-kept[finite])) if finite.any() else float("nan"),
+    }
+    trainer, engine, seqs, clusters = trainer[finite], engine[finite], seqs[finite], clusters[finite]
     if not len(trainer):
         return out | {name: float("nan") for name in METRICS}
     token_level = (k1, k2, k3, chi2_token, mean_abs_dp, max_abs_dp, min_ratio, max_ratio, frac_outside_2)
@@ -154,7 +177,7 @@ def pair_metrics(logp_trainer, logp_engine, seq_ids, seed: int = 0) -> dict[str,
     out |= {f.__name__: f(trainer, engine) for f in token_level}
     out |= {f.__name__: f(trainer, engine, seqs) for f in seq_level}
     for name, values in (("k3", k3_terms(trainer, engine)), ("mean_abs_dp", abs_dp(trainer, engine))):
-        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_mean_ci(values, seqs, seed=seed)
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_mean_ci(values, clusters, seed=seed)
     return out
 
 
@@ -162,6 +185,9 @@ def pair_table(tokens: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """One row of metrics per (engine_dtype, trainer_dtype) in a `tokens.parquet` frame."""
     rows = []
     for (engine_dtype, trainer_dtype), group in tokens.groupby(["engine_dtype", "trainer_dtype"], sort=False):
-        metrics = pair_metrics(group["logp_trainer"], group["logp_engine"], group["seq_id"], seed=seed)
+        metrics = pair_metrics(
+            group["logp_trainer"], group["logp_engine"], group["seq_id"], seed=seed,
+            prompt_ids=group["prompt_index"], logp_trainer_full=group["logp_trainer_full"], log_kept_mass=group["log_kept_mass"],
+        )  # fmt: skip
         rows.append({"engine_dtype": engine_dtype, "trainer_dtype": trainer_dtype} | metrics)
     return pd.DataFrame(rows)

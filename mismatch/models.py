@@ -105,3 +105,19 @@ def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
         fresh.tie_weights()
     fresh.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def attention_implementation(config) -> str | None:
+    """transformers' attention that computes what the model defines: eager where the model caps
+    attention logits (Gemma-2's attn_logit_softcapping, which SDPA ignores), else its default."""
+    return "eager" if getattr(config.get_text_config(), "attn_logit_softcapping", None) else None
+
+
+def load_causal_lm(path: Path, dtype, trust_remote_code: bool = False):
+    """An HF causal LM for both the trainer and the `hf` engine, with semantically exact attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, attn_implementation=attention_implementation(config), trust_remote_code=trust_remote_code
+    )

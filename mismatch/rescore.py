@@ -14,11 +14,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from mismatch.engines.base import Rollout
+from mismatch.errors import ModelError
+from mismatch.models import load_causal_lm
 from mismatch.precision import DTYPES, compute_context, default_device
 
+SCORE_COLUMNS = {"logp_trainer": "logp", "logp_trainer_full": "logp_full", "log_kept_mass": "log_kept_mass"}  # tokens.parquet ← TokenScores
 LOGIT_ROWS = 256  # response positions turned into logits at once
 BATCH_TOKENS = 8192  # padded tokens per forward
 
@@ -52,38 +55,82 @@ def pad_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int
     )
 
 
-def response_logprobs(model, batch: PaddedBatch, temperature: float, top_p: float = 1.0, with_entropy: bool = False):
-    """log π of each response token (flat, FP32) under temperature (and top-p) as the engine sampled.
+@dataclass
+class TokenScores:
+    """Trainer-side numbers per response token (flat, FP32), under the engine's temperature.
 
-    The lm_head runs in the model's dtype (its output rounded to that dtype, as in training);
-    temperature, top-p and log-softmax run in FP32. With `with_entropy`, also the entropy of each
-    position's (tempered) distribution, as a second tensor.
+    `logp` is log π under the trainer's nucleus (what μ, sampled under the engine's nucleus, is
+    compared with): −inf for a token outside it. `logp_full` is log π under the whole tempered
+    distribution and `log_kept_mass` is log S, S the probability the nucleus keeps, so that
+    logp = logp_full − log S inside the nucleus. Without top-p, S = 1.
     """
-    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+
+    logp: torch.Tensor
+    logp_full: torch.Tensor
+    log_kept_mass: torch.Tensor
+    entropy: torch.Tensor | None = None  # of each position's (nucleus) distribution, when asked
+
+
+class _GivenHidden(torch.nn.Module):
+    """Stands in for a model's decoder and returns hidden states already computed, so that the
+    model's own forward runs just its output path on them."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs):
+        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits for `hidden` ([rows, hidden size]) exactly as the model's forward computes them:
+    its lm_head and whatever its architecture does after it (Granite's logits_scaling, Cohere's
+    logit_scale, Gemma's final softcap …), in the model's dtype, by the model's own code."""
+    name = model.base_model_prefix
+    decoder = getattr(model, name)
+    setattr(model, name, _GivenHidden(hidden[None]))
+    try:
+        ids = torch.zeros((1, hidden.shape[0]), dtype=torch.long, device=hidden.device)
+        return model(input_ids=ids, use_cache=False, logits_to_keep=0).logits[0]
+    finally:
+        setattr(model, name, decoder)
+
+
+def response_logprobs(model, batch: PaddedBatch, temperature: float, top_p: float = 1.0, with_entropy: bool = False) -> TokenScores:
+    """log π of each response token under temperature (and top-p) as the engine sampled.
+
+    The decoder and the output path run in the model's dtype (logits rounded to it, as in
+    training); temperature, top-p and log-softmax run in FP32, LOGIT_ROWS rows at a time, so no
+    (tokens × vocab) FP32 tensor exists for the batch.
+    """
+    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    logps, entropies = [], []
+    parts: dict[str, list[torch.Tensor]] = {"logp": [], "logp_full": [], "log_kept_mass": [], "entropy": []}
     for start in range(0, len(batch.rows), LOGIT_ROWS):
-        rows = batch.rows[start : start + LOGIT_ROWS]
         targets = batch.targets[start : start + LOGIT_ROWS, None]
-        logits = head(hidden[rows]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = output_logits(model, hidden[batch.rows[start : start + LOGIT_ROWS]]).float()
         if temperature != 1.0:
             logits = logits / temperature
+        target = logits.gather(-1, targets).squeeze(-1)
+        total = torch.logsumexp(logits, dim=-1)
         if top_p < 1.0:
             logits = top_p_filter(logits, top_p)
+            kept = torch.logsumexp(logits, dim=-1)
+            inside = torch.isfinite(logits.gather(-1, targets).squeeze(-1))
+            logp = torch.where(inside, target - kept, torch.full_like(target, float("-inf")))
+        else:
+            kept, logp = total, target - total
+        parts["logp"].append(logp)
+        parts["logp_full"].append(target - total)
+        parts["log_kept_mass"].append(kept - total)
         if with_entropy:
-            logp = torch.log_softmax(logits, dim=-1)
-            logps.append(logp.gather(-1, targets).squeeze(-1))
             with torch.no_grad():  # logged, never differentiated
-                entropies.append(-(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1))
-        else:  # log_softmax at the targets only: no second (rows x vocab) tensor
-            logps.append((logits.gather(-1, targets) - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(-1))
+                logp_all = torch.log_softmax(logits, dim=-1)
+                parts["entropy"].append(-(logp_all.exp() * logp_all.nan_to_num(neginf=0.0)).sum(-1))
     empty = hidden.new_empty(0, dtype=torch.float32)
-    logp = torch.cat(logps) if logps else empty
-    return (logp, torch.cat(entropies) if entropies else empty) if with_entropy else logp
+    joined = {name: torch.cat(values) if values else empty for name, values in parts.items()}
+    return TokenScores(joined["logp"], joined["logp_full"], joined["log_kept_mass"], joined["entropy"] if with_entropy else None)
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -97,9 +144,24 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def load_trainer(model: Path, dtype: str, device: torch.device | None = None, trust_remote_code: bool = False):
+    """The HF model in `dtype`, with attention that honours its semantics, its output path checked."""
     device = device or default_device()
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    return hf.to(device).eval()
+    hf = load_causal_lm(model, DTYPES[dtype], trust_remote_code=trust_remote_code).to(device).eval()
+    check_output_path(hf, dtype)
+    return hf
+
+
+@torch.inference_mode()
+def check_output_path(model, dtype: str) -> None:
+    """`output_logits` must reproduce the model's own logits; refuse an architecture where it does not."""
+    device = next(model.parameters()).device
+    ids = (torch.arange(8, device=device)[None] * 7 + 3) % model.config.get_text_config().vocab_size
+    with compute_context(dtype, device):
+        theirs = model(input_ids=ids, use_cache=False).logits[0].float()
+        ours = output_logits(model, model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]).float()
+    if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max())):
+        gap = float((ours - theirs).abs().max())
+        raise ModelError(f"{type(model).__name__}: mismatch cannot reproduce this architecture's logits from its decoder output (max |Δ| {gap:.3g}); it is not supported yet")
 
 
 @torch.inference_mode()
@@ -111,18 +173,21 @@ def rescore(
     top_p: float = 1.0,
     pad_id: int = 0,
     progress: Callable[[int], None] | None = None,
-) -> list[np.ndarray]:
-    """log π (float64 arrays) of every rollout's response tokens, in the order of `rollouts`."""
+) -> dict[str, list[np.ndarray]]:
+    """Per TokenScores field (`logp_trainer`, `logp_trainer_full`, `log_kept_mass`): one float64
+    array per rollout's response tokens, in the order of `rollouts`."""
     device = next(model.parameters()).device
     order = sorted(range(len(rollouts)), key=lambda i: len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids))
-    result: list[np.ndarray] = [np.empty(0)] * len(rollouts)
+    result = {name: [np.empty(0)] * len(rollouts) for name in SCORE_COLUMNS}
     for group in token_batches(order, rollouts, BATCH_TOKENS):
         chosen = [rollouts[i] for i in group]
         batch = pad_batch([r.prompt_ids for r in chosen], [r.response_ids for r in chosen], pad_id, device)
         with compute_context(dtype, device):
-            logp = response_logprobs(model, batch, temperature, top_p).double().cpu().numpy()
-        for i, piece in zip(group, np.split(logp, np.cumsum(batch.lengths)[:-1])):
-            result[i] = piece
+            scores = response_logprobs(model, batch, temperature, top_p)
+        for name, field in SCORE_COLUMNS.items():
+            values = getattr(scores, field).double().cpu().numpy()
+            for i, piece in zip(group, np.split(values, np.cumsum(batch.lengths)[:-1])):
+                result[name][i] = piece
         if progress:
             progress(len(group))
     return result

@@ -48,8 +48,10 @@ COMPARE_MD = "compare.md"
 # tokens.parquet of a scan: one row per (sequence, response position, engine dtype, trainer dtype)
 TOKEN_COLUMNS = (
     "seq_id", "prompt_index", "position", "token_id", "token", "engine_dtype", "trainer_dtype",
-    "logp_engine", "logp_trainer", "response_len", "finish_reason",
+    "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "response_len", "finish_reason",
 )  # fmt: skip
+# logp_trainer: log π under the trainer's nucleus (−inf outside it); logp_trainer_full: under the
+# whole tempered distribution; log_kept_mass: log of the probability the nucleus keeps (0 without top-p)
 # rollouts.parquet: the engine outputs, one row per (engine dtype, sequence)
 ROLLOUT_COLUMNS = (
     "engine_dtype", "seq_id", "prompt_index", "sample_index", "prompt_ids", "response_ids",
@@ -251,10 +253,11 @@ def read_rollouts(path: Path) -> dict[str, list[Rollout]]:
     }
 
 
-def tokens_frame(rollouts: dict[str, list[Rollout]], logp_trainer: dict[tuple[str, str], list[np.ndarray]], tokenizer, samples: int) -> pd.DataFrame:
-    """One row per (sequence, response position, engine dtype, trainer dtype): TOKEN_COLUMNS."""
+def tokens_frame(rollouts: dict[str, list[Rollout]], scores: dict[tuple[str, str], dict[str, list[np.ndarray]]], tokenizer, samples: int) -> pd.DataFrame:
+    """One row per (sequence, response position, engine dtype, trainer dtype): TOKEN_COLUMNS.
+    `scores` holds, per pair, what `rescore.rescore` returned."""
     frames = []
-    for (engine_dtype, trainer_dtype), trainer_logps in logp_trainer.items():
+    for (engine_dtype, trainer_dtype), trainer in scores.items():
         group = rollouts[engine_dtype]
         lengths = np.array([len(r.response_ids) for r in group])
         frames.append(
@@ -267,7 +270,7 @@ def tokens_frame(rollouts: dict[str, list[Rollout]], logp_trainer: dict[tuple[st
                     "engine_dtype": engine_dtype,
                     "trainer_dtype": trainer_dtype,
                     "logp_engine": np.concatenate([r.logp_engine for r in group]).astype(np.float64),
-                    "logp_trainer": np.concatenate(trainer_logps).astype(np.float64),
+                    **{name: np.concatenate(values).astype(np.float64) for name, values in trainer.items()},
                     "response_len": np.repeat(lengths, lengths),
                     "finish_reason": np.repeat([r.finish_reason for r in group], lengths),
                 }

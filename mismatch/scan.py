@@ -79,7 +79,7 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
             runs.write_parquet(out / runs.ROLLOUTS, runs.rollouts_frame(rollouts, tokenizer, config.samples))
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    logp_trainer: dict[tuple[str, str], list[np.ndarray]] = {}
+    scores: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
     pairs = config.pairs()
     for trainer_dtype in dict.fromkeys(t for _, t in pairs):
         with stage(f"rescore_{trainer_dtype}"):
@@ -88,16 +88,16 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
             with watch:
                 for engine_dtype in [e for e, t in pairs if t == trainer_dtype]:
                     advance = progress.stage(f"rescore {engine_dtype} → {trainer_dtype}", len(rollouts[engine_dtype]))
-                    logp_trainer[engine_dtype, trainer_dtype] = rescore(
+                    scores[engine_dtype, trainer_dtype] = rescore(
                         model, trainer_dtype, rollouts[engine_dtype], config.sampling.temperature, config.sampling.top_p, pad_id, advance
                     )
             if isinstance(watch, ActivationPeak):
                 summary["fp16_headroom"] = watch.summary()
             del model
-    logp_trainer = {pair: logp_trainer[pair] for pair in pairs}  # table rows in the configured order
+    scores = {pair: scores[pair] for pair in pairs}  # table rows in the configured order
 
     with stage("metrics"):
-        tokens = runs.tokens_frame(rollouts, logp_trainer, tokenizer, config.samples)
+        tokens = runs.tokens_frame(rollouts, scores, tokenizer, config.samples)
         table = pair_table(tokens, seed=config.sampling.seed)
         pairs_list = table.to_dict("records")
         runs.write_parquet(out / runs.TOKENS, tokens)

@@ -40,7 +40,7 @@ def test_outputs_have_one_logprob_per_token_in_prompt_major_order(fp32_engine, t
 
 def test_engine_logprobs_match_an_fp32_forward_at_the_sampling_temperature(fp32_engine, tiny_model):
     rollouts = fp32_engine.generate(PROMPTS, 2, SAMPLING)
-    trainer = rescore(load_trainer(tiny_model, "fp32"), "fp32", rollouts, SAMPLING.temperature)
+    trainer = rescore(load_trainer(tiny_model, "fp32"), "fp32", rollouts, SAMPLING.temperature)["logp_trainer"]
     diff = np.concatenate([t - np.array(r.logp_engine) for t, r in zip(trainer, rollouts)])
     assert np.abs(diff).max() < 1e-3
 

@@ -69,10 +69,33 @@ def test_pair_table_groups_by_dtype_pair():
             "engine_dtype": ["bf16"] * 3 + ["fp16"] * 3,
             "trainer_dtype": ["bf16"] * 3 + ["fp16"] * 3,
             "seq_id": np.tile(SEQ, 2),
+            "prompt_index": np.tile(SEQ, 2),
             "logp_engine": np.tile(MU, 2),
             "logp_trainer": np.concatenate([PI, MU]),
+            "logp_trainer_full": np.concatenate([PI, MU]),
+            "log_kept_mass": 0.0,
         }
     )
     table = m.pair_table(frame).set_index("engine_dtype")
     assert table.loc["bf16", "k3"] == pytest.approx(0.5 / 3)
     assert table.loc["fp16", "k3"] == 0.0
+
+
+def test_tokens_outside_the_nucleus_are_counted_apart_from_overflow():
+    trainer = np.array([-1.0, -np.inf, -0.5, np.nan])
+    full = np.array([-1.2, -3.0, -0.7, np.nan])  # the last one overflowed
+    kept = np.array([-0.2, -0.2, -0.2, np.nan])
+    engine = np.array([-1.1, -2.0, -0.4, -1.0])
+    out = m.pair_metrics(trainer, engine, [0, 0, 1, 1], logp_trainer_full=full, log_kept_mass=kept)
+    assert (out["n_tokens"], out["n_outside_nucleus"], out["n_nonfinite"]) == (2, 1, 1)
+    assert out["mean_kept_mass"] == pytest.approx(np.exp(-0.2)) and out["nucleus_log_bias"] == pytest.approx(0.2)
+    assert out["k1"] == pytest.approx(np.mean([-(-1.0 + 1.1), -(-0.5 + 0.4)]))
+
+
+def test_bootstrap_resamples_prompts_not_their_correlated_samples():
+    """Two prompts × 10 samples, every token of prompt 0 at 0 and of prompt 1 at 1: resampling
+    prompts draws both from prompt 0 a quarter of the time; resampling sequences almost never."""
+    values = np.repeat([0.0, 1.0], 10)
+    seqs, prompts = np.arange(20), np.repeat([0, 1], 10)
+    assert m.bootstrap_mean_ci(values, prompts)[0] == 0.0
+    assert m.bootstrap_mean_ci(values, seqs)[0] > 0.2

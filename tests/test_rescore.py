@@ -19,7 +19,7 @@ def _rollouts(n=5):
 def test_logprobs_equal_a_plain_forward_per_sequence(tiny_model):
     model = load_trainer(tiny_model, "fp32")
     rollouts = _rollouts()
-    batched = rescore(model, "fp32", rollouts, temperature=0.7)
+    batched = rescore(model, "fp32", rollouts, temperature=0.7)["logp_trainer"]
     for rollout, got in zip(rollouts, batched):
         ids = torch.tensor([rollout.prompt_ids + rollout.response_ids])
         with torch.no_grad():
@@ -32,8 +32,8 @@ def test_logprobs_equal_a_plain_forward_per_sequence(tiny_model):
 def test_padding_does_not_change_results(tiny_model):
     model = load_trainer(tiny_model, "bf16")
     rollouts = _rollouts()
-    together = rescore(model, "bf16", rollouts, temperature=1.0)
-    alone = [rescore(model, "bf16", [r], temperature=1.0)[0] for r in rollouts]
+    together = rescore(model, "bf16", rollouts, temperature=1.0)["logp_trainer"]
+    alone = [rescore(model, "bf16", [r], temperature=1.0)["logp_trainer"][0] for r in rollouts]
     for a, b in zip(together, alone):
         np.testing.assert_allclose(a, b, atol=2e-2)  # bf16: kernels may block differently per shape
 
@@ -52,14 +52,19 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert not torch.isinf(top_p_filter(logits, 1.0)).any()
 
 
-def test_top_p_applies_in_rescoring(tiny_model):
+def test_top_p_keeps_both_distributions_and_the_kept_mass(tiny_model):
     model = load_trainer(tiny_model, "fp32")
-    batch = pad_batch([[5, 6]], [[7]], 0, torch.device("cpu"))
+    rollouts = _rollouts()
+    batch = pad_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts], 0, torch.device("cpu"))
     with torch.no_grad():
-        full = response_logprobs(model, batch, 1.0)
-        nucleus = response_logprobs(model, batch, 1.0, top_p=0.3)
-    # renormalised over fewer tokens: higher, or -inf when the token is outside the nucleus
-    assert nucleus.item() > full.item() or nucleus.item() == float("-inf")
+        full = response_logprobs(model, batch, 0.8)
+        nucleus = response_logprobs(model, batch, 0.8, top_p=0.5)
+    assert torch.equal(full.logp, full.logp_full) and torch.all(full.log_kept_mass == 0)
+    torch.testing.assert_close(nucleus.logp_full, full.logp)  # the whole tempered distribution either way
+    inside = torch.isfinite(nucleus.logp)
+    assert inside.any() and (~inside).any()  # random weights: some sampled tokens fall outside a 0.5 nucleus
+    assert torch.all(nucleus.log_kept_mass < 0)
+    torch.testing.assert_close(nucleus.logp[inside], (nucleus.logp_full - nucleus.log_kept_mass)[inside])
 
 
 def test_emulated_fp16_matmul_is_fp32_accumulation_rounded_to_fp16():
@@ -75,11 +80,11 @@ def test_emulated_fp16_matmul_is_fp32_accumulation_rounded_to_fp16():
 def test_emulated_fp16_forward_matches_native_fp16(tiny_model):
     fp16, fp32 = load_trainer(tiny_model, "fp16"), load_trainer(tiny_model, "fp32")
     rollouts = _rollouts(3)
-    emulated = np.concatenate(rescore(fp16, "fp16", rollouts, 1.0))  # on CPU: the emulated path
+    emulated = np.concatenate(rescore(fp16, "fp16", rollouts, 1.0)["logp_trainer"])  # on CPU: the emulated path
     with torch.inference_mode():
-        native = [response_logprobs(fp16, pad_batch([r.prompt_ids], [r.response_ids], 0, torch.device("cpu")), 1.0) for r in rollouts]
+        native = [response_logprobs(fp16, pad_batch([r.prompt_ids], [r.response_ids], 0, torch.device("cpu")), 1.0).logp for r in rollouts]
     native = torch.cat(native).double().numpy()
-    reference = np.concatenate(rescore(fp32, "fp32", rollouts, 1.0))
+    reference = np.concatenate(rescore(fp32, "fp32", rollouts, 1.0)["logp_trainer"])
     assert np.abs(emulated - native).max() < 1e-2
     assert np.abs(emulated - reference).max() < 1e-2
 

@@ -11,7 +11,7 @@ from mismatch import metrics
 from mismatch.cli import app
 
 runner = CliRunner()
-TOKEN_COLUMNS = {"seq_id", "position", "token_id", "token", "engine_dtype", "trainer_dtype", "logp_engine", "logp_trainer", "response_len"}
+TOKEN_COLUMNS = {"seq_id", "position", "token_id", "token", "engine_dtype", "trainer_dtype", "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "response_len"}
 
 
 def scan(*args):
@@ -63,8 +63,11 @@ def test_every_summary_number_recomputes_from_tokens(run):
     seed = summary["config"]["sampling"]["seed"]
     for pair in summary["pairs"]:
         group = tokens[(tokens.engine_dtype == pair["engine_dtype"]) & (tokens.trainer_dtype == pair["trainer_dtype"])]
-        again = metrics.pair_metrics(group["logp_trainer"], group["logp_engine"], group["seq_id"], seed=seed)
-        for name in (*metrics.METRICS, "n_tokens", "n_seqs", "k3_ci_low", "k3_ci_high", "mean_abs_dp_ci_low", "mean_abs_dp_ci_high"):
+        again = metrics.pair_metrics(
+            group["logp_trainer"], group["logp_engine"], group["seq_id"], seed=seed,
+            prompt_ids=group["prompt_index"], logp_trainer_full=group["logp_trainer_full"], log_kept_mass=group["log_kept_mass"],
+        )  # fmt: skip
+        for name in (*metrics.METRICS, *metrics.NUCLEUS_METRICS, "n_tokens", "n_seqs", "n_nonfinite", "k3_ci_low", "k3_ci_high", "mean_abs_dp_ci_low", "mean_abs_dp_ci_high"):
             if pair[name] is None:
                 assert np.isnan(again[name]), name
             else:

@@ -31,7 +31,7 @@ def engine_vs_fp32(trainer, tiny_model, tmp_path):
     """Max and mean |log μ − log π_fp32| on fresh rollouts, π from the master weights saved to disk."""
     trainer.save(tmp_path / "now")
     rollouts = trainer.engine.generate(trainer.prompt_ids[:3], 2, trainer_sampling())
-    fp32 = rescore(load_trainer(tmp_path / "now", "fp32"), "fp32", rollouts, 1.0)
+    fp32 = rescore(load_trainer(tmp_path / "now", "fp32"), "fp32", rollouts, 1.0)["logp_trainer"]
     diff = np.concatenate([p - np.array(r.logp_engine) for p, r in zip(fp32, rollouts)])
     return np.abs(diff).max(), np.abs(diff).mean()
 
@@ -55,7 +55,7 @@ def test_weights_reach_the_live_vllm_engine_after_each_step(dtype, tiny_model, t
         assert worst < TOLERANCE[dtype]
         # against the *initial* weights the engine would be far off: the sync is what closes the gap
         rollouts = trainer.engine.generate(trainer.prompt_ids[:3], 2, trainer_sampling())
-        initial = rescore(load_trainer(tiny_model, "fp32"), "fp32", rollouts, 1.0)
+        initial = rescore(load_trainer(tiny_model, "fp32"), "fp32", rollouts, 1.0)["logp_trainer"]
         stale = np.concatenate([p - np.array(r.logp_engine) for p, r in zip(initial, rollouts)])
         assert np.abs(stale).mean() > 5 * mean
     finally:

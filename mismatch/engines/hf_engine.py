@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 
 from mismatch.engines.base import Progress, Rollout, Sampling, request_seed, requests
+from mismatch.models import load_causal_lm
 from mismatch.precision import DTYPES, compute_context, default_device
 
 BATCH = 16
@@ -19,12 +20,14 @@ class HFEngine:
     def __init__(self, model: Path, dtype: str, *, trust_remote_code: bool = False):
         self.dtype = dtype
         self.device = default_device()
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-        self.model.to(self.device).eval()
+        self.model = load_causal_lm(model, DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
         config = self.model.generation_config
         eos = config.eos_token_id if config.eos_token_id is not None else self.model.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else min(self.eos_ids, default=0)
+        # transformers fills every field a call leaves unset from the model's generation_config
+        # (repetition_penalty, top_k, min_p …): a bare one leaves exactly the processors the trainer applies.
+        self.model.generation_config = GenerationConfig(eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id)
 
     def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
         todo = requests(len(prompts), samples)

@@ -16,7 +16,6 @@ from mismatch.precision import VLLM_DTYPE_NAMES
 # Keeps the engine core in this process: starts in seconds instead of ~30 s on CPU, needs no
 # `__main__` guard, and lets the train loop push new weights into the live engine.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # our progress bars say what is happening
 
 CHUNK = 32  # requests per generate call; only sets how often the progress bar moves
 # On CPU, vLLM sizes an automatic KV cache as a share of RAM *minus this process's memory*, which
@@ -60,6 +59,7 @@ class VLLMEngine:
                 enforce_eager=not on_gpu,
                 trust_remote_code=trust_remote_code,
                 logprobs_mode="processed_logprobs",  # after temperature / top-p: the distribution sampled from
+                use_tqdm_on_load=False,  # our progress bars say what is happening
             )
         except Exception as exc:
             raise start_error(exc, gpu_memory_utilization) from exc

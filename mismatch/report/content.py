@@ -27,6 +27,8 @@ def header_facts(run: ScanRun) -> list[tuple[str, str]]:
     ]
     if headroom:
         facts.append(("FP16 headroom", headroom_text(headroom)))
+    if sampling["top_p"] < 1:
+        facts.append(("nucleus", " · ".join(nucleus_text(p) for p in run.pairs)))
     if run.summary.get("skipped_prompts"):
         facts.append(("skipped", f"{len(run.summary['skipped_prompts'])} prompt(s) too long for the context"))
     return facts
@@ -62,6 +64,14 @@ def worst_tokens(run: ScanRun, n: int = 20, left: int = 12, right: int = 6, prom
             }
         )
     return rows
+
+
+def nucleus_text(pair: dict) -> str:
+    """What top-p does to one pair: tokens sampled outside the trainer's nucleus, and the mass it keeps."""
+    return (
+        f"{pair['engine_dtype']}→{pair['trainer_dtype']}: {pair['n_outside_nucleus']} token(s) sampled outside the trainer's nucleus (left out), "
+        f"kept mass {pair['mean_kept_mass']:.4f}, log-S bias on ℓ {pair['nucleus_log_bias']:.2e}"
+    )
 
 
 def headroom_text(headroom: dict) -> str:

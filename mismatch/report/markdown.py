@@ -40,9 +40,10 @@ def _render(run: ScanRun, worst: list[dict]) -> str:
     lines += [f"- {action}" for action in recommendation["actions"]]
     if gate := run.summary.get("gate"):
         lines += ["", f"**CI gate:** {'failed: ' + '; '.join(gate['failed']) if gate['failed'] else 'passed'}"]
+        lines += [f"- not measured: {escape(text)}" for text in gate.get("not_measured", [])]
     lines += ["", "| engine → trainer | tokens | k3 [95% CI] | k1 | mean \\|Δp\\| [95% CI] | max \\|Δp\\| | min / max ratio | frac outside ×2 | seq KL | slope / 1k | Δ log ppl |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for p in run.pairs:
-        tokens = f"{p['n_tokens']}" + (f" (+{p['n_nonfinite']} non-finite)" if p["n_nonfinite"] else "")
+        tokens = f"{p['n_tokens']}" + (f" (+{p['n_nonfinite']} non-finite)" if p["n_nonfinite"] else "") + (f" (+{p['n_outside_nucleus']} outside nucleus)" if p["n_outside_nucleus"] else "")
         lines.append(
             f"| {p['engine_dtype']} → {p['trainer_dtype']} | {tokens} | {_num(p['k3'])} [{_num(p['k3_ci_low'])}, {_num(p['k3_ci_high'])}] "
             f"| {_num(p['k1'])} | {_num(p['mean_abs_dp'])} [{_num(p['mean_abs_dp_ci_low'])}, {_num(p['mean_abs_dp_ci_high'])}] "

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from mismatch import metrics, runs
 from mismatch.config import TrainConfig
@@ -26,7 +26,7 @@ from mismatch.errors import PromptError
 from mismatch.models import resolve_model
 from mismatch.precision import DTYPES, compute_context, default_device
 from mismatch.prompts import Prompt, arithmetic_prompts, encode_prompts, load_prompts
-from mismatch.rescore import pad_batch, response_logprobs, token_batches
+from mismatch.rescore import load_trainer, pad_batch, response_logprobs, token_batches
 from mismatch.train.losses import LOSSES, group_advantages
 from mismatch.train.rewards import reward
 from mismatch.train.scaling import DynamicLossScaler
@@ -63,7 +63,7 @@ class Trainer:
         self.tasks = tasks_for(config)
         self.prompt_ids = encode_prompts(self.tokenizer, self.tasks)
         torch.manual_seed(config.seed)
-        self.master = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.device)
+        self.master = load_trainer(self.model_path, "fp32", self.device)
         self.compute = self.master if dtype == "fp32" else copy.deepcopy(self.master).to(DTYPES[dtype])
         self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=config.lr, weight_decay=0.0)
         self.scaler = DynamicLossScaler(enabled=dtype == "fp16")
@@ -126,7 +126,7 @@ class Trainer:
         batches = [pad_batch([rollouts[i].prompt_ids for i in g], [rollouts[i].response_ids for i in g], self.pad_id, self.device) for g in groups]
         with torch.no_grad(), compute_context(self.dtype, self.device):
             parts = [response_logprobs(self.compute, b, config.temperature, with_entropy=True) for b in batches]
-        logp_old, entropy = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        logp_old, entropy = torch.cat([p.logp for p in parts]), torch.cat([p.entropy for p in parts])
         lengths = [len(r.response_ids) for r in rollouts]
         logp = logp_old.clone().requires_grad_()
         padded = [to_padded(t, lengths) for t in (logp, logp_old, logp_engine)]
@@ -135,7 +135,7 @@ class Trainer:
         self.compute.zero_grad(set_to_none=True)
         for batch, grad in zip(batches, torch.split(grad_logp, [sum(b.lengths) for b in batches])):
             with compute_context(self.dtype, self.device):
-                micro = response_logprobs(self.compute, batch, config.temperature)
+                micro = response_logprobs(self.compute, batch, config.temperature).logp
             micro.backward(grad)
         return loss.item(), logp_old, entropy
 

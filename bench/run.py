@@ -154,7 +154,7 @@ def scan_goals(raw: dict) -> list[dict]:
     prompt_ids = encode_prompts(tokenizer, arithmetic_prompts(SCAN["num_prompts"]))
     start = time.perf_counter()
     for dtype in ("bf16", "fp16"):
-        engine = start_engine("vllm", model_path, dtype)
+        engine = start_engine("vllm", model_path, dtype, isolated=False)  # bare: vLLM in this process
         engine.generate(prompt_ids, 1, Sampling(max_tokens=SCAN["max_tokens"]))
         engine.close()
     by_dtype = {

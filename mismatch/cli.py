@@ -81,6 +81,7 @@ def scan(
     force: Force = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out from its saved engine outputs.")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on prompts that do not fit the context instead of skipping them.")] = False,
+    semantic_probe: Annotated[int, typer.Option(help="Prompts the engine also generates in FP32, scored by the FP32 trainer: a gap there is an implementation difference, not precision (0: skip).")] = 4,
     fail_on: Annotated[list[str], typer.Option("--fail-on", help='CI gate, repeatable: "[ENGINE/TRAINER:]METRIC>VALUE" (>, >=, <, <=); default pairs: equal dtypes. Exit 1 when one holds.')] = [],  # noqa: B006 (typer reads it)
 ) -> None:
     """Generate with the engine, rescore the same tokens with HF per dtype, and report the gap."""
@@ -102,6 +103,7 @@ def scan(
         gpu_memory_utilization=gpu_memory_utilization,
         trust_remote_code=trust_remote_code,
         strict=strict,
+        semantic_probe=semantic_probe,
         fail_on=list(fail_on),
     )
     from mismatch.scan import run_scan  # heavy imports after the arguments are known to be good
@@ -115,6 +117,8 @@ def scan(
     console.print(pair_table_view(summary["pairs"]))
     if skipped := summary["skipped_prompts"]:
         errors.print(f"skipped {len(skipped)} prompt(s) that do not fit the context with --max-tokens {max_tokens} (--strict to fail instead)")
+    for dtype, reason in summary["refused_dtypes"].items():
+        errors.print(f"notice: {config.engine} refuses {dtype} for this model ({reason}); {dtype} was measured on the trainer side only", highlight=False)
     if headroom := summary.get("fp16_headroom"):
         console.print(f"FP16 headroom: {headroom_text(headroom)}", highlight=False)
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)

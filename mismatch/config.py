@@ -68,6 +68,7 @@ class ScanConfig:
     trust_remote_code: bool = False
     fail_on: list[str] = field(default_factory=list)  # CI gate conditions (mismatch.gate)
     strict: bool = False  # fail, instead of skipping, on prompts that do not fit the context
+    semantic_probe: int = 4  # prompts the FP32 engine generates for the FP32-vs-FP32 probe (0: skip)
 
     def __post_init__(self):
         self.dtypes = _dtypes(self.dtypes)
@@ -76,6 +77,7 @@ class ScanConfig:
         _at_least("--samples", self.samples)
         _at_least("--num-prompts", self.num_prompts)
         _at_least("--tensor-parallel-size", self.tensor_parallel_size)
+        _at_least("--semantic-probe", self.semantic_probe, 0)
         check_pairs(self.conditions(), self.pairs())
 
     def conditions(self) -> list[Condition]:

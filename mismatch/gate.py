@@ -69,8 +69,11 @@ def evaluate(conditions: list[Condition], pairs: list[dict]) -> dict:
     failed, not_measured = [], []
     for condition in conditions:
         for pair in condition.pairs_in(list(by_pair)):
-            value = by_pair[pair].get(condition.metric)
             name = f"{'/'.join(pair)}:{condition.metric}"
+            if pair not in by_pair:  # e.g. an engine dtype the engine refused for this model
+                not_measured.append(f"{name}: the pair was not measured (gate {condition.text} not applied)")
+                continue
+            value = by_pair[pair].get(condition.metric)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 not_measured.append(f"{name} is undefined for this run (gate {condition.text} not applied)")
             elif OPERATORS[condition.op](value, condition.threshold):

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from mismatch.errors import ModelError, ModelNotFound
@@ -35,17 +36,26 @@ def resolve_model(spec: str, trust_remote_code: bool = False) -> Path:
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"{path} exists but holds no config.json: not a Hugging Face model folder")
     else:
-        path = _hub_model(spec, tried=f"no local folder {path}")
+        path = _hub_model(spec, tried=f"no local folder {path}", trust_remote_code=trust_remote_code)
     if "auto_map" in json.loads((path / "config.json").read_text(encoding="utf-8")) and not trust_remote_code:
         raise ModelError(f"{spec} runs its own Python code (auto_map in config.json); read it, then pass --trust-remote-code to allow it")
     return path
 
 
-def _hub_model(repo_id: str, tried: str) -> Path:
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+
+
+def _hub_model(repo_id: str, tried: str, trust_remote_code: bool = False) -> Path:
+    """Everything loading needs: config, weights (safetensors, else .bin), tokenizer files
+    (including tiktoken), chat template, and the model's own code when it is trusted."""
     from huggingface_hub import snapshot_download
 
+    patterns = HUB_FILES + (["*.py"] if trust_remote_code else [])
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(repo_id, allow_patterns=[*patterns, "*.bin"]))
+        return path
     except Exception as exc:  # offline, unknown id, gated: all end the same way for the user
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelNotFound(
@@ -117,7 +127,45 @@ def load_causal_lm(path: Path, dtype, trust_remote_code: bool = False):
     """An HF causal LM for both the trainer and the `hf` engine, with semantically exact attention."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation=attention_implementation(config), trust_remote_code=trust_remote_code
-    )
+    with _loading(path, "model"):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, attn_implementation=attention_implementation(config), trust_remote_code=trust_remote_code
+        )
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    with _loading(path, "tokenizer"):
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+@contextmanager
+def _loading(path: Path, what: str):
+    """transformers' failure to load a folder (missing file, unknown architecture, bad config) as one line."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ModelError(f"transformers cannot load the {what} in {path}: {reason}") from None
+
+
+def fp32_footprint(path: Path) -> int:
+    """Bytes an FP32 copy of the weights takes, from the checkpoint's files and their dtype."""
+    import torch
+    from transformers import AutoConfig
+
+    stored = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in Path(path).glob(pattern))
+    dtype = getattr(AutoConfig.from_pretrained(path), "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return stored * 32 // torch.finfo(dtype).bits
+
+
+def available_memory() -> int:
+    """Bytes free for a model: the GPU's total memory where there is one, else the free RAM."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -1,4 +1,5 @@
-"""First rule-based verdict from the pair table: does FP16 on both sides fix the mismatch?"""
+"""Rule-based verdict from the pair table: is the gap an implementation difference, and if it is
+precision, does FP16 on both sides fix it?"""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Any
 
 STRONG_CUT = 3.0  # FP16 must cut k3 by at least this factor to be worth a switch
 FLOOR_FACTOR = 2.0  # within this factor of the FP32/FP32 gap counts as "at the floor"
+SEMANTIC_FLOOR = 1e-6  # FP32 engine vs FP32 trainer above this k3: they compute different things
+# (measured at 1e-13 … 1e-11 on thirteen architectures where both libraries agree)
 
 FP16_ACTIONS = [
     "inference engine: dtype=float16 (vLLM: LLM(..., dtype='float16'))",
@@ -22,12 +25,44 @@ def _pair(pairs: list[dict], engine: str, trainer: str) -> dict | None:
     return next((p for p in pairs if p["engine_dtype"] == engine and p["trainer_dtype"] == trainer), None)
 
 
-def recommend(pairs: list[dict[str, Any]], fp16_headroom: dict | None = None) -> dict[str, Any]:
+SEMANTIC_ACTIONS = [
+    "find the difference before changing precision: attention implementation, logit scaling or softcap, RoPE or sliding window, tokenizer / chat template, model code version",
+    "re-run `mismatch scan` once engine and trainer agree in FP32",
+]
+
+
+def recommend(
+    pairs: list[dict[str, Any]], fp16_headroom: dict | None = None, refused: dict[str, str] | None = None, probe: dict | None = None, engine: str = "vllm"
+) -> dict[str, Any]:
     """A verdict code, one sentence with the numbers behind it, and the settings to change.
 
-    `fp16_headroom` is the largest |activation| of the FP16 forward against 65504 (ActivationPeak).
+    `fp16_headroom` is the largest |activation| of the FP16 forward against 65504 (ActivationPeak);
+    `refused` the dtypes the engine would not run (with its reason); `probe` the semantic probe's
+    plan (`prompts`, or why it was `skipped`), whose result is the FP32/FP32 pair.
     """
+    refused, probe = refused or {}, probe or {}
+    semantic = _pair(pairs, "fp32", "fp32")
+    if probe.get("prompts") and semantic and semantic["k3"] > SEMANTIC_FLOOR:
+        return {
+            "verdict": "implementation_difference",
+            "summary": f"Engine and trainer disagree even in FP32 (k3 {semantic['k3']:.2e} over {semantic['n_seqs']} sequences, "
+            f"π/μ from {semantic['min_ratio']:.3f} to {semantic['max_ratio']:.3f}): the gap is an implementation difference between "
+            "them, not precision, and no dtype change is recommended on this evidence.",
+            "actions": SEMANTIC_ACTIONS,
+        }
+    verdict = _precision_verdict(pairs, fp16_headroom, refused, engine)
+    if probe.get("skipped"):
+        verdict["summary"] += (
+            f" (Semantic probe skipped: {probe['skipped']}. This verdict rests on the precision pairs alone and cannot rule out "
+            "an implementation difference between engine and trainer.)"
+        )
+    return verdict
+
+
+def _precision_verdict(pairs: list[dict[str, Any]], fp16_headroom: dict | None, refused: dict[str, str], engine: str) -> dict[str, Any]:
     bf16, fp16, fp32 = (_pair(pairs, d, d) for d in ("bf16", "fp16", "fp32"))
+    if "fp16" in refused:
+        return _fp16_unavailable(pairs, fp16_headroom, refused["fp16"], engine)
     nonfinite = sum(p["n_nonfinite"] for p in pairs if "fp16" in (p["engine_dtype"], p["trainer_dtype"]))
     overflow = fp16_headroom is not None and fp16_headroom["overflow"]
     if nonfinite or overflow:
@@ -72,4 +107,23 @@ def recommend(pairs: list[dict[str, Any]], fp16_headroom: dict | None = None) ->
         "verdict": "incomplete",
         "summary": f"Scanned {scanned}; scan with --dtypes bf16,fp16 to see whether FP16 closes the gap.",
         "actions": ["mismatch scan --dtypes bf16,fp16"],
+    }
+
+
+def _fp16_unavailable(pairs: list[dict[str, Any]], fp16_headroom: dict | None, reason: str, engine: str) -> dict[str, Any]:
+    """The engine will not run FP16: say so, and what the trainer side in FP16 showed."""
+    evidence = []
+    trainer_fp16, trainer_bf16 = _pair(pairs, "bf16", "fp16"), _pair(pairs, "bf16", "bf16")
+    if trainer_fp16 and trainer_bf16:
+        evidence.append(f"against the BF16 engine an FP16 trainer has k3 {trainer_fp16['k3']:.2e}, a BF16 trainer {trainer_bf16['k3']:.2e}")
+    if fp16_headroom:
+        if fp16_headroom["overflow"]:
+            evidence.append(f"FP16 activations overflow (in {fp16_headroom['module']})")
+        else:
+            evidence.append(f"the largest FP16 activation is {100 * fp16_headroom['fraction_of_limit']:.2g}% of 65504")
+    return {
+        "verdict": "fp16_unavailable",
+        "summary": f"FP16 is unavailable in {engine} for this model ({reason}); on the trainer side {'; '.join(evidence) or 'FP16 was not measured'}. "
+        "Keep BF16 and correct the mismatch with importance sampling.",
+        "actions": CORRECTION_ACTIONS,
     }

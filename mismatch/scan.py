@@ -6,16 +6,15 @@ import contextlib
 from typing import Callable, Protocol
 
 import numpy as np
-from transformers import AutoTokenizer
 
 from mismatch import runs
-from mismatch.config import DEFAULT_NUM_PROMPTS, ScanConfig
+from mismatch.config import DEFAULT_NUM_PROMPTS, REFERENCE_DTYPE, ScanConfig
 from mismatch.diagnose.probes import ActivationPeak
-from mismatch.engines import Rollout, start_engine
-from mismatch.errors import PromptError, ResumeError
+from mismatch.engines import Rollout, refused_dtypes, start_engine
+from mismatch.errors import EngineError, PromptError, ResumeError
 from mismatch.gate import evaluate
 from mismatch.metrics import pair_table
-from mismatch.models import resolve_model
+from mismatch.models import available_memory, fp32_footprint, load_tokenizer, resolve_model
 from mismatch.prompts import arithmetic_prompts, encode_prompts, load_prompts
 from mismatch.recommend import recommend
 from mismatch.report import write_report
@@ -33,7 +32,7 @@ class _Silent:
         return lambda n: None
 
 
-RESUME_KEYS = ("model", "engine", "dtypes", "sampling", "prompts", "num_prompts", "samples", "chat_template", "max_model_len")
+RESUME_KEYS = ("model", "engine", "sampling", "prompts", "num_prompts", "samples", "chat_template", "max_model_len")
 
 
 def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool = False, force: bool = False) -> dict:
@@ -58,29 +57,42 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
         else:
             prompts = arithmetic_prompts(config.num_prompts or DEFAULT_NUM_PROMPTS, seed=config.sampling.seed)
         model_path = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+        tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
         prompt_ids = encode_prompts(tokenizer, prompts, chat_template=config.chat_template)
         prompt_ids, summary["skipped_prompts"] = fit_context(prompt_ids, context_length(model_path, config), config.sampling.max_tokens, config.strict)
         summary["config"]["model_path"] = str(model_path)
 
-    rollouts: dict[str, list[Rollout]] = {d: r for d, r in saved.items() if d in config.dtypes}
-    for dtype in config.dtypes:
+    rollouts: dict[str, list[Rollout]] = {d: r for d, r in saved.items() if d in [*config.dtypes, REFERENCE_DTYPE]}
+    with stage("check_dtypes"):
+        probe = semantic_probe_plan(config, model_path, len(prompt_ids))
+        asked = [d for d in dict.fromkeys([*config.dtypes, *([REFERENCE_DTYPE] if probe["prompts"] else [])]) if d not in rollouts]
+        summary["refused_dtypes"] = refused_dtypes(config.engine, model_path, asked, config.trust_remote_code)
+        accepted = [d for d in config.dtypes if d not in summary["refused_dtypes"]]
+        if not accepted:
+            raise EngineError(f"{config.engine} refuses every requested dtype for this model: " + "; ".join(f"{d}: {r}" for d, r in summary["refused_dtypes"].items()))
+        if REFERENCE_DTYPE in summary["refused_dtypes"]:
+            probe = {"prompts": 0, "skipped": f"the engine refuses fp32 ({summary['refused_dtypes'][REFERENCE_DTYPE]})"}
+        summary["semantic_probe"] = probe
+    requests = [(d, prompt_ids, config.samples) for d in accepted]
+    if probe["prompts"] and REFERENCE_DTYPE not in accepted:  # FP32 engine on a few prompts: the probe
+        requests.append((REFERENCE_DTYPE, prompt_ids[: probe["prompts"]], 1))
+    for dtype, prompts_for, samples in requests:
         if dtype in rollouts:
             summary["finished"].append(f"generate_{dtype} (resumed)")
             continue
         with stage(f"engine_start_{dtype}"):
             engine = start_engine(config.engine, model_path, dtype, trust_remote_code=config.trust_remote_code, **_vllm_options(config))
         with stage(f"generate_{dtype}"):
-            advance = progress.stage(f"generate {config.engine} {dtype}", len(prompt_ids) * config.samples)
+            advance = progress.stage(f"generate {config.engine} {dtype}", len(prompts_for) * samples)
             try:
-                rollouts[dtype] = engine.generate(prompt_ids, config.samples, config.sampling, advance)
+                rollouts[dtype] = engine.generate(prompts_for, samples, config.sampling, advance)
             finally:
                 engine.close()
             runs.write_parquet(out / runs.ROLLOUTS, runs.rollouts_frame(rollouts, tokenizer, config.samples))
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
-    pairs = config.pairs()
+    pairs = scan_pairs(config, accepted, list(summary["refused_dtypes"]), REFERENCE_DTYPE in rollouts)
     for trainer_dtype in dict.fromkeys(t for _, t in pairs):
         with stage(f"rescore_{trainer_dtype}"):
             model = load_trainer(model_path, trainer_dtype, trust_remote_code=config.trust_remote_code)
@@ -102,13 +114,36 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
         pairs_list = table.to_dict("records")
         runs.write_parquet(out / runs.TOKENS, tokens)
         runs.write_csv(out / runs.METRICS_CSV, table)
-        summary |= {"pairs": pairs_list, "recommendation": recommend(pairs_list, summary.get("fp16_headroom"))}
+        summary |= {"pairs": pairs_list, "recommendation": recommend(pairs_list, summary.get("fp16_headroom"), summary["refused_dtypes"], summary["semantic_probe"], config.engine)}
         if config.fail_on:
             summary["gate"] = evaluate(config.conditions(), pairs_list)
     log.finish()  # the report reads the complete run folder
     with stage("report"):
         write_report(out)
     return summary
+
+
+def scan_pairs(config: ScanConfig, accepted: list[str], refused: list[str], reference_generated: bool) -> list[tuple[str, str]]:
+    """The configured pairs of the dtypes the engine accepted; each refused dtype on the trainer side
+    of every accepted one (its headroom and gap are the only FP16 evidence left); and the semantic
+    probe, FP32 engine against FP32 trainer, when it ran."""
+    pairs = [(e, t) for e, t in config.pairs() if e in accepted]
+    pairs += [(e, t) for e in accepted for t in refused if t != REFERENCE_DTYPE]
+    if reference_generated:
+        pairs.append((REFERENCE_DTYPE, REFERENCE_DTYPE))
+    return list(dict.fromkeys(pairs))
+
+
+def semantic_probe_plan(config: ScanConfig, model_path, n_prompts: int) -> dict:
+    """How many prompts the FP32-engine-against-FP32-trainer probe scores, or why it is skipped."""
+    if REFERENCE_DTYPE in config.dtypes:
+        return {"prompts": n_prompts, "note": "the fp32 engine dtype is scanned in full"}
+    if config.semantic_probe == 0:
+        return {"prompts": 0, "skipped": "--semantic-probe 0"}
+    need, available = fp32_footprint(model_path), available_memory()
+    if need > 0.8 * available:
+        return {"prompts": 0, "skipped": f"an FP32 copy of the model needs {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"}
+    return {"prompts": min(config.semantic_probe, n_prompts)}
 
 
 def context_length(model_path, config: ScanConfig) -> int | None:

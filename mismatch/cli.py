@@ -118,13 +118,13 @@ def scan(
     if skipped := summary["skipped_prompts"]:
         errors.print(f"skipped {len(skipped)} prompt(s) that do not fit the context with --max-tokens {max_tokens} (--strict to fail instead)")
     for dtype, reason in summary["refused_dtypes"].items():
-        errors.print(f"notice: {config.engine} refuses {dtype} for this model ({reason}); {dtype} was measured on the trainer side only", highlight=False)
+        errors.print(f"notice: {config.engine} refuses {dtype} for this model ({reason}); {dtype} was measured on the trainer side only", highlight=False, soft_wrap=True)
     if headroom := summary.get("fp16_headroom"):
         console.print(f"FP16 headroom: {headroom_text(headroom)}", highlight=False)
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
     console.print(f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, summary.json)")
     for condition in summary.get("gate", {}).get("not_measured", []):
-        errors.print(f"notice: {condition}", highlight=False)
+        errors.print(f"notice: {condition}", highlight=False, soft_wrap=True)
     if failed := summary.get("gate", {}).get("failed"):
         for condition in failed:
             errors.print(f"[bold red]gate failed:[/] {condition}", highlight=False)

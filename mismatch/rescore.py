@@ -159,8 +159,10 @@ def check_output_path(model, dtype: str) -> None:
     with compute_context(dtype, device):
         theirs = model(input_ids=ids, use_cache=False).logits[0].float()
         ours = output_logits(model, model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]).float()
-    if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max())):
-        gap = float((ours - theirs).abs().max())
+    finite = torch.isfinite(theirs)  # an FP16 model may overflow here; the scan counts that later
+    scale = float(theirs[finite].abs().max()) if finite.any() else 0.0
+    if not torch.equal(finite, torch.isfinite(ours)) or not torch.allclose(ours[finite], theirs[finite], rtol=1e-3, atol=1e-3 * scale):
+        gap = float((ours[finite] - theirs[finite]).abs().max()) if finite.any() else float("nan")
         raise ModelError(f"{type(model).__name__}: mismatch cannot reproduce this architecture's logits from its decoder output (max |Δ| {gap:.3g}); it is not supported yet")
 
 

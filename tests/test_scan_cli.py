@@ -38,10 +38,11 @@ def test_token_frame_contract(run):
     assert TOKEN_COLUMNS <= set(tokens.columns)
     assert tokens["logp_engine"].dtype == np.float64 and tokens["logp_trainer"].dtype == np.float64
     pairs = set(map(tuple, tokens[["engine_dtype", "trainer_dtype"]].drop_duplicates().to_numpy()))
-    assert pairs == {("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32")}
+    assert pairs == {("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("fp32", "fp32")}  # the last: the semantic probe
     for (_, _, seq), group in tokens.groupby(["engine_dtype", "trainer_dtype", "seq_id"]):
         assert group["position"].tolist() == list(range(len(group))) == list(range(group["response_len"].iloc[0]))
-    assert tokens.groupby(["engine_dtype", "trainer_dtype"])["seq_id"].nunique().eq(8).all()
+    seqs = tokens.groupby(["engine_dtype", "trainer_dtype"])["seq_id"].nunique()
+    assert seqs.drop(("fp32", "fp32")).eq(8).all() and seqs["fp32", "fp32"] == 4  # the probe: 4 prompts by default
 
 
 def test_same_tokens_rescored_for_every_trainer_dtype(run):
@@ -50,7 +51,8 @@ def test_same_tokens_rescored_for_every_trainer_dtype(run):
     for engine_dtype, group in tokens.groupby("engine_dtype"):
         ids = [g["token_id"].tolist() for _, g in group.groupby("trainer_dtype")]
         engine = [g["logp_engine"].tolist() for _, g in group.groupby("trainer_dtype")]
-        assert ids[0] == ids[1] and engine[0] == engine[1]
+        assert len(ids) == (1 if engine_dtype == "fp32" else 2)  # fp32: the semantic probe, scored by the fp32 trainer only
+        assert all(x == ids[0] for x in ids) and all(x == engine[0] for x in engine)
 
 
 def test_every_summary_number_recomputes_from_tokens(run):
@@ -90,7 +92,7 @@ def test_all_pairs(tiny_model, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [(p["engine_dtype"], p["trainer_dtype"]) for p in summary["pairs"]] == [
         (e, t) for e in ("bf16", "fp16") for t in ("bf16", "fp16", "fp32")
-    ]
+    ] + [("fp32", "fp32")]  # the semantic probe
 
 
 def test_prompt_file_and_samples(tiny_model, tmp_path):
@@ -100,6 +102,7 @@ def test_prompt_file_and_samples(tiny_model, tmp_path):
     result = scan("--model", tiny_model, "--engine", "hf", "--dtypes", "fp16", "--prompts", prompts, "--samples", 3, "--max-tokens", 4, "--out", out)
     assert result.exit_code == 0, result.output
     rollouts = pd.read_parquet(out / "rollouts.parquet")
+    rollouts = rollouts[rollouts.engine_dtype == "fp16"]  # the fp32 rows are the semantic probe's
     assert len(rollouts) == 6 and sorted(rollouts["seq_id"]) == list(range(6))
     assert rollouts["prompt"].iloc[0].startswith("<|im_start|>user\nWhat is 1 + 1?")
 

@@ -78,7 +78,7 @@ def test_top_p_tokens_outside_the_trainer_nucleus_are_not_overflow(tiny_model, t
         assert pair["n_tokens"] + pair["n_outside_nucleus"] == len(group)
         assert 0.6 <= pair["mean_kept_mass"] < 1 and pair["nucleus_log_bias"] > 0
     assert summary["recommendation"]["verdict"] != "fp16_unsafe"
-    assert "outside the trainer's nucleus" in (tmp_path / "report.html").read_text()
+    assert "sampled outside the trainer&#39;s nucleus" in (tmp_path / "report.html").read_text()
 
 
 def test_hf_engine_samples_with_exactly_the_trainers_processors(tiny_model, tmp_path):
@@ -86,7 +86,7 @@ def test_hf_engine_samples_with_exactly_the_trainers_processors(tiny_model, tmp_
     folder = tmp_path / "opinionated"
     load_trainer(tiny_model, "fp32").save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
-    GenerationConfig(repetition_penalty=1.5, top_k=3, min_p=0.3, eos_token_id=2, pad_token_id=0).save_pretrained(folder)
+    GenerationConfig(do_sample=True, repetition_penalty=1.5, top_k=3, min_p=0.3, eos_token_id=2, pad_token_id=0).save_pretrained(folder)
     engine = start_engine("hf", folder, "fp32")
     rollouts = engine.generate([[5, 6, 7], [8, 9, 10, 11]], 2, Sampling(temperature=1.0, max_tokens=16, seed=1))
     engine.close()

@@ -20,15 +20,14 @@ CORRECTION_ACTIONS = [
     "add token-level truncated importance sampling, weight min(π/μ, C) with C = 2, to the policy loss",
 ]
 
-
-def _pair(pairs: list[dict], engine: str, trainer: str) -> dict | None:
-    return next((p for p in pairs if p["engine_dtype"] == engine and p["trainer_dtype"] == trainer), None)
-
-
 SEMANTIC_ACTIONS = [
     "find the difference before changing precision: attention implementation, logit scaling or softcap, RoPE or sliding window, tokenizer / chat template, model code version",
     "re-run `mismatch scan` once engine and trainer agree in FP32",
 ]
+
+
+def _pair(pairs: list[dict], engine: str, trainer: str) -> dict | None:
+    return next((p for p in pairs if p["engine_dtype"] == engine and p["trainer_dtype"] == trainer), None)
 
 
 def recommend(

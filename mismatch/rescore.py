@@ -14,7 +14,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from mismatch.engines.base import Rollout
 from mismatch.errors import ModelError
@@ -71,6 +70,20 @@ class TokenScores:
     entropy: torch.Tensor | None = None  # of each position's (nucleus) distribution, when asked
 
 
+class _DecoderOutput:
+    """What a causal LM's forward reads from its decoder: the given hidden states, and None for
+    any other field it passes along (past_key_values, router_logits, cross_attentions …)."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.last_hidden_state = hidden
+
+    def __getattr__(self, name):
+        return None
+
+    def __getitem__(self, index):
+        return (self.last_hidden_state,)[index]
+
+
 class _GivenHidden(torch.nn.Module):
     """Stands in for a model's decoder and returns hidden states already computed, so that the
     model's own forward runs just its output path on them."""
@@ -80,7 +93,7 @@ class _GivenHidden(torch.nn.Module):
         self.hidden = hidden
 
     def forward(self, *args, **kwargs):
-        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+        return _DecoderOutput(self.hidden)
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,9 @@ import pandas as pd
 from mismatch.engines.base import Rollout, seq_id
 from mismatch.errors import OutputExists, RunFolderError
 
-FORMAT_VERSION = 1  # bump when a file's name or schema changes; readers refuse other versions
+FORMAT_VERSION = 2  # bump when a file's name or schema changes; readers refuse other versions
+# 1: mismatch 0.1 (no format_version field). 2: tokens.parquet gains logp_trainer_full and
+# log_kept_mass; summary.json gains refused_dtypes, semantic_probe and the nucleus metrics.
 KINDS = ("scan", "train", "compare")
 
 SUMMARY = "summary.json"
@@ -198,14 +200,14 @@ def read_summary(path: Path, kinds: tuple[str, ...] = KINDS) -> dict:
         summary = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RunFolderError(f"{file} is not valid JSON ({exc}); the run folder is damaged") from None
-    found = summary.get("format_version", FORMAT_VERSION)  # 0.1 folders predate the field; same layout
+    found = summary.get("format_version", 1)  # mismatch 0.1 wrote no format_version
     if found != FORMAT_VERSION:
         raise RunFolderError(f"{path} was written in run-folder format {found}; this mismatch reads format {FORMAT_VERSION}: use the mismatch version that wrote it")
-    kind = summary.get("kind", "scan")
+    kind = summary.get("kind")
     if kind not in kinds:
         wanted = " or ".join(kinds)
         raise RunFolderError(f"{path} holds a {kind!r} run" + ("" if kind in KINDS else " (unknown kind)") + f"; expected a {wanted} run folder")
-    return summary | {"kind": kind}
+    return summary
 
 
 def folder_kind(path: Path) -> str:

@@ -77,7 +77,7 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
     if probe["prompts"] and REFERENCE_DTYPE not in accepted:  # FP32 engine on a few prompts: the probe
         requests.append((REFERENCE_DTYPE, prompt_ids[: probe["prompts"]], 1))
     for dtype, prompts_for, samples in requests:
-        if dtype in rollouts:
+        if len(rollouts.get(dtype, [])) == len(prompts_for) * samples:  # saved by the run being resumed
             summary["finished"].append(f"generate_{dtype} (resumed)")
             continue
         with stage(f"engine_start_{dtype}"):

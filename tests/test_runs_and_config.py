@@ -24,7 +24,7 @@ def summary_folder(tmp_path: Path, **fields) -> Path:
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"format_version": 99}, "was written in run-folder format 99; this mismatch reads format 1"),
+        ({"format_version": 99}, f"was written in run-folder format 99; this mismatch reads format {runs.FORMAT_VERSION}"),
         ({"kind": "telemetry"}, "holds a 'telemetry' run (unknown kind); expected a scan run folder"),
         ({"kind": "train"}, "holds a 'train' run; expected a scan run folder"),
     ],
@@ -36,8 +36,15 @@ def test_reader_names_an_unknown_version_or_kind_in_one_line(fields, message, tm
 
 
 def test_report_on_an_unknown_format_is_one_line_and_exit_2(tmp_path):
-    result = runner.invoke(app, ["report", str(summary_folder(tmp_path, format_version=2))])
-    assert result.exit_code == 2 and "run-folder format 2" in result.output and "Traceback" not in result.output
+    newer = runs.FORMAT_VERSION + 1
+    result = runner.invoke(app, ["report", str(summary_folder(tmp_path, format_version=newer))])
+    assert result.exit_code == 2 and f"run-folder format {newer}" in result.output and "Traceback" not in result.output
+
+
+def test_a_folder_written_by_mismatch_0_1_is_refused_by_its_format(tmp_path):
+    runs.write_json(tmp_path / runs.SUMMARY, {"complete": True, "config": {}})  # 0.1: no format_version, no kind
+    with pytest.raises(RunFolderError, match="run-folder format 1;"):
+        runs.load_scan(tmp_path)
 
 
 def test_every_error_the_user_sees_has_one_root():

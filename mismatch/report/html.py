@@ -53,6 +53,8 @@ def render_report(run: ScanRun) -> str:
         gate=run.summary.get("gate"),
         settings=settings_for(recommendation["verdict"]),
         pairs=run.pairs,
+        probe=run.summary.get("semantic_probe"),
+        probe_only="fp32" not in run.summary["config"]["dtypes"] and bool(run.summary.get("semantic_probe", {}).get("prompts")),
         metric_notes=METRIC_NOTES,
         n_boot=BOOTSTRAP_DRAWS,
         figures=figures(run),

@@ -39,14 +39,9 @@ def refused_dtypes(name: str, model: Path, dtypes: list[str], trust_remote_code:
     transformers runs every dtype."""
     if name != "vllm":
         return {}
-    from concurrent.futures import ProcessPoolExecutor
+    from mismatch.engines.isolated import refused_dtypes as in_child
 
-    import torch.multiprocessing as mp
-
-    from mismatch.engines.vllm_engine import refused_dtypes as vllm_refused
-
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(vllm_refused, model, dtypes, trust_remote_code).result()
+    return in_child(model, dtypes, trust_remote_code)
 
 
 def default_engine() -> str:

@@ -80,6 +80,21 @@ class IsolatedEngine:
         self._pipe.close()
 
 
+def refused_dtypes(model: Path, dtypes: list[str], trust_remote_code: bool) -> dict[str, str]:
+    """`vllm_engine.refused_dtypes`, run in a child process: importing vLLM stays out of this one."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(_refused_in_child, model, dtypes, trust_remote_code).result()
+
+
+def _refused_in_child(model: Path, dtypes: list[str], trust_remote_code: bool) -> dict[str, str]:
+    from mismatch import quiet  # noqa: F401
+    from mismatch.engines.vllm_engine import refused_dtypes as vllm_refused
+
+    return vllm_refused(model, dtypes, trust_remote_code)
+
+
 def _serve(pipe, model: Path, dtype: str, options: dict) -> None:
     """The child: start the engine, then answer requests until `close`."""
     from mismatch import quiet  # noqa: F401 (the child's own terminal stays quiet too)

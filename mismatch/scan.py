@@ -8,14 +8,14 @@ from typing import Callable, Protocol
 import numpy as np
 
 from mismatch import runs
-from mismatch.config import DEFAULT_NUM_PROMPTS, REFERENCE_DTYPE, ScanConfig
+from mismatch.config import REFERENCE_DTYPE, ScanConfig
 from mismatch.diagnose.probes import ActivationPeak
 from mismatch.engines import Rollout, refused_dtypes, start_engine
-from mismatch.errors import EngineError, PromptError, ResumeError
+from mismatch.errors import EngineError, ResumeError
 from mismatch.gate import evaluate
 from mismatch.metrics import pair_table
-from mismatch.models import available_memory, fp32_footprint, load_tokenizer, resolve_model
-from mismatch.prompts import arithmetic_prompts, encode_prompts, load_prompts
+from mismatch.inputs import prepare_inputs
+from mismatch.models import available_memory, fp32_footprint
 from mismatch.recommend import recommend
 from mismatch.report import write_report
 from mismatch.rescore import load_trainer, rescore
@@ -52,15 +52,9 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
     summary, stage = log.summary, log.stage
 
     with stage("prepare"):
-        if config.prompts:
-            prompts = load_prompts(config.prompts)[: config.num_prompts]
-        else:
-            prompts = arithmetic_prompts(config.num_prompts or DEFAULT_NUM_PROMPTS, seed=config.sampling.seed)
-        model_path = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
-        tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
-        prompt_ids = encode_prompts(tokenizer, prompts, chat_template=config.chat_template)
-        prompt_ids, summary["skipped_prompts"] = fit_context(prompt_ids, context_length(model_path, config), config.sampling.max_tokens, config.strict)
-        summary["config"]["model_path"] = str(model_path)
+        inputs = prepare_inputs(config)
+        model_path, tokenizer, prompt_ids = inputs.model_path, inputs.tokenizer, inputs.prompt_ids
+        summary["skipped_prompts"], summary["config"]["model_path"] = inputs.skipped, str(model_path)
 
     rollouts: dict[str, list[Rollout]] = {d: r for d, r in saved.items() if d in [*config.dtypes, REFERENCE_DTYPE]}
     with stage("check_dtypes"):
@@ -81,7 +75,7 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
             summary["finished"].append(f"generate_{dtype} (resumed)")
             continue
         with stage(f"engine_start_{dtype}"):
-            engine = start_engine(config.engine, model_path, dtype, trust_remote_code=config.trust_remote_code, **_vllm_options(config))
+            engine = start_engine(config.engine, model_path, dtype, trust_remote_code=config.trust_remote_code, **config.vllm_options())
         with stage(f"generate_{dtype}"):
             advance = progress.stage(f"generate {config.engine} {dtype}", len(prompts_for) * samples)
             try:
@@ -146,30 +140,6 @@ def semantic_probe_plan(config: ScanConfig, model_path, n_prompts: int) -> dict:
     return {"prompts": min(config.semantic_probe, n_prompts)}
 
 
-def context_length(model_path, config: ScanConfig) -> int | None:
-    if config.max_model_len:
-        return config.max_model_len
-    from transformers import AutoConfig
-
-    return getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code), "max_position_embeddings", None)
-
-
-def fit_context(prompt_ids: list[list[int]], context: int | None, max_tokens: int, strict: bool) -> tuple[list[list[int]], list[int]]:
-    """Drop prompts that leave no room for `max_tokens` in the context; their indices are returned."""
-    if context is None:
-        return prompt_ids, []
-    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + max_tokens > context]
-    if too_long and (strict or len(too_long) == len(prompt_ids)):
-        raise PromptError(
-            f"{len(too_long)} of {len(prompt_ids)} prompt(s) do not fit the context ({context} tokens) with --max-tokens {max_tokens} "
-            f"(first: prompt {too_long[0]}, {len(prompt_ids[too_long[0]])} tokens); shorten them or lower --max-tokens"
-            + ("" if strict else "; nothing left to scan")
-        )
-    dropped = set(too_long)
-    kept = [ids for i, ids in enumerate(prompt_ids) if i not in dropped]
-    return kept, too_long
-
-
 def _resumable(config: ScanConfig) -> dict[str, list[Rollout]]:
     """The engine outputs saved by an earlier, unfinished run of the same scan."""
     if not (config.out / runs.SUMMARY).is_file():
@@ -180,14 +150,3 @@ def _resumable(config: ScanConfig) -> dict[str, list[Rollout]]:
     if changed:
         raise ResumeError(f"--resume: the saved run in {config.out} used other settings: {', '.join(changed)}")
     return runs.read_rollouts(config.out)
-
-
-def _vllm_options(config: ScanConfig) -> dict:
-    if config.engine != "vllm":
-        return {}
-    return {
-        "seed": config.sampling.seed,
-        "max_model_len": config.max_model_len,
-        "tensor_parallel_size": config.tensor_parallel_size,
-        "gpu_memory_utilization": config.gpu_memory_utilization,
-    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -18,6 +19,7 @@ class ActivationPeak:
 
     def __init__(self, model: torch.nn.Module):
         self.value, self.module = 0.0, None
+        self.peaks: dict[str, float] = {}  # per module
         self._handles = [module.register_forward_hook(self._hook(name, isinstance(module, torch.nn.Linear))) for name, module in model.named_modules() if name]
 
     def _hook(self, name: str, check_input: bool):
@@ -29,6 +31,7 @@ class ActivationPeak:
                 if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.numel():
                     peak = float(tensor.detach().abs().amax())
                     peak = math.inf if math.isnan(peak) else peak
+                    self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
                     if peak > self.value:
                         self.value, self.module = peak, name
 
@@ -46,3 +49,11 @@ class ActivationPeak:
         overflow = self.value >= FP16_MAX
         peak = None if math.isinf(self.value) else self.value
         return {"max_abs_activation": peak, "module": self.module, "limit": FP16_MAX, "fraction_of_limit": None if peak is None else peak / FP16_MAX, "overflow": overflow}
+
+    def per_layer(self) -> dict[int, float]:
+        """Largest |activation| inside each numbered decoder layer (`….layers.N.…`)."""
+        layers: dict[int, float] = {}
+        for name, peak in self.peaks.items():
+            if match := re.search(r"\.(?:layers|h|blocks)\.(\d+)(?:\.|$)", name):
+                layers[int(match[1])] = max(layers.get(int(match[1]), 0.0), peak)
+        return dict(sorted(layers.items()))

@@ -29,6 +29,16 @@ class Rollout:
     finish_reason: str  # "stop" (end-of-sequence token) or "length"
 
 
+@dataclass
+class Scored:
+    """The engine scoring a given sequence in prefill (its prompt log-probs), at temperature 1:
+    `logp[i]` is log p(response_ids[i]) and `topk[i]` the engine's k most likely (token id,
+    log-prob) at that position."""
+
+    logp: list[float]
+    topk: list[list[tuple[int, float]]]
+
+
 class Engine(Protocol):
     name: str
     dtype: str
@@ -39,6 +49,11 @@ class Engine(Protocol):
 
     def load_weights(self, state_dict: dict) -> None:
         """Replace the live engine's weights (HF names) in place: the RL loop's sync after a step."""
+        ...
+
+    def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:
+        """Prefill log-probs of each (prompt ids, response ids)'s response tokens: all sequences in
+        one shuffled batch, or each `alone` in a batch of its own (vLLM only)."""
         ...
 
     def close(self) -> None: ...

@@ -8,6 +8,7 @@ import torch
 from transformers import GenerationConfig
 
 from mismatch.engines.base import Progress, Rollout, Sampling, request_seed, requests
+from mismatch.errors import EngineError
 from mismatch.models import load_causal_lm
 from mismatch.precision import DTYPES, compute_context, default_device
 
@@ -70,6 +71,9 @@ class HFEngine:
             ids = ids[:end] if end else ids
             rollouts.append(Rollout(p, s, prompt, ids, logps[row, : len(ids)].tolist(), "stop" if end else "length"))
         return rollouts
+
+    def score(self, sequences, topk: int = 0, alone: bool = False):
+        raise EngineError("the hf engine has no separate prefill path to score: its prefill is the trainer's forward; use --engine vllm")
 
     @torch.no_grad()
     def load_weights(self, state_dict: dict) -> None:

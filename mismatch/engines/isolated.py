@@ -1,12 +1,12 @@
-"""The vLLM engine in a child process: neither library can break the other, and closing it returns all
-of its memory (RAM and GPU) before the trainer loads.
+"""The vLLM engine in a child process: neither library can break the other, and closing it returns
+all of its memory (RAM and GPU) before the trainer loads.
 
 Why: vLLM patches classes it touches in place (its Transformers backend decorates the HF model
 class with its torch.compile wrapper), after which transformers cannot build that model in the
 same process ("Current vLLM config is not set", seen with OLMo-2); and an in-process engine's
 memory is only returned as far as its own shutdown frees it. The child runs the real engine; this
-side forwards `generate`, `load_weights` and `close` over a pipe (tensors travel through shared
-memory), relays progress, and re-raises the child's user-facing errors as themselves.
+side forwards calls over a pipe (tensors travel through shared memory), relays progress, re-raises
+the child's user-facing errors as themselves, and notices a child that died.
 """
 
 from __future__ import annotations
@@ -17,50 +17,26 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from mismatch import errors
-from mismatch.engines.base import Progress, Rollout, Sampling
+from mismatch.engines.base import Progress, Rollout, Sampling, Scored
 
 
-class IsolatedEngine:
-    """The `Engine` protocol, served by a `VLLMEngine` in a spawned child process."""
+class _Child:
+    """A spawned process running `_serve`, and the calls to it."""
 
-    name = "vllm"
-
-    def __init__(self, model: Path, dtype: str, **options):
-        self.dtype = dtype
+    def __init__(self):
         context = mp.get_context("spawn")
         self._pipe, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, model, dtype, options), daemon=True)
+        self._process = context.Process(target=_serve, args=(child,), daemon=True)
         self._process.start()
         child.close()
-        try:
-            self._receive()  # started, or the reason it could not start
-        except BaseException:
-            self._stop()
-            raise
 
-    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
-        self._pipe.send(("generate", (prompts, samples, sampling)))
-        return self._receive(progress)
-
-    def load_weights(self, state_dict: dict) -> None:
-        self._pipe.send(("load_weights", ({name: tensor.detach().share_memory_() for name, tensor in state_dict.items()},)))
-        self._receive()
-
-    def close(self) -> None:
-        if self._process.is_alive():
-            try:
-                self._pipe.send(("close", ()))
-                self._receive()
-            except (EOFError, BrokenPipeError, OSError):
-                pass
-        self._stop()
-
-    def _receive(self, progress: Progress | None = None):
+    def call(self, command: str, *args, progress: Progress | None = None):
+        self._pipe.send((command, args))
         while True:
             try:
                 kind, payload = self._pipe.recv()
             except EOFError:
-                raise errors.EngineError(f"the {self.name} engine process ended unexpectedly (exit code {self._process.exitcode}); run again with --engine hf to compare") from None
+                raise errors.EngineError(f"the vllm engine process ended unexpectedly (exit code {self._process.exitcode}); run again with --engine hf to compare") from None
             if kind == "progress":
                 if progress:
                     progress(payload)
@@ -70,9 +46,14 @@ class IsolatedEngine:
                 error_class, message = payload
                 raise getattr(errors, error_class, errors.EngineError)(message)
             else:  # "crash": a bug, with the child's traceback
-                raise RuntimeError(f"the {self.name} engine process failed:\n{payload}")
+                raise RuntimeError(f"the vllm engine process failed:\n{payload}")
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
+        if self._process.is_alive():
+            try:
+                self.call("close")
+            except (errors.EngineError, BrokenPipeError, OSError):
+                pass
         self._process.join(timeout=60)
         if self._process.is_alive():
             self._process.kill()
@@ -80,40 +61,71 @@ class IsolatedEngine:
         self._pipe.close()
 
 
+class IsolatedEngine:
+    """The `Engine` protocol, served by a `VLLMEngine` in a spawned child process."""
+
+    name = "vllm"
+
+    def __init__(self, model: Path, dtype: str, **options):
+        self.dtype = dtype
+        self._child = _Child()
+        try:
+            self._child.call("start", model, dtype, options)
+        except BaseException:
+            self._child.stop()
+            raise
+
+    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
+        return self._child.call("generate", prompts, samples, sampling, progress=progress)
+
+    def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:
+        return self._child.call("score", sequences, topk, alone)
+
+    def load_weights(self, state_dict: dict) -> None:
+        self._child.call("load_weights", {name: tensor.detach().share_memory_() for name, tensor in state_dict.items()})
+
+    def close(self) -> None:
+        self._child.stop()
+
+
 def refused_dtypes(model: Path, dtypes: list[str], trust_remote_code: bool) -> dict[str, str]:
     """`vllm_engine.refused_dtypes`, run in a child process: importing vLLM stays out of this one."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(_refused_in_child, model, dtypes, trust_remote_code).result()
-
-
-def _refused_in_child(model: Path, dtypes: list[str], trust_remote_code: bool) -> dict[str, str]:
-    from mismatch import quiet  # noqa: F401
-    from mismatch.engines.vllm_engine import refused_dtypes as vllm_refused
-
-    return vllm_refused(model, dtypes, trust_remote_code)
+    child = _Child()
+    try:
+        return child.call("refused", model, dtypes, trust_remote_code)
+    finally:
+        child.stop()
 
 
-def _serve(pipe, model: Path, dtype: str, options: dict) -> None:
-    """The child: start the engine, then answer requests until `close`."""
+def _serve(pipe) -> None:
+    """The child: answer calls until `close` (or until the parent goes away)."""
     from mismatch import quiet  # noqa: F401 (the child's own terminal stays quiet too)
-    from mismatch.engines.vllm_engine import VLLMEngine
+    from mismatch.engines import vllm_engine
 
     engine = None
     try:
-        engine = VLLMEngine(model, dtype, **options)
-        pipe.send(("result", None))
         while True:
-            command, args = pipe.recv()
-            if command == "generate":
+            try:
+                command, args = pipe.recv()
+            except EOFError:
+                return
+            if command == "start":
+                model, dtype, options = args
+                engine = vllm_engine.VLLMEngine(model, dtype, **options)
+                pipe.send(("result", None))
+            elif command == "refused":
+                pipe.send(("result", vllm_engine.refused_dtypes(*args)))
+            elif command == "generate":
                 pipe.send(("result", engine.generate(*args, progress=lambda n: pipe.send(("progress", n)))))
+            elif command == "score":
+                pipe.send(("result", engine.score(*args)))
             elif command == "load_weights":
                 engine.load_weights(*args)
                 pipe.send(("result", None))
             elif command == "close":
-                engine.close()
-                engine = None
+                if engine is not None:
+                    engine.close()
+                    engine = None
                 pipe.send(("result", None))
                 return
     except errors.MismatchError as exc:

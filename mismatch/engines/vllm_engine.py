@@ -7,9 +7,10 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from mismatch.engines.base import Progress, Rollout, Sampling, request_seed, requests
+from mismatch.engines.base import Progress, Rollout, Sampling, Scored, request_seed, requests
 from mismatch.errors import EngineError
 from mismatch.precision import VLLM_DTYPE_NAMES
 
@@ -90,6 +91,28 @@ class VLLMEngine:
             if progress:
                 progress(len(chunk))
         return rollouts
+
+    def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:
+        from vllm import SamplingParams
+
+        # prompt_logprobs skip the sampling processors (vLLM scores prompts raw): temperature 1
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=topk)
+        requests = [{"prompt_token_ids": list(p) + list(r)} for p, r in sequences]
+        if alone:
+            outputs = [self.llm.generate([request], params, use_tqdm=False)[0] for request in requests]
+        else:  # one batch, in an order unrelated to the sequences' own
+            order = np.random.default_rng(len(requests)).permutation(len(requests))
+            shuffled = self.llm.generate([requests[i] for i in order], params, use_tqdm=False)
+            outputs = [None] * len(requests)
+            for i, out in zip(order, shuffled):
+                outputs[i] = out
+        scored = []
+        for (prompt, response), out in zip(sequences, outputs):
+            steps = out.prompt_logprobs[len(prompt) :]
+            logp = [step[token].logprob for step, token in zip(steps, response)]
+            top = [sorted(((t, lp.logprob) for t, lp in step.items() if lp.rank <= topk), key=lambda x: -x[1])[:topk] for step in steps] if topk else []
+            scored.append(Scored(logp, top))
+        return scored
 
     def load_weights(self, state_dict: dict) -> None:
         # `reload_weights` runs vLLM's own loader (and its CPU GEMM repacking) on HF-named tensors;

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mismatch import quiet  # first: it sets switches read when torch and tqdm load
-from mismatch.config import ScanConfig, TrainConfig, pairs_mode
+from mismatch.config import DiagnoseConfig, ScanConfig, TrainConfig, pairs_mode
 from mismatch.engines import Sampling, default_engine
 from mismatch.errors import ConfigError, MismatchError
 from mismatch.models import DEFAULT_MODEL
@@ -34,6 +34,13 @@ Temperature = Annotated[float, typer.Option(help="Sampling temperature (> 0).")]
 MaxTokens = Annotated[int, typer.Option(help="Maximum new tokens per response.")]
 Seed = Annotated[int, typer.Option(help="Seed for prompts, data order, sampling and bootstrap.")]
 Out = Annotated[Optional[Path], typer.Option(help="Output folder (default reports/<name>-<timestamp>/).")]
+Dtypes = Annotated[str, typer.Option(help="Engine dtypes, comma-separated (bf16, fp16, fp32).")]
+NumPrompts = Annotated[Optional[int], typer.Option(help="Number of prompts (built-in set: 64; a file: all).")]
+Samples = Annotated[int, typer.Option(help="Samples per prompt.")]
+ChatTemplate = Annotated[bool, typer.Option(help="Apply the tokenizer's chat template when it has one.")]
+MaxModelLen = Annotated[Optional[int], typer.Option(help="vLLM max_model_len.")]
+MemoryShare = Annotated[Optional[float], typer.Option(help="vLLM gpu_memory_utilization (default 0.85 on GPU; on CPU a share of RAM for the KV cache instead of the default fixed 1 GiB).")]
+TrustRemoteCode = Annotated[bool, typer.Option(help="Allow model code from the model folder / hub.")]
 Force = Annotated[bool, typer.Option(help="Write into a non-empty output folder.")]
 
 
@@ -63,20 +70,20 @@ def main(ctx: typer.Context) -> None:
 def scan(
     model: Model = DEFAULT_MODEL,
     engine: Engine = None,
-    dtypes: Annotated[str, typer.Option(help="Engine dtypes, comma-separated (bf16, fp16, fp32).")] = "bf16,fp16",
+    dtypes: Dtypes = "bf16,fp16",
     pairs: Annotated[str, typer.Option(help="default: each engine dtype vs itself and fp32; all: every engine x trainer dtype.")] = "default",
     prompts: PromptFile = None,
-    num_prompts: Annotated[Optional[int], typer.Option(help="Number of prompts (built-in set: 64; a file: all).")] = None,
-    samples: Annotated[int, typer.Option(help="Samples per prompt.")] = 1,
-    chat_template: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template when it has one.")] = True,
+    num_prompts: NumPrompts = None,
+    samples: Samples = 1,
+    chat_template: ChatTemplate = True,
     temperature: Temperature = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold in (0, 1]; the trainer applies the same.")] = 1.0,
     max_tokens: MaxTokens = 128,
     seed: Seed = 0,
-    max_model_len: Annotated[Optional[int], typer.Option(help="vLLM max_model_len.")] = None,
+    max_model_len: MaxModelLen = None,
     tensor_parallel_size: Annotated[int, typer.Option(help="vLLM tensor_parallel_size.")] = 1,
-    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="vLLM gpu_memory_utilization (default 0.85 on GPU; on CPU a share of RAM for the KV cache instead of the default fixed 1 GiB).")] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the model folder / hub.")] = False,
+    gpu_memory_utilization: MemoryShare = None,
+    trust_remote_code: TrustRemoteCode = False,
     out: Out = None,
     force: Force = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out from its saved engine outputs.")] = False,
@@ -129,6 +136,55 @@ def scan(
         for condition in failed:
             errors.print(f"[bold red]gate failed:[/] {condition}", highlight=False)
         raise typer.Exit(1)
+
+
+@command
+def diagnose(
+    model: Model = DEFAULT_MODEL,
+    dtypes: Dtypes = "bf16,fp16",
+    prompts: PromptFile = None,
+    num_prompts: NumPrompts = None,
+    samples: Samples = 1,
+    chat_template: ChatTemplate = True,
+    max_tokens: MaxTokens = 128,
+    seed: Seed = 0,
+    max_model_len: MaxModelLen = None,
+    gpu_memory_utilization: MemoryShare = None,
+    trust_remote_code: TrustRemoteCode = False,
+    from_run: Annotated[Optional[Path], typer.Option("--from", help="Reuse the rollouts of this scan run folder (its model, prompts and sampling) instead of generating.")] = None,
+    topk: Annotated[int, typer.Option(help="The engine's top-k log-probs compared with the trainer's distribution.")] = 20,
+    layer_sequences: Annotated[int, typer.Option(help="Sequences whose hidden states are compared with FP32 layer by layer.")] = 8,
+    out: Out = None,
+    force: Force = False,
+) -> None:
+    """Where the gap comes from: semantic, engine decode path and batching, trainer batching, precision per side, per layer."""
+    settings = dict(model=model, dtypes=dtypes, prompts=prompts, num_prompts=num_prompts, samples=samples, chat_template=chat_template, max_tokens=max_tokens, seed=seed)
+    if from_run:  # the scan's own settings, so that the rollouts are what they claim to be
+        from mismatch.runs import read_summary
+
+        scanned = read_summary(from_run, ("scan",))["config"]
+        settings = {k: scanned[k] for k in ("model", "dtypes", "num_prompts", "samples", "chat_template")} | {k: scanned["sampling"][k] for k in ("max_tokens", "seed")}
+        settings["prompts"] = scanned["prompts"] and Path(scanned["prompts"])
+    config = DiagnoseConfig(
+        engine="vllm",
+        out=out or default_run_dir(f"diagnose-{settings['model']}"),
+        sampling=Sampling(max_tokens=settings.pop("max_tokens"), seed=settings.pop("seed")),
+        max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization,
+        trust_remote_code=trust_remote_code,
+        semantic_probe=0,  # diagnose measures the semantic component on every sequence
+        from_run=from_run,
+        topk=topk,
+        layer_sequences=layer_sequences,
+        **settings,
+    )
+    from mismatch.diagnose.run import run_diagnose
+
+    with RichProgress() as progress:
+        summary = run_diagnose(config, progress, force=force)
+    console.print(diagnosis_table_view(summary["diagnosis"]["components"]))
+    console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
+    console.print(f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, topk.parquet, summary.json)")
 
 
 @command
@@ -247,6 +303,16 @@ def pair_table_view(pairs: list[dict]) -> Table:
             _fmt(p["seq_kl"], ".1e"),
             _fmt(p["seq_slope_per_1k"], ".1e"),
         )
+    return table
+
+
+def diagnosis_table_view(components: list[dict]) -> Table:
+    table = Table(title="Where the gap comes from: k3 between two scorings of the same tokens")
+    for column in ("engine dtype", "component", "k3", "k3 95% CI", "mean|Δ log p|", "max|Δ log p|", "tokens"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for c in components:
+        ci = f"{_fmt(c['k3_ci_low'], '.1e')}–{_fmt(c['k3_ci_high'], '.1e')}"
+        table.add_row(c["engine_dtype"], c["name"], _fmt(c["k3"]), ci, _fmt(c["mean_abs_dlogp"], ".1e"), _fmt(c["max_abs_dlogp"], ".1e"), str(c["n_tokens"]))
     return table
 
 

@@ -101,8 +101,7 @@ class ScanConfig:
         }
 
     def to_json(self) -> dict:
-        data = asdict(self)
-        data["out"], data["prompts"] = str(self.out), self.prompts and str(self.prompts)
+        data = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
         data["pairs"] = [list(p) for p in self.pairs()]
         return data
 

@@ -8,6 +8,8 @@ what settings and library versions. Reports and `compare` read folders through t
     train    summary.json  metrics.csv  metrics.parquet  tokens.parquet  checkpoint-*/  (report.html)
              `--compare`: one such folder per dtype under the root, and the root's report.html
     compare  summary.json  compare.html  compare.md
+    diagnose summary.json  rollouts.parquet  tokens.parquet (one column per scoring)  topk.parquet
+             report.html  summary.md
 
 Each file is written to a temporary name and renamed into place, so none is ever half-written.
 """
@@ -35,7 +37,7 @@ from mismatch.errors import OutputExists, RunFolderError
 FORMAT_VERSION = 2  # bump when a file's name or schema changes; readers refuse other versions
 # 1: mismatch 0.1 (no format_version field). 2: tokens.parquet gains logp_trainer_full and
 # log_kept_mass; summary.json gains refused_dtypes, semantic_probe and the nucleus metrics.
-KINDS = ("scan", "train", "compare")
+KINDS = ("scan", "train", "compare", "diagnose")
 
 SUMMARY = "summary.json"
 ROLLOUTS = "rollouts.parquet"
@@ -46,6 +48,7 @@ REPORT_HTML = "report.html"
 SUMMARY_MD = "summary.md"
 COMPARE_HTML = "compare.html"
 COMPARE_MD = "compare.md"
+TOPK = "topk.parquet"  # diagnose: the engine's top-k at each sampled position, with the trainer's log-probs
 
 # tokens.parquet of a scan: one row per (sequence, response position, engine dtype, trainer dtype)
 TOKEN_COLUMNS = (
@@ -58,6 +61,12 @@ TOKEN_COLUMNS = (
 ROLLOUT_COLUMNS = (
     "engine_dtype", "seq_id", "prompt_index", "sample_index", "prompt_ids", "response_ids",
     "logp_engine", "finish_reason", "prompt", "response",
+)  # fmt: skip
+# tokens.parquet of a diagnose run: every scoring of the same response tokens (diagnose.run.COMPONENTS)
+DIAGNOSE_TOKEN_COLUMNS = (
+    "engine_dtype", "seq_id", "prompt_index", "position", "token_id", "token",
+    "logp_engine_decode", "logp_engine_prefill", "logp_engine_alone", "logp_engine_fp32",
+    "logp_trainer", "logp_trainer_alone", "logp_trainer_fp32",
 )  # fmt: skip
 # tokens.parquet of a train run: μ and π_θ′ of every response token of every step
 TRAIN_TOKEN_COLUMNS = ("step", "seq_id", "logp_engine", "logp_trainer", "engine_dtype", "trainer_dtype")
@@ -304,6 +313,21 @@ def load_scan(path: Path) -> ScanRun:
     if not summary.get("complete") or not (path / TOKENS).is_file() or not (path / ROLLOUTS).is_file():
         raise RunFolderError(f"{path} holds an incomplete run (summary.json says complete: false); re-run the scan")
     return ScanRun(path, summary, pd.read_parquet(path / TOKENS), pd.read_parquet(path / ROLLOUTS, columns=["engine_dtype", "seq_id", "prompt"]))
+
+
+@dataclass
+class DiagnoseRun:
+    path: Path
+    summary: dict
+    tokens: pd.DataFrame  # DIAGNOSE_TOKEN_COLUMNS
+    topk: pd.DataFrame
+
+
+def load_diagnose(path: Path) -> DiagnoseRun:
+    summary = read_summary(path, ("diagnose",))
+    if not summary.get("complete") or not (path / TOKENS).is_file() or not (path / TOPK).is_file():
+        raise RunFolderError(f"{path} holds an incomplete diagnose run (summary.json says complete: false); run it again")
+    return DiagnoseRun(path, summary, pd.read_parquet(path / TOKENS), pd.read_parquet(path / TOPK))
 
 
 # --- train ------------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ def write_report(run_dir: Path) -> list[Path]:
         from mismatch.report.training import render_training
 
         return _write([(run_dir / runs.REPORT_HTML, render_training(runs.train_runs(run_dir)))])
+    if kind == "diagnose":
+        from mismatch.report.diagnosis import render_diagnosis, render_diagnosis_markdown
+
+        run = runs.load_diagnose(run_dir)
+        return _write([(run_dir / runs.REPORT_HTML, render_diagnosis(run)), (run_dir / runs.SUMMARY_MD, render_diagnosis_markdown(run))])
     if kind == "compare":
         config = runs.read_summary(run_dir, ("compare",))["config"]
         return write_compare(Path(config["before"]), Path(config["after"]), run_dir, force=True)

@@ -12,7 +12,7 @@ LIMIT = 60_000  # GitHub's comment body limit is 65,536 characters
 CELL = 160  # characters of context per worst-token cell
 
 
-def _num(value, spec: str = ".2e") -> str:
+def number(value, spec: str = ".2e") -> str:
     return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
 
 
@@ -45,10 +45,10 @@ def _render(run: ScanRun, worst: list[dict]) -> str:
     for p in run.pairs:
         tokens = f"{p['n_tokens']}" + (f" (+{p['n_nonfinite']} non-finite)" if p["n_nonfinite"] else "") + (f" (+{p['n_outside_nucleus']} outside nucleus)" if p["n_outside_nucleus"] else "")
         lines.append(
-            f"| {p['engine_dtype']} → {p['trainer_dtype']} | {tokens} | {_num(p['k3'])} [{_num(p['k3_ci_low'])}, {_num(p['k3_ci_high'])}] "
-            f"| {_num(p['k1'])} | {_num(p['mean_abs_dp'])} [{_num(p['mean_abs_dp_ci_low'])}, {_num(p['mean_abs_dp_ci_high'])}] "
-            f"| {_num(p['max_abs_dp'], '.4f')} | {_num(p['min_ratio'], '.4f')} / {_num(p['max_ratio'], '.4f')} | {_num(p['frac_outside_2'], '.4f')} "
-            f"| {_num(p['seq_kl'])} | {_num(p['seq_slope_per_1k'])} | {_num(p['log_ppl_diff'])} |"
+            f"| {p['engine_dtype']} → {p['trainer_dtype']} | {tokens} | {number(p['k3'])} [{number(p['k3_ci_low'])}, {number(p['k3_ci_high'])}] "
+            f"| {number(p['k1'])} | {number(p['mean_abs_dp'])} [{number(p['mean_abs_dp_ci_low'])}, {number(p['mean_abs_dp_ci_high'])}] "
+            f"| {number(p['max_abs_dp'], '.4f')} | {number(p['min_ratio'], '.4f')} / {number(p['max_ratio'], '.4f')} | {number(p['frac_outside_2'], '.4f')} "
+            f"| {number(p['seq_kl'])} | {number(p['seq_slope_per_1k'])} | {number(p['log_ppl_diff'])} |"
         )
     lines += ["", "ℓ = log π(trainer) − log μ(engine) over sampled response tokens; k3 = mean(e^ℓ − 1 − ℓ) estimates KL[μ‖π].", ""]
     lines += [" · ".join(f"{name}: {escape(value)}" for name, value in header_facts(run) if name != "tokens"), ""]
@@ -69,5 +69,5 @@ def render_compare_markdown(before: ScanRun, after: ScanRun) -> str:
     lines += ["| engine → trainer | metric | before | after | after / before |", "|---|---|--:|--:|--:|"]
     for row in side_by_side(before, after):
         ratio = "—" if row["ratio"] is None else f"{row['ratio']:.3g}×"
-        lines.append(f"| {row['pair']} | {row['metric']} | {_num(row['before'])} | {_num(row['after'])} | {ratio} |")
+        lines.append(f"| {row['pair']} | {row['metric']} | {number(row['before'])} | {number(row['after'])} | {ratio} |")
     return "\n".join(lines) + "\n"

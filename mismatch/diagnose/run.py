@@ -1,0 +1,270 @@
+"""`mismatch diagnose` as a library call: where the gap comes from, by controlled comparisons on
+the very same sampled tokens, each isolating one source.
+
+Every comparison is between two scorings of the same response tokens, stored side by side in
+tokens.parquet (one column per scoring), and summarised with the scan's metrics (the first
+column of a component plays μ, the second π):
+
+    total                     engine decode (μ, as sampled)   vs trainer, same dtype
+    semantic                  engine FP32 (prefill)           vs trainer FP32
+    engine_decode_vs_prefill  engine decode                   vs engine prefill, same dtype
+    engine_batch              engine prefill, each alone      vs engine prefill, one shuffled batch
+    trainer_batch             trainer, micro-batch 1          vs trainer, padded batch
+    engine_precision          engine FP32 (prefill)           vs engine prefill in the dtype
+    trainer_precision         trainer FP32                    vs trainer in the dtype
+
+Work that does not depend on the engine dtype (the FP32 engine and trainer) is done once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mismatch import runs
+from mismatch.config import REFERENCE_DTYPE, DiagnoseConfig
+from mismatch.diagnose.probes import FP16_MAX, ActivationPeak
+from mismatch.diagnose.trainer_views import layer_errors, layer_states, score_alone, topk_rows
+from mismatch.engines import Rollout, refused_dtypes, start_engine
+from mismatch.engines.base import seq_id
+from mismatch.errors import EngineError
+from mismatch.inputs import prepare_inputs
+from mismatch.metrics import pair_metrics
+from mismatch.rescore import load_trainer, rescore
+
+COMPONENTS = {  # name: (reference scoring, compared scoring)
+    "total": ("logp_engine_decode", "logp_trainer"),
+    "semantic": ("logp_engine_fp32", "logp_trainer_fp32"),
+    "engine_decode_vs_prefill": ("logp_engine_decode", "logp_engine_prefill"),
+    "engine_batch": ("logp_engine_alone", "logp_engine_prefill"),
+    "trainer_batch": ("logp_trainer_alone", "logp_trainer"),
+    "engine_precision": ("logp_engine_fp32", "logp_engine_prefill"),
+    "trainer_precision": ("logp_trainer_fp32", "logp_trainer"),
+}
+PRECISION_ONLY = ("engine_precision", "trainer_precision")  # identically 0 for the FP32 engine dtype
+
+
+def run_diagnose(config: DiagnoseConfig, progress=None, force: bool = False) -> dict:
+    """Diagnose into `config.out`; returns the summary (also written as summary.json)."""
+    stage_bar = progress.stage if progress else (lambda description, total: lambda n: None)
+    runs.check_output_dir(config.out, force)
+    log = runs.RunLog(config.out, "diagnose", config.to_json())
+    summary, stage = log.summary, log.stage
+
+    with stage("prepare"):
+        inputs = prepare_inputs(config)
+        summary["skipped_prompts"], summary["config"]["model_path"] = inputs.skipped, str(inputs.model_path)
+        saved = runs.read_rollouts(config.from_run) if config.from_run else {}
+        summary["refused_dtypes"] = refused_dtypes("vllm", inputs.model_path, list(dict.fromkeys([*config.dtypes, REFERENCE_DTYPE])), config.trust_remote_code)
+        dtypes = [d for d in config.dtypes if d not in summary["refused_dtypes"]]
+        if not dtypes or REFERENCE_DTYPE in summary["refused_dtypes"]:
+            raise EngineError("vllm refuses the dtypes diagnose needs for this model: " + "; ".join(f"{d}: {r}" for d, r in summary["refused_dtypes"].items()))
+
+    rollouts: dict[str, list[Rollout]] = {}
+    engine_side: dict[str, dict] = {}
+    for dtype in dtypes:  # one engine per dtype: sample (or reuse), then score the same sequences in prefill
+        with stage(f"engine_{dtype}"):
+            engine = start_engine("vllm", inputs.model_path, dtype, trust_remote_code=config.trust_remote_code, **config.vllm_options())
+            try:
+                if dtype in saved:
+                    rollouts[dtype] = saved[dtype]
+                else:
+                    advance = stage_bar(f"generate vllm {dtype}", len(inputs.prompt_ids) * config.samples)
+                    rollouts[dtype] = engine.generate(inputs.prompt_ids, config.samples, config.sampling, advance)
+                sequences = [(r.prompt_ids, r.response_ids) for r in rollouts[dtype]]
+                batched = engine.score(sequences, topk=config.topk)
+                alone = engine.score(sequences, alone=True)
+            finally:
+                engine.close()
+            engine_side[dtype] = {"prefill": batched, "alone": alone}
+    runs.write_parquet(config.out / runs.ROLLOUTS, runs.rollouts_frame(rollouts, inputs.tokenizer, config.samples))
+
+    with stage(f"engine_{REFERENCE_DTYPE}"):  # the FP32 engine scores every dtype's sequences once
+        everything = [(r.prompt_ids, r.response_ids) for d in dtypes for r in rollouts[d]]
+        engine = start_engine("vllm", inputs.model_path, REFERENCE_DTYPE, trust_remote_code=config.trust_remote_code, **config.vllm_options())
+        try:
+            fp32_scored = iter(engine.score(everything))
+        finally:
+            engine.close()
+        for dtype in dtypes:
+            engine_side[dtype]["fp32"] = [next(fp32_scored) for _ in rollouts[dtype]]
+
+    trainer_side, layers, topk_frames = _trainer_side(config, inputs, dtypes, rollouts, engine_side, stage, stage_bar)
+
+    with stage("metrics"):
+        tokens = _tokens_frame(rollouts, engine_side, trainer_side, inputs.tokenizer, config.samples)
+        topk = pd.concat(topk_frames, ignore_index=True)
+        runs.write_parquet(config.out / runs.TOKENS, tokens)
+        runs.write_parquet(config.out / runs.TOPK, topk)
+        components = component_table(tokens, seed=config.sampling.seed)
+        summary["diagnosis"] = {
+            "components": components,
+            "dominant": dominant_components(components),
+            "layers": layers,
+            "topk": topk_summary(topk, config.topk),
+        }
+        summary["recommendation"] = recommend_diagnosis(components)
+    log.finish()
+    with stage("report"):
+        from mismatch.report import write_report
+
+        write_report(config.out)
+    return summary
+
+
+def _trainer_side(config, inputs, dtypes, rollouts, engine_side, stage, stage_bar):
+    """Trainer scorings: FP32 for every dtype's sequences, each dtype batched and alone, its top-k
+    against the engine's, and per layer its error against FP32 and its largest activation."""
+    pad_id = inputs.tokenizer.pad_token_id if inputs.tokenizer.pad_token_id is not None else 0
+    probe_rollouts = rollouts[dtypes[0]][: config.layer_sequences]
+    trainer: dict[str, dict[str, list[np.ndarray]]] = {d: {} for d in dtypes}
+    layers, topk_frames, reference_states = [], [], None
+    for trainer_dtype in [REFERENCE_DTYPE, *[d for d in dtypes if d != REFERENCE_DTYPE]]:
+        with stage(f"trainer_{trainer_dtype}"):
+            model = load_trainer(inputs.model_path, trainer_dtype, trust_remote_code=config.trust_remote_code)
+            with ActivationPeak(model) as watch:
+                states = layer_states(model, trainer_dtype, probe_rollouts)
+            if trainer_dtype == REFERENCE_DTYPE:
+                reference_states = states
+            errors = layer_errors(states, reference_states)
+            peaks = watch.per_layer()
+            layers.append(
+                {
+                    "trainer_dtype": trainer_dtype,
+                    "layers": [
+                        {"index": i, "name": _layer_name(i, len(errors)), "relative_error": err, "max_abs_activation": peaks.get(i - 1), "fraction_of_fp16_limit": None if peaks.get(i - 1) is None else peaks[i - 1] / FP16_MAX}
+                        for i, err in enumerate(errors)
+                    ],
+                }
+            )
+            for dtype in dtypes:
+                if trainer_dtype == REFERENCE_DTYPE:
+                    advance = stage_bar(f"trainer fp32 on {dtype}", len(rollouts[dtype]))
+                    trainer[dtype]["fp32"] = rescore(model, REFERENCE_DTYPE, rollouts[dtype], 1.0, pad_id=pad_id, progress=advance)["logp_trainer"]
+                if trainer_dtype == dtype:
+                    advance = stage_bar(f"trainer {dtype}", len(rollouts[dtype]))
+                    trainer[dtype]["batched"] = rescore(model, dtype, rollouts[dtype], 1.0, pad_id=pad_id, progress=advance)["logp_trainer"]
+                    trainer[dtype]["alone"] = score_alone(model, dtype, rollouts[dtype], pad_id)
+                    ids = [seq_id(r.prompt_index, r.sample_index, config.samples) for r in rollouts[dtype]]
+                    topk_frames.append(topk_rows(model, dtype, rollouts[dtype], engine_side[dtype]["prefill"], config.topk, ids).assign(engine_dtype=dtype))
+            del model
+    return trainer, layers, topk_frames
+
+
+def _layer_name(index: int, count: int) -> str:
+    return "embedding" if index == 0 else "logits" if index == count - 1 else f"layer {index - 1}"
+
+
+def _tokens_frame(rollouts, engine_side, trainer_side, tokenizer, samples: int) -> pd.DataFrame:
+    """One row per (engine dtype, sequence, response position), one column per scoring."""
+    frames = []
+    for dtype, group in rollouts.items():
+        lengths = np.array([len(r.response_ids) for r in group])
+        flat = lambda per_seq: np.concatenate([np.asarray(x, dtype=np.float64) for x in per_seq])  # noqa: E731
+        frames.append(
+            pd.DataFrame(
+                {
+                    "engine_dtype": dtype,
+                    "seq_id": np.repeat([seq_id(r.prompt_index, r.sample_index, samples) for r in group], lengths),
+                    "prompt_index": np.repeat([r.prompt_index for r in group], lengths),
+                    "position": np.concatenate([np.arange(n) for n in lengths]),
+                    "token_id": np.concatenate([r.response_ids for r in group]).astype(np.int64),
+                    "logp_engine_decode": flat(r.logp_engine for r in group),
+                    "logp_engine_prefill": flat(s.logp for s in engine_side[dtype]["prefill"]),
+                    "logp_engine_alone": flat(s.logp for s in engine_side[dtype]["alone"]),
+                    "logp_engine_fp32": flat(s.logp for s in engine_side[dtype]["fp32"]),
+                    "logp_trainer": flat(trainer_side[dtype]["batched"]),
+                    "logp_trainer_alone": flat(trainer_side[dtype]["alone"]),
+                    "logp_trainer_fp32": flat(trainer_side[dtype]["fp32"]),
+                }
+            )
+        )
+    tokens = pd.concat(frames, ignore_index=True)
+    unique = tokens["token_id"].unique()
+    tokens["token"] = tokens["token_id"].map(dict(zip(unique, tokenizer.batch_decode([[int(i)] for i in unique]))))
+    return tokens[list(runs.DIAGNOSE_TOKEN_COLUMNS)]
+
+
+def component_table(tokens: pd.DataFrame, seed: int = 0) -> list[dict]:
+    """Each component per engine dtype: k3 with its interval and mean |Δ log p|, from tokens.parquet."""
+    rows = []
+    for dtype, group in tokens.groupby("engine_dtype", sort=False):
+        for name, (reference, compared) in COMPONENTS.items():
+            if dtype == REFERENCE_DTYPE and name in PRECISION_ONLY:
+                continue
+            m = pair_metrics(group[compared], group[reference], group["seq_id"], seed=seed, prompt_ids=group["prompt_index"])
+            rows.append(
+                {
+                    "name": name,
+                    "engine_dtype": dtype,
+                    "k3": m["k3"],
+                    "k3_ci_low": m["k3_ci_low"],
+                    "k3_ci_high": m["k3_ci_high"],
+                    "mean_abs_dlogp": float(np.mean(np.abs(group[compared] - group[reference]))),
+                    "max_abs_dlogp": float(np.max(np.abs(group[compared] - group[reference]))),
+                    "n_tokens": m["n_tokens"],
+                }
+            )
+    return rows
+
+
+def dominant_components(components: list[dict]) -> dict[str, dict]:
+    """Per engine dtype, the component with the largest k3 (total aside) and its share of the total."""
+    dominant = {}
+    for dtype in dict.fromkeys(c["engine_dtype"] for c in components):
+        mine = [c for c in components if c["engine_dtype"] == dtype]
+        total = next(c["k3"] for c in mine if c["name"] == "total")
+        top = max((c for c in mine if c["name"] != "total"), key=lambda c: c["k3"])
+        dominant[dtype] = {"name": top["name"], "k3": top["k3"], "share_of_total": top["k3"] / total if total > 0 else None}
+    return dominant
+
+
+def topk_summary(topk: pd.DataFrame, k: int) -> list[dict]:
+    """Per engine dtype, over sampled positions: the share of the engine's top-k also in the
+    trainer's top-k, and the total variation between them restricted to the engine's top-k (a
+    lower bound of the full distance), with the mass each side puts there."""
+    out = []
+    for dtype, group in topk.groupby("engine_dtype", sort=False):
+        per_position = group.assign(p_engine=np.exp(group["logp_engine"]), p_trainer=np.exp(group["logp_trainer"])).groupby(["seq_id", "position"])
+        stats = per_position.agg(overlap=("in_trainer_topk", "mean"), mass_engine=("p_engine", "sum"), mass_trainer=("p_trainer", "sum"))
+        tv = per_position.apply(lambda g: 0.5 * float(np.abs(g["p_engine"] - g["p_trainer"]).sum()), include_groups=False)
+        out.append(
+            {
+                "engine_dtype": dtype,
+                "k": k,
+                "positions": int(len(stats)),
+                "mean_overlap": float(stats["overlap"].mean()),
+                "min_overlap": float(stats["overlap"].min()),
+                "mean_tv_topk": float(tv.mean()),
+                "max_tv_topk": float(tv.max()),
+                "mean_mass_engine": float(stats["mass_engine"].mean()),
+                "mean_mass_trainer": float(stats["mass_trainer"].mean()),
+            }
+        )
+    return out
+
+
+ACTIONS = {
+    "semantic": "Not precision: engine and trainer compute different things even in FP32. Compare their model code and settings "
+    "(attention implementation, logit scaling or softcap, RoPE / sliding window, tokenizer and chat template) before any dtype change.",
+    "engine_precision": "Rounding on the engine side dominates: FP16 on both sides shrinks it (`mismatch scan` measures by how much).",
+    "trainer_precision": "Rounding on the trainer side dominates: FP16 compute with dynamic loss scaling shrinks it (`mismatch scan` measures by how much).",
+    "engine_decode_vs_prefill": "The engine's decode path (KV cache, decode kernels) differs from its prefill: try eager mode (enforce_eager, no CUDA graphs), "
+    "another attention backend, or a KV cache in the model dtype (kv_cache_dtype=auto).",
+    "engine_batch": "The engine's batching moves log-probs: where the platform supports it set VLLM_BATCH_INVARIANT=1, or bound the batch (max_num_seqs).",
+    "trainer_batch": "The trainer's own batching noise (padding, micro-batch size) dominates, which no engine setting can fix: keep one micro-batch size "
+    "for the old-policy and the update passes, prefer padding-free packing, and use deterministic kernels; FP16 shrinks it too.",
+}
+
+
+def recommend_diagnosis(components: list[dict]) -> dict:
+    """The dominant component per engine dtype with its share of the total, and what to do about it."""
+    dominant = dominant_components(components)
+    parts, actions = [], []
+    for dtype, top in dominant.items():
+        share = f"{100 * top['share_of_total']:.0f}% of the total k3" if top["share_of_total"] is not None else "the total is 0"
+        parts.append(f"{dtype}: {top['name']} dominates (k3 {top['k3']:.2e}, {share})")
+        if ACTIONS[top["name"]] not in actions:
+            actions.append(ACTIONS[top["name"]])
+    return {"verdict": "diagnosed", "summary": "; ".join(parts) + ".", "actions": actions, "dominant": {d: t["name"] for d, t in dominant.items()}}
+

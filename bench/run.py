@@ -198,6 +198,25 @@ def train_goal(raw: dict) -> dict:
     return goal("mismatch train step time / TRL GRPOTrainer step time (median after the first)", ratio, 0.5, lower_is_better=True)
 
 
+def diagnose_goal(raw: dict, repeats: int = 2) -> dict:
+    """A default diagnose against a default scan on the same prompts, interleaved (scan, diagnose, …)."""
+    from mismatch.config import DiagnoseConfig
+    from mismatch.diagnose.run import run_diagnose
+
+    times: dict[str, list[float]] = {"scan": [], "diagnose": []}
+    sampling = Sampling(max_tokens=SCAN["max_tokens"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            for kind, make, run in (("scan", ScanConfig, run_scan), ("diagnose", DiagnoseConfig, run_diagnose)):
+                config = make(model=MODEL, engine="vllm", dtypes=["bf16", "fp16"], out=Path(tmp) / f"{kind}-{i}", sampling=sampling, num_prompts=SCAN["num_prompts"])
+                start = time.perf_counter()
+                run(config)
+                times[kind].append(time.perf_counter() - start)
+    ratios = [d / s for d, s in zip(times["diagnose"], times["scan"])]
+    raw["diagnose"] = {**SCAN, "scan_s": times["scan"], "diagnose_s": times["diagnose"], "ratio_per_pair": ratios}
+    return goal(f"diagnose wall time / scan wall time, same prompts (pairs: {', '.join(f'{r:.2f}' for r in ratios)})", statistics.median(ratios), 3.0, lower_is_better=True)
+
+
 def goal(name: str, ratio: float, target: float, lower_is_better: bool = False) -> dict:
     holds = ratio <= target if lower_is_better else ratio >= target
     return {"name": name, "ratio": round(ratio, 4), "target": target, "direction": "≤" if lower_is_better else "≥", "holds": bool(holds)}
@@ -230,6 +249,7 @@ def main() -> None:
     raw["memory_4096_tokens"] = {"bare_forward_peak_rss_mib": bare_peak, "rescore_peak_rss_mib": rescore_peak}
     goals.append(goal("rescoring peak RSS / bare forward peak RSS (one 4096-token sequence)", rescore_peak / bare_peak, 1.0, lower_is_better=True))
     goals += scan_goals(raw)
+    goals.append(diagnose_goal(raw))
     goals.append(train_goal(raw))
     results = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "goals": goals, "raw": raw}
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -154,6 +154,7 @@ def diagnose(
     from_run: Annotated[Optional[Path], typer.Option("--from", help="Reuse the rollouts of this scan run folder (its model, prompts and sampling) instead of generating.")] = None,
     topk: Annotated[int, typer.Option(help="The engine's top-k log-probs compared with the trainer's distribution.")] = 20,
     layer_sequences: Annotated[int, typer.Option(help="Sequences whose hidden states are compared with FP32 layer by layer.")] = 8,
+    alone_sequences: Annotated[int, typer.Option(help="Sequences also scored each on its own, by engine and trainer (the batch components).")] = 16,
     out: Out = None,
     force: Force = False,
 ) -> None:
@@ -167,7 +168,7 @@ def diagnose(
         settings["prompts"] = scanned["prompts"] and Path(scanned["prompts"])
     config = DiagnoseConfig(
         engine="vllm",
-        out=out or default_run_dir(f"diagnose-{settings['model']}"),
+        out=out or default_run_dir(settings["model"], "diagnose"),
         sampling=Sampling(max_tokens=settings.pop("max_tokens"), seed=settings.pop("seed")),
         max_model_len=max_model_len,
         gpu_memory_utilization=gpu_memory_utilization,
@@ -176,6 +177,7 @@ def diagnose(
         from_run=from_run,
         topk=topk,
         layer_sequences=layer_sequences,
+        alone_sequences=alone_sequences,
         **settings,
     )
     from mismatch.diagnose.run import run_diagnose
@@ -235,7 +237,7 @@ def train(
         model=model,
         engine=pick_engine(engine),
         dtypes=compare or dtype,
-        out=out or default_run_dir(f"train-{model}"),
+        out=out or default_run_dir(model, "train"),
         steps=steps,
         prompts_per_step=prompts_per_step,
         group_size=group_size,

@@ -154,6 +154,7 @@ class DiagnoseConfig(ScanConfig):
     from_run: Path | None = None  # reuse a scan's rollouts instead of generating
     topk: int = 20  # the engine's top-k log-probs compared with the trainer's distribution
     layer_sequences: int = 8  # sequences whose hidden states are compared layer by layer
+    alone_sequences: int = 16  # sequences also scored each in a batch of its own (engine_batch, trainer_batch)
 
     def __post_init__(self):
         super().__post_init__()
@@ -163,3 +164,4 @@ class DiagnoseConfig(ScanConfig):
             raise ConfigError("diagnose measures at --temperature 1 and --top-p 1: vLLM scores given sequences (prefill) without sampling processors")
         _at_least("--topk", self.topk)
         _at_least("--layer-sequences", self.layer_sequences)
+        _at_least("--alone-sequences", self.alone_sequences)

@@ -75,9 +75,10 @@ TRAIN_TOKEN_COLUMNS = ("step", "seq_id", "logp_engine", "logp_trainer", "engine_
 # --- where a run goes -------------------------------------------------------------------------
 
 
-def default_run_dir(model: str, root: Path = Path("reports")) -> Path:
+def default_run_dir(model: str, command: str = "", root: Path = Path("reports")) -> Path:
+    """reports/[COMMAND-]MODEL-TIMESTAMP, MODEL the last part of the model's name."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").split("/")[-1].removeprefix("builtin:")).strip("-") or "model"
-    return root / f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return root / f"{command + '-' if command else ''}{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_output_dir(path: Path, force: bool) -> Path:

@@ -50,8 +50,8 @@ def test_every_component_recomputes_from_tokens(run):
     out, _, summary = run
     tokens = pd.read_parquet(out / "tokens.parquet")
     for c in summary["diagnosis"]["components"]:
-        group = tokens[tokens.engine_dtype == c["engine_dtype"]]
         reference, compared = COMPONENTS[c["name"]]
+        group = tokens[tokens.engine_dtype == c["engine_dtype"]].dropna(subset=[reference, compared])
         again = metrics.pair_metrics(group[compared], group[reference], group["seq_id"], seed=0, prompt_ids=group["prompt_index"])
         assert c["k3"] == pytest.approx(again["k3"], rel=1e-12, abs=1e-300)
         assert c["mean_abs_dlogp"] == pytest.approx(np.mean(np.abs(group[compared] - group[reference])))
@@ -110,12 +110,15 @@ def test_a_planted_semantic_difference_dominates(tiny_model, tmp_path, monkeypat
 def test_from_a_scan_reuses_its_rollouts(tiny_model, tmp_path):
     scan_dir = tmp_path / "scan"
     assert runner.invoke(app, ["scan", "--model", str(tiny_model), "--engine", "vllm", "--dtypes", "bf16", "--num-prompts", 3, "--max-tokens", 8, "--out", str(scan_dir)]).exit_code == 0
-    result = diagnose("--from", scan_dir, "--layer-sequences", 1, "--out", tmp_path / "d")
+    result = diagnose("--from", scan_dir, "--layer-sequences", 1, "--alone-sequences", 1, "--out", tmp_path / "d")
     assert result.exit_code == 0, result.output
     saved = pd.read_parquet(scan_dir / "rollouts.parquet")
     tokens = pd.read_parquet(tmp_path / "d" / "tokens.parquet")
     assert tokens["logp_engine_decode"].tolist() == [lp for r in saved[saved.engine_dtype == "bf16"].itertuples() for lp in r.logp_engine]
-    assert not any(k.startswith("generate") for k in json.loads((tmp_path / "d" / "summary.json").read_text())["timings"])
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert not any(k.startswith("generate") for k in summary["timings"])
+    first = len(saved[saved.engine_dtype == "bf16"].iloc[0]["response_ids"])  # only the first sequence is scored alone
+    assert components(summary, "bf16")["engine_batch"]["n_tokens"] == components(summary, "bf16")["trainer_batch"]["n_tokens"] == first
 
 
 def test_diagnose_refuses_other_sampling_in_one_line(tmp_path):

@@ -10,6 +10,7 @@ column of a component plays μ, the second π):
     engine_decode_vs_prefill  engine decode                   vs engine prefill, same dtype
     engine_batch              engine prefill, each alone      vs engine prefill, one shuffled batch
     trainer_batch             trainer, micro-batch 1          vs trainer, padded batch
+    (the two batch components on the first `alone_sequences` sequences: one call per sequence)
     engine_precision          engine FP32 (prefill)           vs engine prefill in the dtype
     trainer_precision         trainer FP32                    vs trainer in the dtype
 
@@ -73,7 +74,7 @@ def run_diagnose(config: DiagnoseConfig, progress=None, force: bool = False) -> 
                     rollouts[dtype] = engine.generate(inputs.prompt_ids, config.samples, config.sampling, advance)
                 sequences = [(r.prompt_ids, r.response_ids) for r in rollouts[dtype]]
                 batched = engine.score(sequences, topk=config.topk)
-                alone = engine.score(sequences, alone=True)
+                alone = engine.score(sequences[: config.alone_sequences], alone=True)
             finally:
                 engine.close()
             engine_side[dtype] = {"prefill": batched, "alone": alone}
@@ -144,7 +145,7 @@ def _trainer_side(config, inputs, dtypes, rollouts, engine_side, stage, stage_ba
                 if trainer_dtype == dtype:
                     advance = stage_bar(f"trainer {dtype}", len(rollouts[dtype]))
                     trainer[dtype]["batched"] = rescore(model, dtype, rollouts[dtype], 1.0, pad_id=pad_id, progress=advance)["logp_trainer"]
-                    trainer[dtype]["alone"] = score_alone(model, dtype, rollouts[dtype], pad_id)
+                    trainer[dtype]["alone"] = score_alone(model, dtype, rollouts[dtype][: config.alone_sequences], pad_id)
                     ids = [seq_id(r.prompt_index, r.sample_index, config.samples) for r in rollouts[dtype]]
                     topk_frames.append(topk_rows(model, dtype, rollouts[dtype], engine_side[dtype]["prefill"], config.topk, ids).assign(engine_dtype=dtype))
             del model
@@ -160,7 +161,10 @@ def _tokens_frame(rollouts, engine_side, trainer_side, tokenizer, samples: int) 
     frames = []
     for dtype, group in rollouts.items():
         lengths = np.array([len(r.response_ids) for r in group])
-        flat = lambda per_seq: np.concatenate([np.asarray(x, dtype=np.float64) for x in per_seq])  # noqa: E731
+        def flat(per_seq):  # sequences past the end of `per_seq` (scored alone only up to a count) get NaN
+            values = [np.asarray(x, dtype=np.float64) for x in per_seq]
+            return np.concatenate(values + [np.full(n, np.nan) for n in lengths[len(values) :]])
+
         frames.append(
             pd.DataFrame(
                 {
@@ -192,7 +196,8 @@ def component_table(tokens: pd.DataFrame, seed: int = 0) -> list[dict]:
         for name, (reference, compared) in COMPONENTS.items():
             if dtype == REFERENCE_DTYPE and name in PRECISION_ONLY:
                 continue
-            m = pair_metrics(group[compared], group[reference], group["seq_id"], seed=seed, prompt_ids=group["prompt_index"])
+            scored = group.dropna(subset=[reference, compared])  # the alone scorings cover the first sequences only
+            m = pair_metrics(scored[compared], scored[reference], scored["seq_id"], seed=seed, prompt_ids=scored["prompt_index"])
             rows.append(
                 {
                     "name": name,
@@ -200,8 +205,8 @@ def component_table(tokens: pd.DataFrame, seed: int = 0) -> list[dict]:
                     "k3": m["k3"],
                     "k3_ci_low": m["k3_ci_low"],
                     "k3_ci_high": m["k3_ci_high"],
-                    "mean_abs_dlogp": float(np.mean(np.abs(group[compared] - group[reference]))),
-                    "max_abs_dlogp": float(np.max(np.abs(group[compared] - group[reference]))),
+                    "mean_abs_dlogp": float(np.mean(np.abs(scored[compared] - scored[reference]))),
+                    "max_abs_dlogp": float(np.max(np.abs(scored[compared] - scored[reference]))),
                     "n_tokens": m["n_tokens"],
                 }
             )

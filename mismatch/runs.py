@@ -288,11 +288,13 @@ def tokens_frame(rollouts: dict[str, list[Rollout]], scores: dict[tuple[str, str
                 }
             )
         )
-    tokens = pd.concat(frames, ignore_index=True)
+    return with_token_text(pd.concat(frames, ignore_index=True), tokenizer)[list(TOKEN_COLUMNS)]
+
+
+def with_token_text(tokens: pd.DataFrame, tokenizer) -> pd.DataFrame:
+    """`token`: each `token_id` decoded on its own (once per distinct id), for reading."""
     unique = tokens["token_id"].unique()
-    text = dict(zip(unique, tokenizer.batch_decode([[int(i)] for i in unique])))
-    tokens["token"] = tokens["token_id"].map(text)
-    return tokens[list(TOKEN_COLUMNS)]
+    return tokens.assign(token=tokens["token_id"].map(dict(zip(unique, tokenizer.batch_decode([[int(i)] for i in unique])))))
 
 
 @dataclass

@@ -183,10 +183,7 @@ def _tokens_frame(rollouts, engine_side, trainer_side, tokenizer, samples: int) 
                 }
             )
         )
-    tokens = pd.concat(frames, ignore_index=True)
-    unique = tokens["token_id"].unique()
-    tokens["token"] = tokens["token_id"].map(dict(zip(unique, tokenizer.batch_decode([[int(i)] for i in unique]))))
-    return tokens[list(runs.DIAGNOSE_TOKEN_COLUMNS)]
+    return runs.with_token_text(pd.concat(frames, ignore_index=True), tokenizer)[list(runs.DIAGNOSE_TOKEN_COLUMNS)]
 
 
 def component_table(tokens: pd.DataFrame, seed: int = 0) -> list[dict]:

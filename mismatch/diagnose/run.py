@@ -210,14 +210,20 @@ def component_table(tokens: pd.DataFrame, seed: int = 0) -> list[dict]:
     return rows
 
 
+CLOSE = 0.5  # a second component within this factor of the dominant one is named with it
+
+
 def dominant_components(components: list[dict]) -> dict[str, dict]:
-    """Per engine dtype, the component with the largest k3 (total aside) and its share of the total."""
+    """Per engine dtype, the component with the largest k3 (total aside), its k3 relative to the
+    total, and the components close behind it (k3 at least CLOSE × the dominant's)."""
     dominant = {}
     for dtype in dict.fromkeys(c["engine_dtype"] for c in components):
         mine = [c for c in components if c["engine_dtype"] == dtype]
         total = next(c["k3"] for c in mine if c["name"] == "total")
-        top = max((c for c in mine if c["name"] != "total"), key=lambda c: c["k3"])
-        dominant[dtype] = {"name": top["name"], "k3": top["k3"], "share_of_total": top["k3"] / total if total > 0 else None}
+        ranked = sorted((c for c in mine if c["name"] != "total"), key=lambda c: -c["k3"])
+        top = ranked[0]
+        close = [c["name"] for c in ranked[1:] if top["k3"] > 0 and c["k3"] >= CLOSE * top["k3"]]
+        dominant[dtype] = {"name": top["name"], "k3": top["k3"], "share_of_total": top["k3"] / total if total > 0 else None, "close": close}
     return dominant
 
 
@@ -249,12 +255,12 @@ def topk_summary(topk: pd.DataFrame, k: int) -> list[dict]:
 ACTIONS = {
     "semantic": "Not precision: engine and trainer compute different things even in FP32. Compare their model code and settings "
     "(attention implementation, logit scaling or softcap, RoPE / sliding window, tokenizer and chat template) before any dtype change.",
-    "engine_precision": "Rounding on the engine side dominates: FP16 on both sides shrinks it (`mismatch scan` measures by how much).",
-    "trainer_precision": "Rounding on the trainer side dominates: FP16 compute with dynamic loss scaling shrinks it (`mismatch scan` measures by how much).",
+    "engine_precision": "Rounding on the engine side: FP16 in the engine shrinks it (`mismatch scan` measures by how much with FP16 on both sides).",
+    "trainer_precision": "Rounding on the trainer side: FP16 compute with dynamic loss scaling shrinks it (`mismatch scan` measures by how much with FP16 on both sides).",
     "engine_decode_vs_prefill": "The engine's decode path (KV cache, decode kernels) differs from its prefill: try eager mode (enforce_eager, no CUDA graphs), "
     "another attention backend, or a KV cache in the model dtype (kv_cache_dtype=auto).",
     "engine_batch": "The engine's batching moves log-probs: where the platform supports it set VLLM_BATCH_INVARIANT=1, or bound the batch (max_num_seqs).",
-    "trainer_batch": "The trainer's own batching noise (padding, micro-batch size) dominates, which no engine setting can fix: keep one micro-batch size "
+    "trainer_batch": "The trainer's own batching noise (padding, micro-batch size), which no engine setting can fix: keep one micro-batch size "
     "for the old-policy and the update passes, prefer padding-free packing, and use deterministic kernels; FP16 shrinks it too.",
 }
 
@@ -265,8 +271,8 @@ def recommend_diagnosis(components: list[dict]) -> dict:
     parts, actions = [], []
     for dtype, top in dominant.items():
         share = f"{100 * top['share_of_total']:.0f}% of the total k3" if top["share_of_total"] is not None else "the total is 0"
-        parts.append(f"{dtype}: {top['name']} dominates (k3 {top['k3']:.2e}, {share})")
-        if ACTIONS[top["name"]] not in actions:
-            actions.append(ACTIONS[top["name"]])
+        behind = f", with {' and '.join(top['close'])} close behind" if top["close"] else ""
+        parts.append(f"{dtype}: {top['name']} dominates (k3 {top['k3']:.2e}, {share}){behind}")
+        actions += [ACTIONS[name] for name in [top["name"], *top["close"]] if ACTIONS[name] not in actions]
     return {"verdict": "diagnosed", "summary": "; ".join(parts) + ".", "actions": actions, "dominant": {d: t["name"] for d, t in dominant.items()}}
 

@@ -190,8 +190,8 @@ def diagnose(
 
 
 @command
-def report(run_dir: Annotated[Path, typer.Argument(help="A run folder: scan, train or compare.")]) -> None:
-    """Rebuild a run folder's report (report.html, and summary.md for a scan) from its saved data."""
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder: scan, diagnose, train or compare.")]) -> None:
+    """Rebuild a run folder's report (report.html; summary.md for a scan or a diagnose) from its saved data."""
     from mismatch.report import write_report
 
     for path in write_report(run_dir):

@@ -110,6 +110,15 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
         setattr(model, name, decoder)
 
 
+def response_logits(model, batch: PaddedBatch):
+    """(offset, logits) for the response positions of `batch`, LOGIT_ROWS rows at a time in the
+    model's dtype: the decoder runs once, then the model's own output path on each chunk."""
+    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    for start in range(0, len(batch.rows), LOGIT_ROWS):
+        yield start, output_logits(model, hidden[batch.rows[start : start + LOGIT_ROWS]])
+
+
 def response_logprobs(model, batch: PaddedBatch, temperature: float, top_p: float = 1.0, with_entropy: bool = False) -> TokenScores:
     """log π of each response token under temperature (and top-p) as the engine sampled.
 
@@ -117,12 +126,10 @@ def response_logprobs(model, batch: PaddedBatch, temperature: float, top_p: floa
     training); temperature, top-p and log-softmax run in FP32, LOGIT_ROWS rows at a time, so no
     (tokens × vocab) FP32 tensor exists for the batch.
     """
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1])
     parts: dict[str, list[torch.Tensor]] = {"logp": [], "logp_full": [], "log_kept_mass": [], "entropy": []}
-    for start in range(0, len(batch.rows), LOGIT_ROWS):
+    for start, logits in response_logits(model, batch):
         targets = batch.targets[start : start + LOGIT_ROWS, None]
-        logits = output_logits(model, hidden[batch.rows[start : start + LOGIT_ROWS]]).float()
+        logits = logits.float()
         if temperature != 1.0:
             logits = logits / temperature
         target = logits.gather(-1, targets).squeeze(-1)
@@ -141,7 +148,7 @@ def response_logprobs(model, batch: PaddedBatch, temperature: float, top_p: floa
             with torch.no_grad():  # logged, never differentiated
                 logp_all = torch.log_softmax(logits, dim=-1)
                 parts["entropy"].append(-(logp_all.exp() * logp_all.nan_to_num(neginf=0.0)).sum(-1))
-    empty = hidden.new_empty(0, dtype=torch.float32)
+    empty = torch.empty(0, dtype=torch.float32, device=batch.input_ids.device)
     joined = {name: torch.cat(values) if values else empty for name, values in parts.items()}
     return TokenScores(joined["logp"], joined["logp_full"], joined["log_kept_mass"], joined["entropy"] if with_entropy else None)
 

@@ -10,7 +10,7 @@ import torch
 
 from mismatch.engines.base import Rollout, Scored
 from mismatch.precision import compute_context
-from mismatch.rescore import LOGIT_ROWS, output_logits, pad_batch, rescore
+from mismatch.rescore import output_logits, pad_batch, rescore, response_logits
 
 
 def score_alone(model, dtype: str, rollouts: Sequence[Rollout], pad_id: int) -> list[np.ndarray]:
@@ -27,11 +27,10 @@ def topk_rows(model, dtype: str, rollouts: Sequence[Rollout], engine: Sequence[S
     for rollout, scored, seq in zip(rollouts, engine, seq_ids):
         batch = pad_batch([rollout.prompt_ids], [rollout.response_ids], 0, device)
         with compute_context(dtype, device):
-            hidden = model.base_model(input_ids=batch.input_ids, use_cache=False).last_hidden_state.reshape(-1, model.config.get_text_config().hidden_size)
-            for start in range(0, len(batch.rows), LOGIT_ROWS):
-                logp = torch.log_softmax(output_logits(model, hidden[batch.rows[start : start + LOGIT_ROWS]]).float(), dim=-1)
+            for start, logits in response_logits(model, batch):
+                logp = torch.log_softmax(logits.float(), dim=-1)
                 own_top = logp.topk(k, dim=-1).indices
-                for offset, position in enumerate(range(start, min(start + LOGIT_ROWS, len(batch.rows)))):
+                for offset, position in enumerate(range(start, start + len(logp))):
                     mine = set(own_top[offset].tolist())
                     for rank, (token, logp_engine) in enumerate(scored.topk[position]):
                         rows.append((seq, position, rank, token, logp_engine, float(logp[offset, token]), token in mine))

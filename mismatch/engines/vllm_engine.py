@@ -14,8 +14,8 @@ from mismatch.engines.base import Progress, Rollout, Sampling, Scored, request_s
 from mismatch.errors import EngineError
 from mismatch.precision import VLLM_DTYPE_NAMES
 
-# Keeps the engine core in this process: starts in seconds instead of ~30 s on CPU, needs no
-# `__main__` guard, and lets the train loop push new weights into the live engine.
+# Keeps vLLM's engine core in the process that creates the engine (ours runs in its own child,
+# engines.isolated): starts in seconds instead of ~30 s on CPU and takes weight updates in place.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 CHUNK = 32  # requests per generate call; only sets how often the progress bar moves

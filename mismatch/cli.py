@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mismatch import quiet  # first: it sets switches read when torch and tqdm load
-from mismatch.config import DiagnoseConfig, ScanConfig, TrainConfig, pairs_mode
+from mismatch.config import AnalyzeConfig, DiagnoseConfig, ScanConfig, TrainConfig, pairs_mode
 from mismatch.engines import Sampling, default_engine
 from mismatch.errors import ConfigError, MismatchError
 from mismatch.models import DEFAULT_MODEL
@@ -187,6 +187,45 @@ def diagnose(
     console.print(diagnosis_table_view(summary["diagnosis"]["components"]))
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
     console.print(f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, topk.parquet, summary.json)")
+
+
+@command
+def analyze(
+    paths: Annotated[list[Path], typer.Argument(help="The dump: open-format .parquet/.jsonl files or folders, a prime-rl token_exports folder, slime rollout .pt files.", show_default=False)],
+    model: Annotated[Optional[str], typer.Option(help="Also (or, for a dump of μ only, instead) compute π by rescoring the dump's tokens with this model: HF hub id, local folder or builtin:smollm2-135m.")] = None,
+    dtypes: Annotated[str, typer.Option(help="Trainer dtypes of the --model rescoring, comma-separated.")] = "bf16",
+    temperature: Annotated[Optional[float], typer.Option(help="The sampling temperature (default: the dump's, else 1); the rescoring divides logits by it.")] = None,
+    top_p: Annotated[float, typer.Option(help="The sampling top-p; the rescoring applies the same nucleus.")] = 1.0,
+    dump_format: Annotated[Optional[str], typer.Option("--format", help="open, prime-rl or slime (default: detected).")] = None,
+    correction: Annotated[list[str], typer.Option("--correction", help="A correction's threshold, repeatable: NAME=HIGH or NAME=LOW,HIGH (token_tis, icepop, seq_mis, geometric, trl_*; trl=… sets TRL's four).")] = [],  # noqa: B006 (typer reads it)
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals (a scan's seed reproduces its intervals).")] = 0,
+    trust_remote_code: TrustRemoteCode = False,
+    out: Out = None,
+    force: Force = False,
+) -> None:
+    """The mismatch of your own RL run, read from its dumps: per pair and per step, health in each framework's terms, a setup audit, and what each correction would do."""
+    config = AnalyzeConfig(
+        paths=paths,
+        out=out or default_run_dir(paths[0].resolve().name, "analyze"),
+        model=model,
+        dtypes=dtypes,
+        temperature=temperature,
+        top_p=top_p,
+        format=dump_format,
+        corrections=list(correction),
+        seed=seed,
+        trust_remote_code=trust_remote_code,
+    )
+    from mismatch.analyze import run_analyze
+
+    with RichProgress() as progress:
+        summary = run_analyze(config, progress, force=force)
+    console.print(pair_table_view(summary["pairs"]))
+    for a in summary["audit"]:
+        if a["status"] in ("warn", "fail"):
+            errors.print(f"audit {a['status']}: {a['check']} ({a['pair']}): {a['detail']}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
+    console.print(f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, metrics.csv{', steps.parquet' if summary['n_steps'] > 1 else ''}, summary.json)")
 
 
 @command

@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mismatch.corrections import with_thresholds
 from mismatch.engines import ENGINES, Sampling
 from mismatch.errors import ConfigError
 from mismatch.gate import Condition, check_pairs, parse_condition
@@ -165,3 +166,34 @@ class DiagnoseConfig(ScanConfig):
         _at_least("--topk", self.topk)
         _at_least("--layer-sequences", self.layer_sequences)
         _at_least("--alone-sequences", self.alone_sequences)
+
+
+@dataclass
+class AnalyzeConfig:
+    """What `analyze` reads and how: a user's dump, optionally rescored by `model` in `dtypes`."""
+
+    paths: list[Path]
+    out: Path
+    model: str | None = None  # rescores the dump's tokens: needed when it carries only μ
+    dtypes: list[str] = field(default_factory=lambda: ["bf16"])  # trainer dtypes of the rescoring
+    temperature: float | None = None  # the sampling temperature; None: the dump's, else 1
+    top_p: float = 1.0  # the sampling top-p, applied to the rescored π as the engine applied it to μ
+    format: str | None = None  # a reader name; None: detected
+    corrections: list[str] = field(default_factory=list)  # `--correction NAME=…` thresholds
+    seed: int = 0  # of the bootstrap intervals (a scan's seed reproduces its intervals)
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        self.paths = [Path(p) for p in self.paths]
+        self.dtypes = _dtypes(self.dtypes)
+        if self.temperature is not None:
+            _check_sampling(Sampling(temperature=self.temperature, top_p=self.top_p))
+        elif not 0 < self.top_p <= 1:
+            raise ConfigError("--top-p must be in (0, 1]")
+        if not self.paths:
+            raise ConfigError("analyze needs at least one dump file or folder")
+        with_thresholds(self.corrections)
+
+    def to_json(self) -> dict:
+        data = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        return data | {"paths": [str(p) for p in self.paths]}

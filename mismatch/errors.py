@@ -45,3 +45,7 @@ class ResumeError(MismatchError):
 
 class NotComparable(MismatchError):
     """Two runs that measure different things."""
+
+
+class DumpError(MismatchError):
+    """A training dump `analyze` cannot read: the message names the fields it expected."""

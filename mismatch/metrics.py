@@ -133,8 +133,12 @@ def bootstrap_mean_ci(values, clusters, n_boot: int = BOOTSTRAP_DRAWS, seed: int
     """Percentile interval of the token-pooled mean of `values`, resampling whole clusters (the
     independent units: prompts, whose samples are correlated, or sequences)."""
     frame = pd.DataFrame({"seq": np.asarray(clusters), "v": np.asarray(values, dtype=np.float64)})
-    per_seq = frame.groupby("seq").agg(total=("v", "sum"), count=("v", "size"))
-    totals, counts = per_seq["total"].to_numpy(), per_seq["count"].to_numpy(dtype=np.float64)
+    per_cluster = frame.groupby("seq").agg(total=("v", "sum"), count=("v", "size"))
+    return bootstrap_totals_ci(per_cluster["total"].to_numpy(), per_cluster["count"].to_numpy(dtype=np.float64), n_boot, seed, level)
+
+
+def bootstrap_totals_ci(totals, counts, n_boot: int = BOOTSTRAP_DRAWS, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """`bootstrap_mean_ci` from each cluster's sum and token count, in cluster order."""
     rng = np.random.default_rng(seed)
     draws = rng.multinomial(len(totals), np.full(len(totals), 1 / len(totals)), size=n_boot)
     means = (draws @ totals) / (draws @ counts)
@@ -143,6 +147,92 @@ def bootstrap_mean_ci(values, clusters, n_boot: int = BOOTSTRAP_DRAWS, seed: int
 
 
 NUCLEUS_METRICS = ("n_outside_nucleus", "mean_kept_mass", "nucleus_log_bias")
+_TOKEN_SUMS = ("neg_ratio", "half_sq", "k3", "exp2", "abs_dp", "outside_2", "kept_mass", "neg_log_kept")
+
+
+class PairStats:
+    """`pair_metrics` fed chunk by chunk: memory holds running sums and one (sum, count) per cluster
+    for the intervals, never the tokens, so a dump of any number of steps streams through.
+
+    Each chunk must hold whole sequences, and a cluster (prompt) must not span chunks.
+    """
+
+    def __init__(self):
+        self.n_tokens = self.n_nonfinite = self.n_outside = self.n_seqs = 0
+        self.sums = dict.fromkeys(_TOKEN_SUMS, 0.0)
+        self.max_abs_dp, self.min_ratio, self.max_ratio = -np.inf, np.inf, -np.inf
+        self.seq_sums = dict.fromkeys(("x", "y", "xy", "xx", "log_ppl"), 0.0)  # x: length, y: Σℓ per sequence
+        self.lengths = set()
+        self.clusters: list[pd.DataFrame] = []
+
+    def add(self, logp_trainer, logp_engine, seq_ids, clusters=None, logp_trainer_full=None, log_kept_mass=None) -> None:
+        trainer, engine, seqs = np.asarray(logp_trainer, dtype=np.float64), np.asarray(logp_engine, dtype=np.float64), np.asarray(seq_ids)
+        full = trainer if logp_trainer_full is None else np.asarray(logp_trainer_full, dtype=np.float64)
+        kept = np.zeros_like(trainer) if log_kept_mass is None else np.asarray(log_kept_mass, dtype=np.float64)
+        clusters = seqs if clusters is None else np.asarray(clusters)
+        valid = np.isfinite(full) & np.isfinite(engine)
+        finite = valid & np.isfinite(trainer)
+        self.n_nonfinite += int((~valid).sum())
+        self.n_outside += int((valid & ~np.isfinite(trainer)).sum())
+        trainer, engine, seqs, clusters, kept = trainer[finite], engine[finite], seqs[finite], clusters[finite], kept[finite]
+        if not len(trainer):
+            return
+        ratio = log_ratio(trainer, engine)
+        k3_values, dp = np.expm1(ratio) - ratio, abs_dp(trainer, engine)
+        self.n_tokens += len(ratio)
+        for name, values in (
+            ("neg_ratio", -ratio), ("half_sq", ratio**2 / 2), ("k3", k3_values), ("exp2", np.exp(2 * ratio)), ("abs_dp", dp),
+            ("outside_2", np.abs(ratio) > np.log(2)), ("kept_mass", np.exp(kept)), ("neg_log_kept", -kept),
+        ):  # fmt: skip
+            self.sums[name] += float(np.sum(values))
+        self.max_abs_dp, self.min_ratio, self.max_ratio = max(self.max_abs_dp, dp.max()), min(self.min_ratio, ratio.min()), max(self.max_ratio, ratio.max())
+        per_seq = pd.DataFrame({"seq": seqs, "ratio": ratio, "diff": engine - trainer}).groupby("seq", sort=True).agg(
+            y=("ratio", "sum"), diff=("diff", "sum"), x=("ratio", "size")
+        )
+        x, y = per_seq["x"].to_numpy(dtype=np.float64), per_seq["y"].to_numpy()
+        self.n_seqs += len(per_seq)
+        self.lengths.update(np.unique(x).tolist())
+        for name, values in (("x", x), ("y", y), ("xy", x * y), ("xx", x * x), ("log_ppl", per_seq["diff"].to_numpy() / x)):
+            self.seq_sums[name] += float(np.sum(values))
+        self.clusters.append(
+            pd.DataFrame({"cluster": clusters, "k3": k3_values, "mean_abs_dp": dp}).groupby("cluster", sort=True).agg(
+                k3=("k3", "sum"), mean_abs_dp=("mean_abs_dp", "sum"), count=("k3", "size")
+            )
+        )
+
+    def result(self, seed: int = 0) -> dict[str, float | int]:
+        n = self.n_tokens
+        out: dict[str, float | int] = {
+            "n_tokens": n,
+            "n_seqs": self.n_seqs,
+            "n_nonfinite": self.n_nonfinite,
+            "n_outside_nucleus": self.n_outside,
+            "mean_kept_mass": self.sums["kept_mass"] / n if n else float("nan"),
+            "nucleus_log_bias": self.sums["neg_log_kept"] / n if n else float("nan"),
+        }
+        if not n:
+            return out | {name: float("nan") for name in METRICS}
+        s, q = self.sums, self.seq_sums
+        centred_xx = q["xx"] - q["x"] ** 2 / self.n_seqs
+        out |= {
+            "k1": s["neg_ratio"] / n,
+            "k2": s["half_sq"] / n,
+            "k3": s["k3"] / n,
+            "chi2_token": s["exp2"] / n - 1,
+            "mean_abs_dp": s["abs_dp"] / n,
+            "max_abs_dp": float(self.max_abs_dp),
+            "min_ratio": float(np.exp(self.min_ratio)),
+            "max_ratio": float(np.exp(self.max_ratio)),
+            "frac_outside_2": s["outside_2"] / n,
+            "seq_kl": -q["y"] / self.n_seqs,
+            "seq_slope_per_1k": float("nan") if len(self.lengths) < 2 else 1000 * (q["xy"] - q["x"] * q["y"] / self.n_seqs) / centred_xx,
+            "log_ppl_diff": q["log_ppl"] / self.n_seqs,
+        }
+        clusters = pd.concat(self.clusters).groupby(level=0, sort=True).sum()
+        counts = clusters["count"].to_numpy(dtype=np.float64)
+        for name in CI_METRICS:
+            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_totals_ci(clusters[name].to_numpy(), counts, seed=seed)
+        return out
 
 
 def pair_metrics(logp_trainer, logp_engine, seq_ids, seed: int = 0, prompt_ids=None, logp_trainer_full=None, log_kept_mass=None) -> dict[str, float | int]:
@@ -154,40 +244,8 @@ def pair_metrics(logp_trainer, logp_engine, seq_ids, seed: int = 0, prompt_ids=N
     log-probs (overflow). `mean_kept_mass` is the mean probability S the nucleus keeps and
     `nucleus_log_bias` = mean(−log S), what renormalising to the nucleus adds to ℓ. Intervals
     resample prompts (with all their samples) when `prompt_ids` is given, else sequences.
+    The token-level functions above are the definitions; `PairStats` sums them.
     """
-    trainer, engine, seqs = np.asarray(logp_trainer, dtype=np.float64), np.asarray(logp_engine, dtype=np.float64), np.asarray(seq_ids)
-    full = trainer if logp_trainer_full is None else np.asarray(logp_trainer_full, dtype=np.float64)
-    kept = np.zeros_like(trainer) if log_kept_mass is None else np.asarray(log_kept_mass, dtype=np.float64)
-    clusters = seqs if prompt_ids is None else np.asarray(prompt_ids)
-    valid = np.isfinite(full) & np.isfinite(engine)
-    finite = valid & np.isfinite(trainer)
-    out: dict[str, float | int] = {
-        "n_tokens": int(finite.sum()),
-        "n_seqs": int(len(np.unique(seqs[finite]))),
-        "n_nonfinite": int((~valid).sum()),
-        "n_outside_nucleus": int((valid & ~np.isfinite(trainer)).sum()),
-        "mean_kept_mass": float(np.mean(np.exp(kept[finite]))) if finite.any() else float("nan"),
-        "nucleus_log_bias": float(np.mean(-kept[finite])) if finite.any() else float("nan"),
-    }
-    trainer, engine, seqs, clusters = trainer[finite], engine[finite], seqs[finite], clusters[finite]
-    if not len(trainer):
-        return out | {name: float("nan") for name in METRICS}
-    token_level = (k1, k2, k3, chi2_token, mean_abs_dp, max_abs_dp, min_ratio, max_ratio, frac_outside_2)
-    seq_level = (seq_kl, seq_slope_per_1k, log_ppl_diff)
-    out |= {f.__name__: f(trainer, engine) for f in token_level}
-    out |= {f.__name__: f(trainer, engine, seqs) for f in seq_level}
-    for name, values in (("k3", k3_terms(trainer, engine)), ("mean_abs_dp", abs_dp(trainer, engine))):
-        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_mean_ci(values, clusters, seed=seed)
-    return out
-
-
-def pair_table(tokens: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """One row of metrics per (engine_dtype, trainer_dtype) in a `tokens.parquet` frame."""
-    rows = []
-    for (engine_dtype, trainer_dtype), group in tokens.groupby(["engine_dtype", "trainer_dtype"], sort=False):
-        metrics = pair_metrics(
-            group["logp_trainer"], group["logp_engine"], group["seq_id"], seed=seed,
-            prompt_ids=group["prompt_index"], logp_trainer_full=group["logp_trainer_full"], log_kept_mass=group["log_kept_mass"],
-        )  # fmt: skip
-        rows.append({"engine_dtype": engine_dtype, "trainer_dtype": trainer_dtype} | metrics)
-    return pd.DataFrame(rows)
+    stats = PairStats()
+    stats.add(logp_trainer, logp_engine, seq_ids, prompt_ids, logp_trainer_full, log_kept_mass)
+    return stats.result(seed)

@@ -126,3 +126,46 @@ def _fp16_unavailable(pairs: list[dict[str, Any]], fp16_headroom: dict | None, r
         "Keep BF16 and correct the mismatch with importance sampling.",
         "actions": CORRECTION_ACTIONS,
     }
+
+
+def recommend_run(pairs: list[dict], health: list[dict], audit: list[dict], drift: list[dict], corrections: list[dict]) -> dict[str, Any]:
+    """The verdict on a user's run: a setup bug first (no correction fixes one), then the
+    frameworks' health checks on the first pair (the dump's own π, else the first rescoring)."""
+    bugs = [a for a in audit if a["status"] == "fail"]
+    if bugs:
+        return {
+            "verdict": "setup_bug",
+            "summary": f"The log-probs carry the fingerprint of a setup bug ({', '.join(a['check'] for a in bugs)}), not of precision: fix it before reading the gap; no correction fixes it.",
+            "actions": [f"{a['check']} ({a['pair']}): {a['detail']}" for a in bugs],
+        }
+    first = pairs[0]
+    name = f"{first['engine_dtype']}→{first['trainer_dtype']}"
+    flagged = [h for h in health if h["pair"] == name and h["status"] in ("warn", "fail")]
+    numbers = f"k3 {first['k3']:.2e}, mean |Δp| {first['mean_abs_dp']:.2e}, π/μ from {first['min_ratio']:.3g} to {first['max_ratio']:.3g}"
+    departs = next((d for d in drift if d["pair"] == name and d["metric"] == "k3" and d["departs_at"] is not None), None)
+    drift_action = [f"k3 departs from its start at step {departs['departs_at']} (×{departs['trend_per_100']:.3g} per 100 steps): the gap grows as the policy trains"] if departs else []
+    if not flagged:
+        return {
+            "verdict": "healthy",
+            "summary": f"This run's gap ({name}: {numbers}) passes every framework health check replayed here.",
+            "actions": ["keep the current settings", *drift_action],
+        }
+    replay = [c for c in corrections if c["pair"] == name]
+    gentlest = min(replay, key=lambda c: c["share_tokens_changed"]) if replay else None
+    correction_action = (
+        [f"if you keep BF16, correct it: of the replayed corrections {gentlest['correction']} {gentlest['band']} changes the fewest tokens "
+         f"({100 * gentlest['share_tokens_changed']:.2g}%, ESS {gentlest['ess_before']:.3f} → {gentlest['ess_after']:.3f}); see the correction table"]
+        if gentlest else []
+    )  # fmt: skip
+    return {
+        "verdict": "gap",
+        "summary": f"This run's gap ({name}: {numbers}) fails {len(flagged)} framework health check(s): "
+        + ", ".join(f"{h['framework']} {h['metric']} {h['value']:.3g} ({h['threshold']})" for h in flagged)
+        + ". Switching both sides to FP16 cut it by an order of magnitude or more in the paper (arXiv 2510.26788).",
+        "actions": [
+            "measure what FP16 does for this model: mismatch scan --model MODEL --dtypes bf16,fp16",
+            *FP16_ACTIONS[:2],
+            *correction_action,
+            *drift_action,
+        ],
+    }

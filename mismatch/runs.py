@@ -10,6 +10,8 @@ what settings and library versions. Reports and `compare` read folders through t
     compare  summary.json  compare.html  compare.md
     diagnose summary.json  rollouts.parquet  tokens.parquet (one column per scoring)  topk.parquet
              report.html  summary.md
+    analyze  summary.json  tokens.parquet (a scan's columns and `step`)  metrics.csv  steps.parquet
+             report.html  summary.md
 
 Each file is written to a temporary name and renamed into place, so none is ever half-written.
 """
@@ -37,7 +39,7 @@ from mismatch.errors import OutputExists, RunFolderError
 FORMAT_VERSION = 2  # bump when a file's name or schema changes; readers refuse other versions
 # 1: mismatch 0.1 (no format_version field). 2: tokens.parquet gains logp_trainer_full and
 # log_kept_mass; summary.json gains refused_dtypes, semantic_probe and the nucleus metrics.
-KINDS = ("scan", "train", "compare", "diagnose")
+KINDS = ("scan", "train", "compare", "diagnose", "analyze")
 
 SUMMARY = "summary.json"
 ROLLOUTS = "rollouts.parquet"
@@ -48,6 +50,7 @@ REPORT_HTML = "report.html"
 SUMMARY_MD = "summary.md"
 COMPARE_HTML = "compare.html"
 COMPARE_MD = "compare.md"
+STEPS = "steps.parquet"  # analyze: the metrics of every (step, pair)
 TOPK = "topk.parquet"  # diagnose: the engine's top-k at each sampled position, with the trainer's log-probs
 
 # tokens.parquet of a scan: one row per (sequence, response position, engine dtype, trainer dtype)
@@ -68,6 +71,8 @@ DIAGNOSE_TOKEN_COLUMNS = (
     "logp_engine_decode", "logp_engine_prefill", "logp_engine_alone", "logp_engine_fp32",
     "logp_trainer", "logp_trainer_alone", "logp_trainer_fp32",
 )  # fmt: skip
+# tokens.parquet of an analyze run: a scan's columns and the training step (0 when the dump has none)
+ANALYZE_TOKEN_COLUMNS = ("step", *TOKEN_COLUMNS)
 # tokens.parquet of a train run: μ and π_θ′ of every response token of every step
 TRAIN_TOKEN_COLUMNS = ("step", "seq_id", "logp_engine", "logp_trainer", "engine_dtype", "trainer_dtype")
 
@@ -138,6 +143,32 @@ def write_parquet(path: Path, frame: pd.DataFrame) -> None:
 def write_csv(path: Path, frame: pd.DataFrame) -> None:
     with _atomic(path) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+@contextmanager
+def parquet_sink(path: Path, columns: tuple[str, ...]):
+    """A parquet file written frame by frame (one row group each) and renamed into place only when
+    the block completes: memory holds one frame, never the whole file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+
+    def write(frame: pd.DataFrame) -> None:
+        nonlocal writer
+        table = pa.Table.from_pandas(frame[list(columns)], preserve_index=False)
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table.cast(writer.schema))
+
+    with _atomic(path) as tmp:
+        try:
+            yield write
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            pd.DataFrame(columns=list(columns)).to_parquet(tmp, index=False)
 
 
 # --- summary.json -----------------------------------------------------------------------------
@@ -316,6 +347,34 @@ def load_scan(path: Path) -> ScanRun:
     if not summary.get("complete") or not (path / TOKENS).is_file() or not (path / ROLLOUTS).is_file():
         raise RunFolderError(f"{path} holds an incomplete run (summary.json says complete: false); re-run the scan")
     return ScanRun(path, summary, pd.read_parquet(path / TOKENS), pd.read_parquet(path / ROLLOUTS, columns=["engine_dtype", "seq_id", "prompt"]))
+
+
+@dataclass
+class AnalyzeRun(ScanRun):
+    """A complete analyze folder: a scan's parts (tokens possibly a sample of row groups) and the steps."""
+
+    steps: pd.DataFrame = None
+    sampled: bool = False
+
+
+REPORT_TOKENS = 2_000_000  # plots of a larger dump are drawn from evenly spaced row groups
+
+
+def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:
+    import pyarrow.parquet as pq
+
+    summary = read_summary(path, ("analyze",))
+    if not summary.get("complete") or not (path / TOKENS).is_file():
+        raise RunFolderError(f"{path} holds an incomplete analyze run (summary.json says complete: false); run it again")
+    file = pq.ParquetFile(path / TOKENS)
+    groups = list(range(file.num_row_groups))
+    sampled = file.metadata.num_rows > limit and len(groups) > 1
+    if sampled:
+        stride = -(-file.metadata.num_rows // limit)
+        groups = groups[::stride]
+    tokens = file.read_row_groups(groups).to_pandas() if groups else pd.read_parquet(path / TOKENS)
+    steps = pd.read_parquet(path / STEPS) if (path / STEPS).is_file() else pd.DataFrame()
+    return AnalyzeRun(path, summary, tokens, pd.DataFrame(columns=["engine_dtype", "seq_id", "prompt"]), steps, sampled)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import contextlib
 from typing import Callable, Protocol
 
 import numpy as np
+import pandas as pd
 
 from mismatch import runs
 from mismatch.config import REFERENCE_DTYPE, ScanConfig
@@ -13,7 +14,7 @@ from mismatch.diagnose.probes import ActivationPeak
 from mismatch.engines import Rollout, refused_dtypes, start_engine
 from mismatch.errors import EngineError, ResumeError
 from mismatch.gate import evaluate
-from mismatch.metrics import pair_table
+from mismatch.measures import Measures
 from mismatch.inputs import prepare_inputs
 from mismatch.models import available_memory, fp32_footprint
 from mismatch.recommend import recommend
@@ -104,11 +105,20 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
 
     with stage("metrics"):
         tokens = runs.tokens_frame(rollouts, scores, tokenizer, config.samples)
-        table = pair_table(tokens, seed=config.sampling.seed)
-        pairs_list = table.to_dict("records")
+        measures = Measures(seed=config.sampling.seed)
+        measures.add(tokens)
+        pairs_list = measures.pair_rows()
+        audit, audit_by_pair = measures.audit_rows(config.sampling.temperature)
         runs.write_parquet(out / runs.TOKENS, tokens)
-        runs.write_csv(out / runs.METRICS_CSV, table)
-        summary |= {"pairs": pairs_list, "recommendation": recommend(pairs_list, summary.get("fp16_headroom"), summary["refused_dtypes"], summary["semantic_probe"], config.engine)}
+        runs.write_csv(out / runs.METRICS_CSV, pd.DataFrame(pairs_list))
+        summary |= {
+            "pairs": pairs_list,
+            "corrections": measures.corrections_rows(),
+            "health": measures.health_rows(),
+            "audit": audit,
+            "audit_by_pair": audit_by_pair,
+            "recommendation": recommend(pairs_list, summary.get("fp16_headroom"), summary["refused_dtypes"], summary["semantic_probe"], config.engine),
+        }
         if config.fail_on:
             summary["gate"] = evaluate(config.conditions(), pairs_list)
     log.finish()  # the report reads the complete run folder

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from mismatch import metrics as m
+from mismatch.measures import Measures
 
 # Three tokens in two sequences: ℓ = log π − log μ = [log 2, 0, −log 2]; sequence 0 holds the first two.
 MU = np.log([0.25, 0.5, 0.8])
@@ -63,7 +64,7 @@ def test_pair_metrics_drops_non_finite_tokens_and_counts_them():
     assert set(m.METRICS) <= set(out)
 
 
-def test_pair_table_groups_by_dtype_pair():
+def test_measures_group_by_dtype_pair():
     frame = pd.DataFrame(
         {
             "engine_dtype": ["bf16"] * 3 + ["fp16"] * 3,
@@ -76,7 +77,9 @@ def test_pair_table_groups_by_dtype_pair():
             "log_kept_mass": 0.0,
         }
     )
-    table = m.pair_table(frame).set_index("engine_dtype")
+    measures = Measures()
+    measures.add(frame)
+    table = pd.DataFrame(measures.pair_rows()).set_index("engine_dtype")
     assert table.loc["bf16", "k3"] == pytest.approx(0.5 / 3)
     assert table.loc["fp16", "k3"] == 0.0
 
@@ -99,3 +102,24 @@ def test_bootstrap_resamples_prompts_not_their_correlated_samples():
     seqs, prompts = np.arange(20), np.repeat([0, 1], 10)
     assert m.bootstrap_mean_ci(values, prompts)[0] == 0.0
     assert m.bootstrap_mean_ci(values, seqs)[0] > 0.2
+
+
+def test_pair_stats_fed_in_chunks_equals_pair_metrics_over_all_tokens():
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(1, 30, size=60)
+    seqs = np.repeat(np.arange(60), lengths)
+    prompts = seqs // 4
+    engine = np.log(rng.uniform(0.01, 1, size=len(seqs)))
+    trainer = engine + rng.normal(0, 0.1, size=len(seqs))
+    whole = m.pair_metrics(trainer, engine, seqs, seed=2, prompt_ids=prompts)
+    stats = m.PairStats()
+    for part in np.array_split(np.arange(15), 3):  # three chunks of whole prompts
+        keep = np.isin(prompts, part)
+        stats.add(trainer[keep], engine[keep], seqs[keep], prompts[keep])
+    chunked = stats.result(seed=2)
+    assert chunked.keys() == whole.keys()
+    for name, value in whole.items():
+        assert chunked[name] == pytest.approx(value, rel=1e-12), name
+    assert whole["seq_kl"] == pytest.approx(m.seq_kl(trainer, engine, seqs), rel=1e-12)
+    assert whole["seq_slope_per_1k"] == pytest.approx(m.seq_slope_per_1k(trainer, engine, seqs), rel=1e-9)
+    assert whole["log_ppl_diff"] == pytest.approx(m.log_ppl_diff(trainer, engine, seqs), rel=1e-12)

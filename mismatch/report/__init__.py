@@ -1,4 +1,4 @@
-"""Reports built from a run folder alone: report.html and summary.md (scan), report.html (train),
+"""Reports built from a run folder alone: report.html and summary.md (scan, analyze), report.html (train),
 compare.html and compare.md (compare)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def write_report(run_dir: Path) -> list[Path]:
     from mismatch.report.html import render_report
     from mismatch.report.markdown import render_markdown
 
-    run = runs.load_scan(run_dir)
+    run = runs.load_analyze(run_dir) if kind == "analyze" else runs.load_scan(run_dir)
     return _write([(run_dir / runs.REPORT_HTML, render_report(run)), (run_dir / runs.SUMMARY_MD, render_markdown(run))])
 
 

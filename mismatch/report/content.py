@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from mismatch.metrics import log_ratio
-from mismatch.runs import ScanRun
+from mismatch import measures
+from mismatch.runs import AnalyzeRun, ScanRun
 
 
 def header_facts(run: ScanRun) -> list[tuple[str, str]]:
@@ -34,36 +32,33 @@ def header_facts(run: ScanRun) -> list[tuple[str, str]]:
     return facts
 
 
-def worst_tokens(run: ScanRun, n: int = 20, left: int = 12, right: int = 6, prompt_chars: int = 160) -> list[dict]:
-    """The `n` tokens with the largest |log π − log μ|, each with the response text around it
-    and the end of its prompt."""
-    tokens = run.tokens
+def analyze_facts(run: AnalyzeRun) -> list[tuple[str, str]]:
+    summary, config = run.summary, run.summary["config"]
+    rescored = f"rescored by {config['model']} in {', '.join(config['dtypes'])}" if config.get("model") else ""
+    own = "the dump's own π" if summary.get("dump_has_trainer") else ""
+    facts = [
+        ("dump", " · ".join(config["paths"])),
+        ("format", summary["format"]),
+        ("trainer side", " and ".join(filter(None, [own, rescored]))),
+        ("temperature", f"{summary['temperature']:g} ({summary['temperature_source']})"),
+        ("steps", str(summary["n_steps"]) if summary["n_steps"] > 1 else "none recorded (one batch)"),
+        ("tokens", " · ".join(f"{p['engine_dtype']}→{p['trainer_dtype']}: {p['n_tokens']}" for p in run.pairs)),
+        ("date", summary.get("created", "")),
+        ("mismatch", str(summary.get("versions", {}).get("mismatch"))),
+    ]
+    if config.get("model") and config["top_p"] < 1:
+        facts.insert(4, ("top-p", f"{config['top_p']:g}, applied to the rescored π"))
+    if run.sampled:
+        facts.append(("plots", f"drawn from {len(run.tokens)} tokens in evenly spaced row groups of tokens.parquet; the tables use every token"))
+    return facts
+
+
+def worst_tokens(run: ScanRun, n: int = 20) -> list[dict]:
+    """The `n` tokens with the largest |log π − log μ| (an analyze run saved them while streaming)."""
+    if "worst_tokens" in run.summary:
+        return run.summary["worst_tokens"][:n]
     prompts = run.rollouts.set_index(["engine_dtype", "seq_id"])["prompt"]
-    scored = tokens.assign(ratio=log_ratio(tokens["logp_trainer"], tokens["logp_engine"]))
-    scored = scored[np.isfinite(scored["ratio"])]
-    top = scored.reindex(scored["ratio"].abs().sort_values(ascending=False).index[:n])
-    text = {}  # the response tokens of each engine sequence holding a worst token
-    for engine_dtype, seq_id in set(zip(top["engine_dtype"], top["seq_id"])):
-        seq = tokens[(tokens["engine_dtype"] == engine_dtype) & (tokens["seq_id"] == seq_id)]
-        text[engine_dtype, seq_id] = seq.drop_duplicates("position").sort_values("position")["token"].tolist()
-    rows = []
-    for row in top.itertuples():
-        response = text[row.engine_dtype, row.seq_id]
-        rows.append(
-            {
-                "pair": f"{row.engine_dtype}→{row.trainer_dtype}",
-                "seq_id": int(row.seq_id),
-                "position": int(row.position),
-                "before": "".join(response[max(0, row.position - left) : row.position]),
-                "token": row.token,
-                "after": "".join(response[row.position + 1 : row.position + 1 + right]),
-                "mu": float(np.exp(row.logp_engine)),
-                "pi": float(np.exp(row.logp_trainer)),
-                "ratio": float(np.exp(row.ratio)),
-                "prompt": prompts[row.engine_dtype, row.seq_id][-prompt_chars:],
-            }
-        )
-    return rows
+    return measures.worst_tokens(run.tokens, lambda engine_dtype, seq_id: prompts[engine_dtype, seq_id], n)
 
 
 def nucleus_text(pair: dict) -> str:

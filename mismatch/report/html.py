@@ -10,9 +10,9 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from mismatch.compare import differences, side_by_side
 from mismatch.metrics import BOOTSTRAP_DRAWS
 from mismatch.report import plots
-from mismatch.report.content import header_facts, worst_tokens
+from mismatch.report.content import analyze_facts, header_facts, worst_tokens
 from mismatch.report.frameworks import METRIC_NOTES, settings_for
-from mismatch.runs import ScanRun
+from mismatch.runs import AnalyzeRun, ScanRun
 
 WORST_TOKENS = 25
 
@@ -29,11 +29,12 @@ def environment() -> Environment:
     env.filters["sci"] = _number(".2e")
     env.filters["fixed"] = _number(".4f")
     env.filters["ratio"] = lambda value: "—" if value is None else f"{value:.3g}×"
+    env.filters["percent"] = lambda value: "—" if value is None else f"{100 * value:.3g}%"
     return env
 
 
 def figures(run: ScanRun) -> dict[str, str]:
-    return {
+    drawn = {
         name: plots.to_data_uri(draw(run.tokens))
         for name, draw in (
             ("scatter", plots.scatter),
@@ -42,19 +43,28 @@ def figures(run: ScanRun) -> dict[str, str]:
             ("position_profile", plots.position_profile),
         )
     }
+    if isinstance(run, AnalyzeRun) and len(run.steps):
+        drawn["over_training"] = plots.to_data_uri(plots.over_training(run.steps, run.summary["drift"]))
+    return drawn
 
 
 def render_report(run: ScanRun) -> str:
-    recommendation = run.summary["recommendation"]
+    """report.html of a scan, or of an analyze run (a user's dump: no engine settings, maybe steps)."""
+    recommendation, analyzed = run.summary["recommendation"], isinstance(run, AnalyzeRun)
     return environment().get_template("report.html.j2").render(
-        title=f"mismatch · {run.summary['config']['model']}",
-        facts=header_facts(run),
+        title=f"mismatch · {'analyze · ' + ' · '.join(run.summary['config']['paths']) if analyzed else run.summary['config']['model']}",
+        analyzed=analyzed,
+        facts=analyze_facts(run) if analyzed else header_facts(run),
+        health=run.summary.get("health", []),
+        audit=run.summary.get("audit_by_pair", {}),
+        corrections=run.summary.get("corrections", []),
+        drift=run.summary.get("drift", []),
         recommendation=recommendation,
         gate=run.summary.get("gate"),
         settings=settings_for(recommendation["verdict"]),
         pairs=run.pairs,
         probe=run.summary.get("semantic_probe"),
-        probe_only="fp32" not in run.summary["config"]["dtypes"] and bool(run.summary.get("semantic_probe", {}).get("prompts")),
+        probe_only=not analyzed and "fp32" not in run.summary["config"]["dtypes"] and bool(run.summary.get("semantic_probe", {}).get("prompts")),
         metric_notes=METRIC_NOTES,
         n_boot=BOOTSTRAP_DRAWS,
         figures=figures(run),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 from mismatch.compare import differences, side_by_side
-from mismatch.report.content import header_facts, worst_tokens
-from mismatch.runs import ScanRun
+from mismatch.report.content import analyze_facts, header_facts, worst_tokens
+from mismatch.runs import AnalyzeRun, ScanRun
 
 LIMIT = 60_000  # GitHub's comment body limit is 65,536 characters
 CELL = 160  # characters of context per worst-token cell
@@ -36,7 +36,9 @@ def render_markdown(run: ScanRun, worst: int = 25) -> str:
 
 def _render(run: ScanRun, worst: list[dict]) -> str:
     recommendation = run.summary["recommendation"]
-    lines = [f"## mismatch: {escape(run.summary['config']['model'])}", "", f"**Verdict:** {recommendation['summary']}", ""]
+    analyzed = isinstance(run, AnalyzeRun)
+    title = "analyze " + " · ".join(run.summary["config"]["paths"]) if analyzed else run.summary["config"]["model"]
+    lines = [f"## mismatch: {escape(title)}", "", f"**Verdict:** {escape(recommendation['summary'])}", ""]
     lines += [f"- {action}" for action in recommendation["actions"]]
     if gate := run.summary.get("gate"):
         lines += ["", f"**CI gate:** {'failed: ' + '; '.join(gate['failed']) if gate['failed'] else 'passed'}"]
@@ -51,7 +53,8 @@ def _render(run: ScanRun, worst: list[dict]) -> str:
             f"| {number(p['seq_kl'])} | {number(p['seq_slope_per_1k'])} | {number(p['log_ppl_diff'])} |"
         )
     lines += ["", "ℓ = log π(trainer) − log μ(engine) over sampled response tokens; k3 = mean(e^ℓ − 1 − ℓ) estimates KL[μ‖π].", ""]
-    lines += [" · ".join(f"{name}: {escape(value)}" for name, value in header_facts(run) if name != "tokens"), ""]
+    lines += [" · ".join(f"{name}: {escape(value)}" for name, value in (analyze_facts(run) if analyzed else header_facts(run)) if name != "tokens"), ""]
+    lines += _checks(run.summary)
     if worst:
         lines += ["<details><summary>Worst tokens in context</summary>", "", "| pair | seq | pos | context (token in **bold**) | μ | π | π/μ |", "|---|--:|--:|---|--:|--:|--:|"]
         for w in worst:
@@ -60,6 +63,32 @@ def _render(run: ScanRun, worst: list[dict]) -> str:
         lines += ["", "</details>", ""]
     lines.append(f"<sub>mismatch {escape(str(run.summary.get('versions', {}).get('mismatch')))} · every number is recomputable from the run's tokens.parquet</sub>")
     return "\n".join(lines) + "\n"
+
+
+def _checks(summary: dict) -> list[str]:
+    """The audit, the health checks that are not ok, the correction replay and the drift."""
+    lines = []
+    if audit := summary.get("audit"):
+        lines += ["**Setup audit:** " + " · ".join(f"{a['check']} {a['status']}" for a in audit), ""]
+        lines += [f"- {a['check']} ({escape(a['pair'])}): {escape(a['detail'])}" for a in audit if a["status"] in ("warn", "fail")]
+        lines += [""] if lines[-1] else []
+    health = summary.get("health", [])
+    if flagged := [h for h in health if h["status"] in ("warn", "fail")]:
+        lines += [f"**Health:** {len(flagged)} of {len(health)} framework checks flagged", "", "| pair | framework | metric | value | healthy | status |", "|---|---|---|--:|---|---|"]
+        lines += [f"| {escape(h['pair'])} | {h['framework']} | {escape(h['metric'])} | {number(h['value'], '.3g')} | {escape(h['threshold'])} | {h['status']} |" for h in flagged]
+        lines.append("")
+    elif health:
+        lines += [f"**Health:** all {len(health)} framework checks pass", ""]
+    if corrections := summary.get("corrections"):
+        lines += ["<details><summary>What each correction would do</summary>", "", "| pair | correction | band | tokens changed | sequences changed | ESS before → after |", "|---|---|---|--:|--:|--:|"]
+        lines += [
+            f"| {escape(c['pair'])} | {escape(c['correction'])} ({c['level']} {c['action']}) | {c['band']} | {100 * c['share_tokens_changed']:.3g}% | {100 * c['share_seqs_changed']:.3g}% | {c['ess_before']:.3f} → {c['ess_after']:.3f} |"
+            for c in corrections
+        ]
+        lines += ["", "</details>", ""]
+    if departed := [d for d in summary.get("drift", []) if d["departs_at"] is not None]:
+        lines += ["**Over training:** " + " · ".join(f"{escape(d['pair'])} {escape(d['metric'])} departs from its start at step {d['departs_at']}" for d in departed), ""]
+    return lines
 
 
 def render_compare_markdown(before: ScanRun, after: ScanRun) -> str:

@@ -72,7 +72,8 @@ def sequence_drift(tokens: pd.DataFrame):
     groups = list(pair_groups(tokens))
     fig, axes = _panels(len(groups))
     for ax, (engine, trainer, group) in zip(axes, groups):
-        seqs = group.assign(ratio=log_ratio(group["logp_trainer"], group["logp_engine"])).groupby("seq_id").agg(total=("ratio", "sum"), length=("ratio", "size"))
+        keys = ["step", "seq_id"] if "step" in group else ["seq_id"]  # an analyzed run numbers sequences per step
+        seqs = group.assign(ratio=log_ratio(group["logp_trainer"], group["logp_engine"])).groupby(keys).agg(total=("ratio", "sum"), length=("ratio", "size"))
         ax.scatter(seqs["length"], seqs["total"], s=10, color=COLORS.get(trainer, "#444"), alpha=0.7)
         ax.axhline(0, color="#888", lw=0.8, ls="--")
         if seqs["length"].nunique() > 1:
@@ -114,5 +115,26 @@ def position_profile(tokens: pd.DataFrame, bins: int = 16):
         ax.plot(centres[mean.index], mean.to_numpy(), marker="o", ms=3, color=COLORS.get(engine), ls="-" if engine == trainer else ":", label=pair_label(engine, trainer))
     ax.set(yscale="log", xlabel="position in the response (token)", ylabel="mean |log π − log μ|")
     ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+STEP_PANELS = (("k3", "k3 (KL[μ‖π])", "log"), ("mean_abs_dp", "mean |π − μ|", "log"), ("min_ratio", "min π/μ", "linear"),
+               ("max_ratio", "max π/μ", "linear"), ("frac_outside_2", "share outside [1/2, 2]", "linear"))  # fmt: skip
+
+
+def over_training(steps: pd.DataFrame, drift: list[dict]):
+    """Each metric per training step, one line per pair; a dotted line where it departs from its start."""
+    fig, axes = _panels(len(STEP_PANELS), sharey=False)
+    departs = {(d["pair"], d["metric"]): d["departs_at"] for d in drift}
+    for ax, (metric, label, scale) in zip(axes, STEP_PANELS):
+        for (engine, trainer), group in steps.sort_values("step").groupby(["engine_dtype", "trainer_dtype"], sort=False):
+            line = ax.plot(group["step"], group[metric], marker="o", ms=2, lw=1, label=pair_label(engine, trainer), color=COLORS.get(trainer))[0]
+            if (at := departs.get((f"{engine}→{trainer}", metric))) is not None:
+                ax.axvline(at, color=line.get_color(), ls=":", lw=1)
+        if scale == "log" and (steps[metric] > 0).all():
+            ax.set_yscale("log")
+        ax.set(title=label, xlabel="training step")
+    axes[0].legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return fig

@@ -1,0 +1,188 @@
+"""`mismatch analyze` as a library call: a user's training dump → π (the dump's own, or ours
+rescored with `--model` per dtype) → metrics per pair and per step, correction replay, health,
+audit → a run folder with a scan's files and report.
+
+The dump is read once per trainer side, one chunk (step) at a time: memory holds a step, the
+running sums of `Measures` and the worst tokens, never the whole run.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from mismatch import runs
+from mismatch.config import AnalyzeConfig
+from mismatch.corrections import with_thresholds
+from mismatch.drift import DRIFT_METRICS, drift
+from mismatch.dumps import Chunk, find_reader
+from mismatch.engines import Rollout
+from mismatch.errors import DumpError
+from mismatch.measures import Measures, worst_tokens
+from mismatch.recommend import recommend_run
+from mismatch.report import write_report
+
+ENGINE, TRAINER = "engine", "trainer"  # pair names where the dump does not give its dtypes
+WORST = 25
+ASSUMED_TEMPERATURE = "not recorded in the dump: 1 assumed (give --temperature)"
+
+
+class _Silent:
+    def stage(self, description: str, total: int | None) -> Callable[[int], None]:
+        return lambda n: None
+
+
+class _Rescorer:
+    """The user's model as trainer, in each requested dtype, over the dump's token ids."""
+
+    def __init__(self, config: AnalyzeConfig):
+        from mismatch.models import load_tokenizer, resolve_model
+
+        self.config = config
+        self.path = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
+        self.tokenizer = load_tokenizer(self.path, trust_remote_code=config.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.model = None
+
+    def load(self, dtype: str) -> None:
+        from mismatch.rescore import load_trainer
+
+        self.model = None  # free the previous dtype's weights first
+        self.dtype, self.model = dtype, load_trainer(self.path, dtype, trust_remote_code=self.config.trust_remote_code)
+
+    def score(self, chunk: Chunk, temperature: float) -> pd.DataFrame:
+        """The chunk's rows with `logp_trainer` (and the nucleus columns) from our forward."""
+        from mismatch.rescore import rescore
+
+        tokens = chunk.tokens
+        seqs = list(dict.fromkeys(tokens["seq_id"]))
+        missing = [s for s in seqs if s not in chunk.contexts]
+        if missing:
+            raise DumpError(f"sequence {missing[0]} has no prompt token ids, so --model cannot rescore it: add a prompt_ids field (a list per sequence)")
+        rollouts = [Rollout(0, 0, *chunk.contexts[s], [], "") for s in seqs]
+        scores = rescore(self.model, self.dtype, rollouts, temperature, self.config.top_p, self.pad_id)
+        starts = dict(zip(seqs, np.cumsum([0] + [len(r.response_ids) for r in rollouts[:-1]])))
+        at = tokens["seq_id"].map(starts).to_numpy() + tokens["position"].to_numpy()
+        if (tokens["position"].to_numpy() >= tokens["seq_id"].map({s: len(r.response_ids) for s, r in zip(seqs, rollouts)}).to_numpy()).any():
+            raise DumpError("a token row's position is beyond its sequence's response ids")
+        return tokens.assign(**{name: np.concatenate(values)[at] for name, values in scores.items()}, trainer_dtype=self.dtype)
+
+
+def run_analyze(config: AnalyzeConfig, progress=None, force: bool = False) -> dict:
+    """Analyze the dump in `config.paths` into `config.out`; return its summary (also summary.json)."""
+    progress = progress or _Silent()
+    runs.check_output_dir(config.out, force)
+    reader = find_reader(config.paths, config.format)
+    log = runs.RunLog(config.out, "analyze", config.to_json())
+    summary, stage = log.summary, log.stage
+    summary["format"] = reader.NAME
+    measures = Measures(with_thresholds(config.corrections), config.seed)
+    worst: list[dict] = []
+    steps: set[int] = set()
+    temperature = config.temperature
+    summary["temperature_source"] = "--temperature"
+    rescorer = None
+    if config.model:
+        with stage("load_tokenizer"):
+            rescorer = _Rescorer(config)
+    with runs.parquet_sink(config.out / runs.TOKENS, runs.ANALYZE_TOKEN_COLUMNS) as write:
+        for trainer in [None, *(config.dtypes if rescorer else [])]:
+            with stage(f"read_{trainer or 'dump'}"):
+                if trainer:
+                    rescorer.load(trainer)
+                advance = progress.stage(f"{reader.NAME}: " + (f"rescore in {trainer}" if trainer else "read"), None)
+                for chunk in reader.read(config.paths):
+                    if temperature is None:
+                        temperature, summary["temperature_source"] = _dump_temperature(chunk)
+                    if trainer is None and "logp_trainer" not in chunk.tokens:
+                        if rescorer is None:
+                            raise DumpError(f"{config.paths[0]} carries only μ (no logp_trainer): pass --model (and --temperature, --top-p as sampled) to compute π")
+                        break
+                    summary["dump_has_trainer"] = "logp_trainer" in chunk.tokens
+                    tokens = _rows(rescorer.score(chunk, temperature) if trainer else chunk.tokens, rescorer)
+                    write(tokens)
+                    has_steps = "step" in chunk.tokens
+                    if has_steps:
+                        steps.update(tokens["step"].unique().tolist())
+                    measures.add(tokens.assign(cluster=_clusters(tokens, has_steps)), int(tokens["step"].iat[0]) if has_steps else None)
+                    worst = _worst(worst, tokens, chunk, rescorer)
+                    advance(1)
+    if not measures.pairs:
+        raise DumpError(f"{', '.join(map(str, config.paths))} holds no token with a loss mask: nothing to analyze")
+
+    with stage("metrics"):
+        pairs = measures.pair_rows()
+        runs.write_csv(config.out / runs.METRICS_CSV, pd.DataFrame(pairs))
+        step_frame = pd.DataFrame(measures.steps)
+        if len(steps) > 1:
+            runs.write_parquet(config.out / runs.STEPS, step_frame)
+        audit, audit_by_pair = measures.audit_rows(None if summary["temperature_source"] == ASSUMED_TEMPERATURE else temperature)
+        health = measures.health_rows()
+        summary |= {
+            "temperature": temperature,
+            "n_steps": len(steps),
+            "pairs": pairs,
+            "corrections": measures.corrections_rows(),
+            "health": health,
+            "audit": audit,
+            "audit_by_pair": audit_by_pair,
+            "drift": _drift(step_frame) if len(steps) > 1 else [],
+            "worst_tokens": worst,
+        }
+        summary["recommendation"] = recommend_run(pairs, health, audit, summary["drift"], summary["corrections"])
+    log.finish()
+    with stage("report"):
+        write_report(config.out)
+    return summary
+
+
+def _dump_temperature(chunk: Chunk) -> tuple[float, str]:
+    """The sampling temperature the dump records, else 1 (what rescoring then applies)."""
+    if "temperature" in chunk.tokens and chunk.tokens["temperature"].notna().any():
+        return float(chunk.tokens["temperature"].dropna().iat[0]), "the dump"
+    return 1.0, ASSUMED_TEMPERATURE
+
+
+def _rows(tokens: pd.DataFrame, rescorer) -> pd.DataFrame:
+    """Open-format rows completed to ANALYZE_TOKEN_COLUMNS (defaults where the dump is silent)."""
+    tokens = tokens.copy()
+    defaults = {"step": 0, "engine_dtype": ENGINE, "trainer_dtype": TRAINER, "finish_reason": None}
+    for column, value in defaults.items():
+        if column not in tokens:
+            tokens[column] = value
+    if "prompt_index" not in tokens:
+        tokens["prompt_index"] = tokens["seq_id"]  # no groups: each sequence its own unit
+    if "logp_trainer_full" not in tokens:
+        tokens["logp_trainer_full"] = tokens["logp_trainer"]
+    if "log_kept_mass" not in tokens:
+        tokens["log_kept_mass"] = 0.0
+    if "response_len" not in tokens:
+        tokens["response_len"] = tokens.groupby(["step", "seq_id"])["position"].transform("max") + 1
+    if "token" not in tokens:
+        tokens = runs.with_token_text(tokens, rescorer.tokenizer) if rescorer else tokens.assign(token=tokens["token_id"].map(lambda i: f"⟨{i}⟩"))
+    return tokens[list(runs.ANALYZE_TOKEN_COLUMNS)]
+
+
+def _clusters(tokens: pd.DataFrame, has_steps: bool) -> pd.Series:
+    """The resampled unit: the prompt, within its step (prompt numbers restart every step)."""
+    prompt = tokens["prompt_index"].astype(np.int64)
+    return tokens["step"].astype(np.int64) * (1 << 32) + prompt if has_steps else prompt
+
+
+def _worst(kept: list[dict], tokens: pd.DataFrame, chunk: Chunk, rescorer) -> list[dict]:
+    def prompt_of(engine_dtype, seq_id) -> str:
+        context = chunk.contexts.get(int(seq_id))
+        return rescorer.tokenizer.decode(context[0]) if rescorer and context else ""
+
+    found = worst_tokens(tokens, prompt_of, WORST)
+    return sorted(kept + found, key=lambda row: row["abs_log_ratio"], reverse=True)[:WORST]
+
+
+def _drift(step_frame: pd.DataFrame) -> list[dict]:
+    return [
+        {"pair": f"{engine}→{trainer}"} | drift(group["step"], group[metric], metric)
+        for (engine, trainer), group in step_frame.sort_values("step").groupby(["engine_dtype", "trainer_dtype"], sort=False)
+        for metric in DRIFT_METRICS
+    ]

@@ -1,0 +1,113 @@
+"""Fingerprints of setup bugs in sampled-token log-probs, found without the full distributions.
+
+- **truncation** (top-p / top-k applied on one side only): under μ, E[π/μ] = Σ π = 1 whenever
+  both sides are full distributions over the same tokens, whatever their precision. Renormalising
+  μ to a nucleus S makes it S < 1 (a near-constant negative offset of ℓ on kept tokens);
+  renormalising π makes it > 1 on kept tokens and gives −inf to tokens outside π's nucleus.
+  m = mean(π/μ) − 1 with a standard error that resamples sequences is the test.
+- **temperature** (μ at one temperature, π at another): log π = (T_μ/T_π)·log μ + c, so ℓ tilts with
+  log μ; the least-squares slope b of ℓ on log μ estimates T_μ/T_π − 1. Precision noise alone gives
+  |b| ~ 1e-4 (measured on the embedded model in BF16 and FP16).
+- **raw_logprobs** (one side's log-probs taken before the temperature was applied, e.g. vLLM's
+  `logprobs_mode="raw_logprobs"`): the temperature fingerprint with T_μ/T_π = 1/T or T, where
+  the sampling temperature T is known.
+
+`Audit` streams: it keeps sums only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+TRUNCATION_WARN, TRUNCATION_FAIL = 1e-3, 1e-2  # |m|; an FP32 engine/trainer pair measures |m| ~ 1e-5
+SLOPE_WARN, SLOPE_FAIL = 2e-3, 1e-2  # |b|: 0.2% and 1% in temperature ratio
+Z = 5.0  # and the deviation must be this many standard errors away from 0
+
+
+class Audit:
+    def __init__(self):
+        self.n = 0
+        self.s = dict.fromkeys(("x", "y", "xx", "xy", "yy", "w", "seq_w2", "seq_wn", "seq_n2"), 0.0)
+        self.trainer_only_inf = self.engine_only_inf = 0
+
+    def add(self, logp_trainer, logp_engine, seq_ids) -> None:
+        pi, mu, seqs = np.asarray(logp_trainer, dtype=np.float64), np.asarray(logp_engine, dtype=np.float64), np.asarray(seq_ids)
+        self.trainer_only_inf += int((np.isneginf(pi) & np.isfinite(mu)).sum())
+        self.engine_only_inf += int((np.isneginf(mu) & np.isfinite(pi)).sum())
+        finite = np.isfinite(pi) & np.isfinite(mu)
+        x, y, seqs = mu[finite], pi[finite] - mu[finite], seqs[finite]
+        if not len(x):
+            return
+        w = np.expm1(np.clip(y, -20, 20))  # π/μ − 1
+        self.n += len(x)
+        for name, values in (("x", x), ("y", y), ("xx", x * x), ("xy", x * y), ("yy", y * y), ("w", w)):
+            self.s[name] += float(values.sum())
+        _, index = np.unique(seqs, return_inverse=True)
+        per_seq, counts = np.bincount(index, weights=w), np.bincount(index).astype(np.float64)
+        self.s["seq_w2"] += float((per_seq**2).sum())
+        self.s["seq_wn"] += float((per_seq * counts).sum())
+        self.s["seq_n2"] += float((counts**2).sum())
+
+    def offset(self) -> tuple[float, float]:
+        """m = mean(π/μ) − 1 and its standard error, sequences as the resampled units."""
+        n, s = self.n, self.s
+        m = s["w"] / n
+        variance = s["seq_w2"] - 2 * m * s["seq_wn"] + m * m * s["seq_n2"]  # Σ_s (Σ_t w − m·n_s)²
+        return m, math.sqrt(max(variance, 0.0)) / n
+
+    def slope(self) -> tuple[float, float]:
+        """b of ℓ ≈ a + b·log μ and its standard error."""
+        n, s = self.n, self.s
+        sxx, sxy, syy = s["xx"] - s["x"] ** 2 / n, s["xy"] - s["x"] * s["y"] / n, s["yy"] - s["y"] ** 2 / n
+        if n < 3 or sxx <= 0:
+            return float("nan"), float("nan")
+        b = sxy / sxx
+        return b, math.sqrt(max(syy - b * sxy, 0.0) / (n - 2) / sxx)
+
+    def result(self, temperature: float | None = None) -> list[dict]:
+        if not self.n:
+            return [{"check": name, "status": "not_measured", "detail": "no token with finite μ and π"} for name in ("truncation", "temperature", "raw_logprobs")]
+        truncation = self._truncation()
+        return [truncation, *self._temperature(temperature, confounded=truncation["status"] != "ok")]
+
+    def _truncation(self) -> dict:
+        m, se = self.offset()
+        significant = abs(m) > Z * se
+        level = "fail" if significant and abs(m) > TRUNCATION_FAIL else "warn" if significant and abs(m) > TRUNCATION_WARN else "ok"
+        detail = f"mean(π/μ) − 1 = {m:+.2e} ± {se:.1e} over {self.n} tokens (0 when both sides are full distributions)"
+        if level != "ok":
+            side = "the engine's μ is renormalised to a nucleus (top-p/top-k) the trainer's π does not apply" if m < 0 else "the trainer's π is renormalised to a nucleus the engine's μ does not apply"
+            detail += f": {side}; apply the same top-p/top-k on both sides or log full-distribution log-probs"
+        if self.trainer_only_inf:
+            level = "fail"
+            detail += f"; {self.trainer_only_inf} sampled token(s) have π = 0 (−inf) with finite μ: the trainer truncates tokens the engine sampled"
+        if self.engine_only_inf:
+            level = "fail"
+            detail += f"; {self.engine_only_inf} token(s) have μ = 0 (−inf) though sampled: the engine's log-probs are not of the sampling distribution"
+        return {"check": "truncation", "status": level, "detail": detail, "offset": m, "offset_se": se}
+
+    def _temperature(self, temperature: float | None, confounded: bool) -> list[dict]:
+        b, se = self.slope()
+        implied = 1 + b
+        significant = abs(b) > Z * se
+        level = "fail" if significant and abs(b) > SLOPE_FAIL else "warn" if significant and abs(b) > SLOPE_WARN else "ok"
+        detail = f"ℓ = a + b·log μ with b = {b:+.2e} ± {se:.1e}: T_μ / T_π ≈ {implied:.4f} (1 when both sides use one temperature)"
+        if level != "ok":
+            detail += f"; μ and π look processed at temperatures in the ratio {implied:.3g}: divide the trainer's logits by the sampling temperature, exactly once"
+            if confounded:
+                detail += " (part of this tilt can come from the truncation found above)"
+        temperature_row = {"check": "temperature", "status": level, "detail": detail, "slope": b, "slope_se": se, "implied_ratio": implied}
+        if temperature is None or temperature == 1.0:
+            raw = {"check": "raw_logprobs", "status": "not_measured", "detail": "needs a sampling temperature ≠ 1 (a `temperature` field or --temperature): at T = 1 raw and processed log-probs coincide"}
+        else:
+            near = min((abs(implied - target), side) for target, side in ((1 / temperature, "μ are raw (T = 1) log-probs while π is at the sampling temperature"), (temperature, "π is at T = 1 (logits not divided by the temperature) while μ is processed")))
+            matches = level != "ok" and near[0] < 0.5 * abs(b)  # nearer the target than halfway from 1 (the slope is attenuated)
+            raw = {
+                "check": "raw_logprobs",
+                "status": "fail" if matches else "ok",
+                "detail": (f"T_μ / T_π ≈ {implied:.4f} matches the sampling temperature {temperature:g}: {near[1]}; use vLLM logprobs_mode='processed_logprobs'" if matches
+                           else f"no sign of raw log-probs at sampling temperature {temperature:g} (T_μ / T_π ≈ {implied:.4f})"),
+            }  # fmt: skip
+        return [temperature_row, raw]

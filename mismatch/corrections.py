@@ -1,0 +1,193 @@
+"""Correction replay: on the very tokens measured, what each framework's correction would do.
+
+Every correction turns the per-token log-ratio ℓ = log π − log μ into a weight the policy
+gradient is multiplied by. ρ is e^ℓ per token (`token`), e^Σℓ per sequence (`sum`: the
+sequence ratio, a product of token ratios) or e^mean ℓ (`mean`: the geometric mean). Then
+`truncate` clamps ρ to [low, high], `mask` zeroes it outside, `reject` keeps weight 1 inside and
+0 outside (rejection sampling, no reweighting). Log-ratios are clamped to ±20 first, as verl does
+(SAFETY_BOUND in verl/trainer/ppo/rollout_corr_helper.py), so weights stay finite.
+
+The defaults are each framework's own, with the file they are read from. `Replay` streams: it
+keeps sums and a log-weight histogram, never the tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from mismatch.errors import ConfigError
+
+SAFETY_BOUND = 20.0
+QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
+BIN = 1e-3  # log-weight histogram resolution: quantiles within ±0.05% of the weight
+_EDGES = np.arange(-SAFETY_BOUND, SAFETY_BOUND + BIN, BIN)
+
+
+@dataclass(frozen=True)
+class Correction:
+    name: str
+    ratio: str  # token | sum | mean
+    action: str  # truncate | mask | reject
+    low: float | None
+    high: float | None
+    source: str
+
+    @property
+    def level(self) -> str:
+        return "token" if self.ratio == "token" else "sequence"
+
+    def band(self) -> str:
+        return f"[{'—' if self.low is None else f'{self.low:g}'}, {'—' if self.high is None else f'{self.high:g}'}]"
+
+
+CORRECTIONS = (
+    Correction("token_tis", "token", "truncate", None, 2.0, "verl rollout_is=token, rollout_is_threshold 2.0 (trainer/config/algorithm/rollout_correction.yaml); slime --tis-clip 2.0"),
+    Correction("icepop", "token", "mask", 0.5, 5.0, "NeMo-RL truncated_importance_sampling_type=icepop, 'ref bounds: 0.5–5' (nemo_rl/algorithms/loss/loss_functions.py); examples/configs/prorlv2.v2.yaml"),
+    Correction("seq_mis", "sum", "mask", 0.5, 2.0, "verl decoupled_seq_is_rs: sequence IS 2.0 with seq_sum_k1 rejection '0.5_2.0' (trainer/config/algorithm.py)"),
+    Correction("geometric", "mean", "reject", 0.999, 1.001, "verl decoupled_geo_rs: seq_mean_k1 rejection '0.999_1.001' (trainer/config/algorithm.py)"),
+    Correction("trl_token_truncate", "token", "truncate", None, 3.0, "TRL GRPOConfig vllm_importance_sampling_mode='token_truncate', clip_max 3.0 (trl/trainer/grpo_config.py)"),
+    Correction("trl_token_mask", "token", "mask", None, 3.0, "TRL vllm_importance_sampling_mode='token_mask', clip_max 3.0"),
+    Correction("trl_sequence_truncate", "sum", "truncate", None, 3.0, "TRL vllm_importance_sampling_mode='sequence_truncate', clip_max 3.0"),
+    Correction("trl_sequence_mask", "sum", "mask", None, 3.0, "TRL's default: vllm_importance_sampling_mode='sequence_mask', clip_max 3.0"),
+)
+TRL_MODES = tuple(c.name for c in CORRECTIONS if c.name.startswith("trl_"))
+
+
+def with_thresholds(settings: list[str]) -> tuple[Correction, ...]:
+    """The default corrections with the user's `--correction NAME=HIGH` or `NAME=LOW,HIGH`
+    (`trl=…` sets TRL's four modes at once)."""
+    chosen = {c.name: c for c in CORRECTIONS}
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        names = TRL_MODES if name == "trl" else (name,)
+        if not value or any(n not in chosen for n in names):
+            raise ConfigError(f"--correction {setting!r}: use NAME=HIGH or NAME=LOW,HIGH with NAME one of {', '.join([*chosen, 'trl'])}")
+        try:
+            bounds = [float(part) for part in value.split(",")]
+        except ValueError:
+            raise ConfigError(f"--correction {setting!r}: the thresholds must be numbers") from None
+        if len(bounds) > 2 or any(b <= 0 for b in bounds) or (len(bounds) == 2 and bounds[0] >= bounds[1]):
+            raise ConfigError(f"--correction {setting!r}: give HIGH, or LOW,HIGH with 0 < LOW < HIGH")
+        for n in names:
+            chosen[n] = replace(chosen[n], low=bounds[0], high=bounds[1]) if len(bounds) == 2 else replace(chosen[n], high=bounds[0])
+    return tuple(chosen.values())
+
+
+def ratios(correction: Correction, log_ratio: np.ndarray, seq_index: np.ndarray, n_seqs: int) -> np.ndarray:
+    """log ρ of each unit: per token, or per sequence (`seq_index` numbers the sequences 0…n−1)."""
+    if correction.ratio == "token":
+        return np.clip(log_ratio, -SAFETY_BOUND, SAFETY_BOUND)
+    total = np.bincount(seq_index, weights=log_ratio, minlength=n_seqs)
+    if correction.ratio == "mean":
+        total = total / np.bincount(seq_index, minlength=n_seqs)
+    return np.clip(total, -SAFETY_BOUND, SAFETY_BOUND)
+
+
+def weights(correction: Correction, log_rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(weight after the correction, whether the correction changed it) per unit."""
+    rho = np.exp(log_rho)
+    low = -np.inf if correction.low is None else correction.low
+    high = np.inf if correction.high is None else correction.high
+    outside = (rho < low) | (rho > high)
+    if correction.action == "truncate":
+        return np.clip(rho, low, high), outside
+    if correction.action == "mask":
+        return np.where(outside, 0.0, rho), outside
+    return np.where(outside, 0.0, 1.0), outside
+
+
+class _Tally:
+    """Streaming sums of one correction: changed units, Σw and Σw² before and after, histograms."""
+
+    def __init__(self):
+        self.units = self.changed_units = self.tokens = self.changed_tokens = self.changed_seqs = self.seqs = 0
+        self.sums = dict.fromkeys(("before", "before_sq", "after", "after_sq"), 0.0)
+        self.hist = {"before": np.zeros(len(_EDGES) + 1, dtype=np.int64), "after": np.zeros(len(_EDGES) + 1, dtype=np.int64)}
+        self.zeros_after = 0
+        self.extremes = {"before": [np.inf, -np.inf], "after": [np.inf, -np.inf]}
+
+    def add(self, log_before: np.ndarray, after: np.ndarray, changed: np.ndarray, changed_tokens: int, changed_seqs: int, tokens: int, seqs: int) -> None:
+        before = np.exp(log_before)
+        self.units += len(before)
+        self.changed_units += int(changed.sum())
+        self.tokens, self.changed_tokens, self.seqs, self.changed_seqs = self.tokens + tokens, self.changed_tokens + changed_tokens, self.seqs + seqs, self.changed_seqs + changed_seqs
+        for name, values in (("before", before), ("after", after)):
+            self.sums[name] += float(values.sum())
+            self.sums[name + "_sq"] += float((values**2).sum())
+            positive = values[values > 0]
+            self.hist[name] += np.bincount(np.searchsorted(_EDGES, np.log(positive)), minlength=len(_EDGES) + 1)
+            if len(values):
+                self.extremes[name] = [min(self.extremes[name][0], values.min()), max(self.extremes[name][1], values.max())]
+        self.zeros_after += int((after == 0).sum())
+
+    def quantiles(self, name: str) -> dict[str, float]:
+        """Quantiles from the histogram (zeros, then log-spaced bins at their centres)."""
+        counts = self.hist[name]
+        zeros = self.zeros_after if name == "after" else 0
+        cumulative = zeros + np.cumsum(counts)
+        centres = np.exp(np.concatenate([[_EDGES[0]], (_EDGES[:-1] + _EDGES[1:]) / 2, [_EDGES[-1]]]))
+        out = {}
+        for q in QUANTILES:
+            rank = q * (self.units - 1) + 1  # the k-th smallest value, 1-based
+            out[f"p{round(100 * q):g}"] = 0.0 if rank <= zeros else float(centres[np.searchsorted(cumulative, rank)])
+        return out
+
+    def ess(self, name: str) -> float:
+        """Kish's effective sample size as a fraction of the units: (Σw)² / (n Σw²)."""
+        total, square = self.sums[name], self.sums[name + "_sq"]
+        return total**2 / (self.units * square) if square > 0 else 0.0
+
+
+class Replay:
+    """Every correction, replayed chunk by chunk on (ℓ, sequence) of whole sequences."""
+
+    def __init__(self, corrections: tuple[Correction, ...] = CORRECTIONS):
+        self.corrections = corrections
+        self.tallies = {c.name: _Tally() for c in corrections}
+
+    def add(self, log_ratio, seq_ids) -> None:
+        log_ratio = np.asarray(log_ratio, dtype=np.float64)
+        if not len(log_ratio):
+            return
+        _, seq_index = np.unique(np.asarray(seq_ids), return_inverse=True)
+        n_seqs = int(seq_index.max()) + 1
+        for correction in self.corrections:
+            log_rho = ratios(correction, log_ratio, seq_index, n_seqs)
+            after, changed = weights(correction, log_rho)
+            token_changed = changed if correction.level == "token" else changed[seq_index]
+            changed_seqs = int(np.bincount(seq_index, weights=token_changed, minlength=n_seqs).astype(bool).sum())
+            self.tallies[correction.name].add(log_rho, after, changed, int(token_changed.sum()), changed_seqs, len(log_ratio), n_seqs)
+
+    def result(self) -> list[dict]:
+        rows = []
+        for correction in self.corrections:
+            tally = self.tallies[correction.name]
+            if not tally.units:
+                continue
+            rows.append(
+                {
+                    "correction": correction.name,
+                    "level": correction.level,
+                    "action": correction.action,
+                    "band": correction.band(),
+                    "low": correction.low,
+                    "high": correction.high,
+                    "source": correction.source,
+                    "units": tally.units,
+                    "share_tokens_changed": tally.changed_tokens / tally.tokens,
+                    "share_seqs_changed": tally.changed_seqs / tally.seqs,
+                    "share_units_zeroed": tally.zeros_after / tally.units,
+                    "mean_weight_before": tally.sums["before"] / tally.units,
+                    "mean_weight_after": tally.sums["after"] / tally.units,
+                    "ess_before": tally.ess("before"),
+                    "ess_after": tally.ess("after"),
+                    "min_weight_before": float(tally.extremes["before"][0]),
+                    "max_weight_before": float(tally.extremes["before"][1]),
+                    "max_weight_after": float(tally.extremes["after"][1]),
+                    "quantiles_before": tally.quantiles("before"),
+                    "quantiles_after": tally.quantiles("after"),
+                }
+            )
+        return rows

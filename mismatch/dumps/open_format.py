@@ -1,0 +1,134 @@
+"""The open format, as parquet or jsonl: one row per response token (a scan's tokens.parquet
+columns), or one row per sequence whose `token_id` / `logp_engine` / `logp_trainer` are lists.
+
+Files are read in batches and cut at step boundaries, so a dump of any number of steps streams;
+a dump without `step` is one chunk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from mismatch.dumps.base import OPTIONAL, REQUIRED, Chunk
+from mismatch.errors import DumpError
+
+NAME = "open"
+SUFFIXES = (".parquet", ".jsonl")
+LIST_COLUMNS = ("token_id", "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass")
+BATCH_ROWS = 65_536
+EXPECTED = f"{', '.join(REQUIRED)} (and logp_trainer unless --model is given) per token, or the same as lists per sequence"
+
+
+def files(paths: list[Path]) -> list[Path]:
+    """The dump's files: each path itself, or the open-format files in a folder, in name order."""
+    found = []
+    for path in paths:
+        found += sorted(p for p in path.iterdir() if p.suffix in SUFFIXES) if path.is_dir() else [path]
+    return found
+
+
+def fields(path: Path) -> set[str]:
+    """The column names of a file (parquet schema, or the first jsonl record's keys)."""
+    if path.suffix == ".parquet":
+        return set(pq.read_schema(path).names)
+    with path.open(encoding="utf-8") as handle:
+        first = handle.readline()
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return set()
+    return set(record) if isinstance(record, dict) else set()
+
+
+def detect(paths: list[Path]) -> bool:
+    found = files(paths)
+    return bool(found) and all(p.suffix in SUFFIXES and p.is_file() for p in found) and set(REQUIRED) - {"position"} <= fields(found[0])
+
+
+def read(paths: list[Path]) -> Iterator[Chunk]:
+    return by_step(_frames(files(paths)))
+
+
+def _frames(found: list[Path]) -> Iterator[pd.DataFrame]:
+    for path in found:
+        missing = set(REQUIRED) - {"position"} - fields(path)
+        if missing:
+            raise DumpError(f"{path}: no {', '.join(sorted(missing))} field; the open format has {EXPECTED}")
+        if path.suffix == ".parquet":
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+                yield _token_rows(batch.to_pandas(), path)
+        else:
+            try:
+                for frame in pd.read_json(path, lines=True, chunksize=BATCH_ROWS, dtype=False):
+                    yield _token_rows(frame, path)
+            except ValueError as exc:
+                raise DumpError(f"{path}: not JSON lines ({exc})") from None
+
+
+def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Sequence rows exploded into token rows (positions 0…n−1); token rows as they are."""
+    if len(frame) and isinstance(frame["token_id"].iloc[0], (list, np.ndarray)):
+        lists = [c for c in LIST_COLUMNS if c in frame]
+        lengths = frame["token_id"].map(len)
+        for column in lists[1:]:
+            if not (frame[column].map(len) == lengths).all():
+                raise DumpError(f"{path}: {column} and token_id have different lengths in some sequence")
+        frame = frame.explode(lists, ignore_index=True)
+        frame["position"] = _positions(lengths)
+    elif "position" not in frame:
+        raise DumpError(f"{path}: token rows need a position field; the open format has {EXPECTED}")
+    keep = [c for c in (*REQUIRED, *OPTIONAL, "prompt_ids") if c in frame]
+    frame = frame[keep]
+    for column in ("logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "temperature"):
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(np.float64)
+    for column in ("seq_id", "position", "token_id", "step", "prompt_index"):
+        if column in frame:
+            frame[column] = frame[column].astype(np.int64)
+    return frame
+
+
+def _positions(lengths: pd.Series) -> np.ndarray:
+    return np.concatenate([np.arange(n) for n in lengths]) if len(lengths) else np.zeros(0, dtype=np.int64)
+
+
+def by_step(frames: Iterator[pd.DataFrame]) -> Iterator[Chunk]:
+    """Token-row frames regrouped into one chunk per step (rows of a step must be contiguous)."""
+    buffer: list[pd.DataFrame] = []
+    current, seen = None, set()
+    for frame in frames:
+        if "step" not in frame:
+            buffer.append(frame)
+            continue
+        starts = np.flatnonzero(np.r_[True, frame["step"].to_numpy()[1:] != frame["step"].to_numpy()[:-1]])
+        for begin, end in zip(starts, [*starts[1:], len(frame)]):
+            step = int(frame["step"].iat[begin])
+            if step != current:
+                if buffer:
+                    yield _chunk(buffer)
+                if step in seen:
+                    raise DumpError(f"the rows of step {step} are not together; write (or sort) the dump by step")
+                buffer, current = [], step
+                seen.add(step)
+            buffer.append(frame.iloc[begin:end])
+    if buffer:
+        yield _chunk(buffer)
+
+
+def _chunk(frames: list[pd.DataFrame]) -> Chunk:
+    tokens = pd.concat(frames, ignore_index=True)
+    contexts = {}
+    if "prompt_ids" in tokens:
+        for seq, rows in tokens.groupby("seq_id", sort=False):
+            rows = rows.sort_values("position")
+            prompt = rows["prompt_ids"].iat[0]
+            if prompt is not None and np.array_equal(rows["position"].to_numpy(), np.arange(len(rows))):
+                contexts[int(seq)] = ([int(i) for i in prompt], rows["token_id"].astype(int).tolist())
+        tokens = tokens.drop(columns="prompt_ids")
+    return Chunk(tokens, contexts)

@@ -1,0 +1,123 @@
+"""prime-rl's trainer token exports (`enable_token_export`, src/prime_rl/trainer/rl/token_export.py).
+
+The trainer writes `<run_dir>/token_exports/step_<n>/rank_<r>.jsonl`: one JSON record per packed
+sequence, with per-token lists aligned to `token_ids` (prompt and tool tokens included). The reader
+keeps the tokens whose `loss_mask` is True, with μ = `inference_logprobs` and π = `trainer_logprobs`;
+the response starts at the first loss-masked token, so `position` counts from there and the tokens
+before it are the prompt. Non-finite values, written as JSON null, become NaN. One chunk per step,
+steps in numeric order, every rank of a step together; the export has no prompt (group) id.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from mismatch.dumps.base import Chunk
+from mismatch.errors import DumpError
+
+NAME = "prime-rl"
+FIELDS = ("token_ids", "loss_mask", "inference_logprobs", "trainer_logprobs")
+EXPECTED = f"prime-rl token-export records ({', '.join(FIELDS)}, step, rank; trainer enable_token_export)"
+
+
+def files(paths: list[Path]) -> list[Path]:
+    """The export's rank files: each file itself; in a folder (the run dir, `token_exports`, or a
+    `step_<n>` folder) its `rank_*.jsonl` and `step_*/rank_*.jsonl`."""
+    found = []
+    for path in paths:
+        if not path.is_dir():
+            found.append(path)
+            continue
+        if (path / "token_exports").is_dir():
+            path = path / "token_exports"
+        found += sorted(path.glob("rank_*.jsonl")) + sorted(path.glob("step_*/rank_*.jsonl"))
+    return found
+
+
+def _first_record(path: Path) -> dict | None:
+    with path.open(encoding="utf-8") as handle:
+        line = handle.readline()
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def detect(paths: list[Path]) -> bool:
+    found = files(paths)
+    if not found or not all(p.suffix == ".jsonl" and p.is_file() for p in found):
+        return False
+    record = _first_record(found[0])
+    return record is not None and set(FIELDS) <= set(record)
+
+
+def read(paths: list[Path]) -> Iterator[Chunk]:
+    by_step: dict[int, list[tuple[int, Path]]] = defaultdict(list)
+    for path in files(paths):
+        record = _first_record(path)
+        if record is None or not {*FIELDS, "step", "rank"} <= set(record):
+            raise DumpError(f"{path}: not {EXPECTED}")
+        by_step[int(record["step"])].append((int(record["rank"]), path))
+    for step in sorted(by_step):
+        frames, contexts = [], {}
+        for _, path in sorted(by_step[step]):
+            frames += _sequences(path, contexts)
+        if frames:
+            tokens = pd.concat(frames, ignore_index=True)
+            tokens["step"] = np.int64(step)
+            yield Chunk(tokens, contexts)
+
+
+def _sequences(path: Path, contexts: dict[int, tuple[list[int], list[int]]]) -> list[pd.DataFrame]:
+    """The loss-masked token rows of each record in a rank file; each sequence's seq_id is the next
+    free one in `contexts`, where its (prompt, response) token ids go."""
+    frames = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DumpError(f"{path}:{number}: not a JSON record ({exc}); expected {EXPECTED}") from None
+            columns = _columns(record, f"{path}:{number}")
+            mask = columns["loss_mask"]
+            if not mask.any():
+                continue
+            first = int(np.argmax(mask))
+            seq_id = len(contexts)
+            ids = columns["token_ids"]
+            frames.append(pd.DataFrame({
+                "seq_id": np.full(int(mask.sum()), seq_id, dtype=np.int64),
+                "position": np.flatnonzero(mask).astype(np.int64) - first,
+                "token_id": ids[mask],
+                "logp_engine": columns["inference_logprobs"][mask],
+                "logp_trainer": columns["trainer_logprobs"][mask],
+            }))  # fmt: skip
+            contexts[seq_id] = (ids[:first].tolist(), ids[first:].tolist())
+    return frames
+
+
+def _columns(record: dict, where: str) -> dict[str, np.ndarray]:
+    """A record's aligned lists as arrays (null → NaN), checked for presence and equal length."""
+    missing = [f for f in FIELDS if f not in record]
+    if missing:
+        raise DumpError(f"{where}: no {', '.join(missing)} field; expected {EXPECTED}")
+    columns = {
+        "token_ids": np.asarray(record["token_ids"], dtype=np.int64),
+        "loss_mask": np.asarray(record["loss_mask"], dtype=bool),
+        "inference_logprobs": np.asarray(record["inference_logprobs"], dtype=np.float64),
+        "trainer_logprobs": np.asarray(record["trainer_logprobs"], dtype=np.float64),
+    }
+    if len({len(c) for c in columns.values()}) > 1:
+        lengths = ", ".join(f"{name} {len(c)}" for name, c in columns.items())
+        raise DumpError(f"{where}: the per-token lists differ in length ({lengths}); the record is truncated or not a token export")
+    return columns
+

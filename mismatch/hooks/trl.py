@@ -1,0 +1,121 @@
+"""Dump μ and π from a TRL `GRPOTrainer` run: one open-format file per optimizer step and rank.
+
+Use `MismatchGRPOTrainer` where you used `GRPOTrainer` (same arguments, plus an optional
+`mismatch_dir`, default `<output_dir>/mismatch`), train as usual, then run
+`mismatch analyze <output_dir>/mismatch`. Without vLLM, μ comes from HF `generate`'s processed
+scores, so the hook also runs on CPU. Written against TRL 1.16 (it overrides private methods).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import torch
+from trl import GRPOTrainer
+
+from mismatch.dumps.writer import StepWriter
+from mismatch.errors import DumpError
+
+GROUP_KEY = "mismatch_prompt_index"  # added to TRL's batch dict so the group survives the shuffle
+
+
+class MismatchDumpMixin:
+    """Writes, per optimizer step, each sequence's prompt ids, completion tokens (completion_mask ×
+    tool_mask = 1: tool results and padding are left out), μ, π, GRPO group and temperature.
+
+    μ: `sampling_per_token_logps` (vLLM's processed logprobs; without vLLM, HF generate's
+    processed scores, i.e. after temperature/top-k/top-p). π: `old_per_token_logps` where TRL
+    computes it (vLLM importance sampling, or generation not aligned with optimizer steps): the
+    trainer's forward at sampling time. Otherwise the loss forward's `per_token_logps`, but only
+    for micro-batches still under the sampling policy (no optimizer step since their generation);
+    later ones are skipped, since π − μ would measure policy lag, not the engine. Each sequence is
+    written once, at its first use (`num_iterations` > 1 reuses it). `step` is the optimizer step
+    the micro-batch feeds, `global_step + 1`, so with `steps_per_generation` > gradient
+    accumulation one group can spread over several steps.
+    """
+
+    def __init__(self, *args, mismatch_dir: str | Path | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mismatch_dir = Path(mismatch_dir) if mismatch_dir is not None else Path(self.args.output_dir) / "mismatch"
+        self._mismatch_writer = StepWriter(self.mismatch_dir, self.accelerator.process_index, self.accelerator.num_processes)
+        self._mismatch_generations = 0  # generation batches so far: keeps group numbers unique across them
+        self._mismatch_policy_step: int | None = None  # global_step when the buffered batch was sampled
+        self._mismatch_pi: torch.Tensor | None = None
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        self._mismatch_writer.flush()  # the writer writes a step when the next begins: write the last one
+        return output
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            return super()._generate_single_turn(*args)
+        # TRL's HF path returns no logprobs: have generate keep its processed scores and take the sampled tokens'.
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        generate, stash = model.generate, {}
+
+        def generate_with_scores(*gen_args, **gen_kwargs):
+            out = generate(*gen_args, output_scores=True, return_dict_in_generate=True, **gen_kwargs)
+            tokens = out.sequences[:, -len(out.scores) :]
+            logps = [torch.log_softmax(s.float(), dim=-1).gather(-1, tokens[:, t, None]) for t, s in enumerate(out.scores)]
+            stash["logps"] = torch.cat(logps, dim=1).cpu()
+            return out.sequences
+
+        with mock.patch.object(model, "generate", generate_with_scores):
+            completion_ids, _ = super()._generate_single_turn(*args)
+        # TRL cut each completion after its first EOS; it pads these lists into inputs["sampling_per_token_logps"].
+        return completion_ids, [stash["logps"][i, : len(ids)].tolist() for i, ids in enumerate(completion_ids)]
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.model.training:
+            # Before TRL shuffles, the global batch is consecutive groups of num_generations rows, and this
+            # rank holds rows [rank·n, (rank+1)·n) (TRL's own advantage slicing assumes the same).
+            n, world = len(inputs), self.accelerator.num_processes
+            rows = (self._mismatch_generations * world + self.accelerator.process_index) * n + torch.arange(n)
+            output[GROUP_KEY] = rows // self.num_generations
+            self._mismatch_generations += 1
+            self._mismatch_policy_step = self.state.global_step
+        return output
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        output = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        self._mismatch_pi = output[0].detach()  # the last call inside _compute_loss is the loss forward
+        return output
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self.model.training and self._step % generate_every < self.args.steps_per_generation:  # first use
+            self._mismatch_record(inputs)
+        return loss
+
+    def _mismatch_record(self, inputs: dict) -> None:
+        mu = inputs.get("sampling_per_token_logps")
+        if mu is None:
+            raise DumpError("the generation backend returned no log-probs (μ); use vLLM or TRL's plain HF generate, not continuous batching")
+        pi = inputs.get("old_per_token_logps")
+        if pi is None:
+            if self.state.global_step != self._mismatch_policy_step:
+                return  # the policy moved since sampling: π − μ would be policy lag
+            pi = self._mismatch_pi
+        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
+        mask, mu, pi = mask.bool().cpu(), mu.float().cpu(), pi.float().cpu()
+        prompt_ids, prompt_mask = inputs["prompt_ids"].cpu(), inputs["prompt_mask"].bool().cpu()
+        completion_ids = inputs["completion_ids"].cpu()
+        keep = [i for i in range(len(mask)) if mask[i].any()]  # mask_truncated_completions can mask a whole row
+        self._mismatch_writer.add(
+            self.state.global_step + 1,
+            prompt_ids=[prompt_ids[i][prompt_mask[i]].tolist() for i in keep],
+            response_ids=[completion_ids[i][mask[i]].tolist() for i in keep],
+            logp_engine=[mu[i][mask[i]].tolist() for i in keep],
+            logp_trainer=[pi[i][mask[i]].tolist() for i in keep],
+            prompt_index=inputs[GROUP_KEY][keep].tolist(),
+            temperature=self.args.temperature,
+        )
+
+
+class MismatchGRPOTrainer(MismatchDumpMixin, GRPOTrainer):
+    """`GRPOTrainer` that dumps μ and π per optimizer step to `mismatch_dir` (see `MismatchDumpMixin`)."""

@@ -1,0 +1,54 @@
+"""Dump μ and π from a verl run: one open-format file per training step.
+
+Call it in `RayPPOTrainer.fit` (verl/trainer/ppo/ray_trainer.py) right after the old log-probs
+join the batch (`batch = batch.union(old_log_prob)`, where verl itself calls
+`calculate_debug_metrics`), with `actor_rollout_ref.rollout.calculate_log_probs=True`:
+
+    from mismatch.hooks.verl import dump_verl_batch
+    dump_verl_batch(batch, self.global_steps, "<out>/mismatch")
+
+then run `mismatch analyze <out>/mismatch`. Not in bypass mode (`algorithm.rollout_correction.
+bypass_mode`), where verl sets old_log_probs = rollout_log_probs and π − μ is zero by construction.
+
+Layout read, as in volcengine/verl (b178a3c): `prompts` (left-padded) and `responses`
+(right-padded) from verl/experimental/agent_loop/agent_loop.py `_postprocess`; `response_mask`
+(0 on tool tokens), else `attention_mask[:, -response_length:]` as `compute_response_mask` in
+ray_trainer.py; `rollout_log_probs` (μ) and `old_log_probs` (π) as read by
+verl/utils/debug/metrics.py `calculate_debug_metrics`; `non_tensor_batch["uid"]` (one per prompt,
+repeated over its `rollout.n` samples) and `meta_info["temperature"]`, set in `fit`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mismatch.dumps.writer import StepWriter
+from mismatch.errors import DumpError
+
+
+def dump_verl_batch(batch: Any, step: int, out_dir: str | Path, rank: int = 0, world_size: int = 1) -> Path | None:
+    """Write the batch's sequences (their response_mask = 1 tokens) as `step`; returns the file written."""
+    tensors = batch.batch
+    if "rollout_log_probs" not in tensors.keys():
+        raise DumpError("the batch has no rollout_log_probs (μ): set actor_rollout_ref.rollout.calculate_log_probs=True")
+    prompts, responses = tensors["prompts"].cpu(), tensors["responses"].cpu()
+    attention_mask = tensors["attention_mask"].cpu()
+    mask = tensors["response_mask"] if "response_mask" in tensors.keys() else attention_mask[:, -responses.size(1) :]
+    mask, prompt_mask = mask.bool().cpu(), attention_mask[:, : prompts.size(1)].bool()
+    mu, pi = tensors["rollout_log_probs"].float().cpu(), tensors["old_log_probs"].float().cpu()
+
+    groups: dict[Any, int] = {}  # uid → prompt_index, by first appearance (balance_batch reorders rows)
+    prompt_index = [groups.setdefault(uid, len(groups)) for uid in batch.non_tensor_batch["uid"]]
+    keep = [i for i in range(len(mask)) if mask[i].any()]  # an all-masked row has no token to measure
+    writer = StepWriter(out_dir, rank, world_size)
+    writer.add(
+        step,
+        prompt_ids=[prompts[i][prompt_mask[i]].tolist() for i in keep],
+        response_ids=[responses[i][mask[i]].tolist() for i in keep],
+        logp_engine=[mu[i][mask[i]].tolist() for i in keep],
+        logp_trainer=[pi[i][mask[i]].tolist() for i in keep],
+        prompt_index=[prompt_index[i] for i in keep],
+        temperature=getattr(batch, "meta_info", {}).get("temperature"),
+    )
+    return writer.flush()

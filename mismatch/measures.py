@@ -1,0 +1,118 @@
+"""Everything measured on (μ, π) token rows, fed in chunks of whole sequences: the metrics per
+pair, the correction replay, the health checks and the audit. A scan feeds its tokens frame once;
+`analyze` feeds a dump step by step, so both compute their numbers with the same code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mismatch import health
+from mismatch.audit import Audit
+from mismatch.corrections import CORRECTIONS, Correction, Replay
+from mismatch.metrics import PairStats, log_ratio
+
+PAIR = ["engine_dtype", "trainer_dtype"]
+STATUS_ORDER = {"not_measured": 0, "ok": 1, "warn": 2, "fail": 3}
+
+
+def pair_name(engine_dtype: str, trainer_dtype: str) -> str:
+    return f"{engine_dtype}→{trainer_dtype}"
+
+
+class _Pair:
+    def __init__(self, corrections: tuple[Correction, ...]):
+        self.stats, self.replay, self.audit = PairStats(), Replay(corrections), Audit()
+        self.health: list[list[dict]] = []  # one list of checks per chunk (step)
+
+
+class Measures:
+    """Per (engine dtype, trainer dtype) pair: streaming metrics, replay and audit, and the health
+    checks and metrics of every chunk (a step of a training run)."""
+
+    def __init__(self, corrections: tuple[Correction, ...] = CORRECTIONS, seed: int = 0):
+        self.corrections, self.seed = corrections, seed
+        self.pairs: dict[tuple[str, str], _Pair] = {}
+        self.steps: list[dict] = []
+
+    def add(self, tokens: pd.DataFrame, step: int | None = None) -> None:
+        """Token rows (TOKEN_COLUMNS; `cluster` overrides `prompt_index` as the resampled unit)."""
+        for (engine_dtype, trainer_dtype), group in tokens.groupby(PAIR, sort=False):
+            pair = self.pairs.setdefault((engine_dtype, trainer_dtype), _Pair(self.corrections))
+            args = (group["logp_trainer"], group["logp_engine"], group["seq_id"])
+            clusters = group["cluster"] if "cluster" in group else group["prompt_index"]
+            full = group["logp_trainer_full"] if "logp_trainer_full" in group else None
+            kept = group["log_kept_mass"] if "log_kept_mass" in group else None
+            pair.stats.add(*args, clusters, full, kept)
+            pair.audit.add(*args)
+            finite = np.isfinite(group["logp_trainer"].to_numpy()) & np.isfinite(group["logp_engine"].to_numpy())
+            measured = group[finite]
+            pair.replay.add(log_ratio(measured["logp_trainer"], measured["logp_engine"]), measured["seq_id"])
+            checks = health.evaluate(group["logp_trainer"], group["logp_engine"])
+            pair.health.append(checks)
+            if step is not None:
+                step_stats = PairStats()
+                step_stats.add(*args, clusters, full, kept)
+                self.steps.append({"step": step, "engine_dtype": engine_dtype, "trainer_dtype": trainer_dtype} | step_stats.result(self.seed)
+                                  | {f"health:{c['framework']}:{c['metric']}": c["value"] for c in checks})  # fmt: skip
+
+    def pair_rows(self) -> list[dict]:
+        return [{"engine_dtype": e, "trainer_dtype": t} | pair.stats.result(self.seed) for (e, t), pair in self.pairs.items()]
+
+    def corrections_rows(self) -> list[dict]:
+        return [{"pair": pair_name(e, t)} | row for (e, t), pair in self.pairs.items() for row in pair.replay.result()]
+
+    def health_rows(self) -> list[dict]:
+        """Per pair and check: the worst step's value and status, and how many steps failed."""
+        rows = []
+        for (e, t), pair in self.pairs.items():
+            for i, check in enumerate(pair.health[0]):
+                per_step = [chunk[i] for chunk in pair.health]
+                worst = max(per_step, key=lambda c: STATUS_ORDER[c["status"]])
+                failing = sum(c["status"] in ("warn", "fail") for c in per_step)
+                rows.append(check | {"pair": pair_name(e, t), "value": worst["value"], "status": worst["status"], "steps": len(per_step), "steps_flagged": failing})
+        return rows
+
+    def audit_rows(self, temperature: float | None) -> tuple[list[dict], dict[str, list[dict]]]:
+        """Each check's worst result over the pairs (with its pair), and every pair's."""
+        by_pair = {pair_name(e, t): [row | {"pair": pair_name(e, t)} for row in pair.audit.result(temperature)] for (e, t), pair in self.pairs.items()}
+        worst = {}
+        for rows in by_pair.values():
+            for row in rows:
+                if row["check"] not in worst or STATUS_ORDER[row["status"]] > STATUS_ORDER[worst[row["check"]]["status"]]:
+                    worst[row["check"]] = row
+        return list(worst.values()), by_pair
+
+
+def worst_tokens(tokens: pd.DataFrame, prompt_of, n: int = 20, left: int = 12, right: int = 6, prompt_chars: int = 160) -> list[dict]:
+    """The `n` tokens with the largest |log π − log μ|, each with the response text around it and
+    the end of its prompt (`prompt_of(engine_dtype, seq_id)`); `step` too where the rows have one."""
+    scored = tokens.assign(ratio=log_ratio(tokens["logp_trainer"], tokens["logp_engine"]))
+    scored = scored[np.isfinite(scored["ratio"])]
+    top = scored.reindex(scored["ratio"].abs().sort_values(ascending=False).index[:n])
+    keys = ["step", "engine_dtype", "seq_id"] if "step" in tokens else ["engine_dtype", "seq_id"]
+    wanted = top[keys].drop_duplicates()
+    sequences = tokens.merge(wanted, on=keys).drop_duplicates([*keys, "position"]).sort_values("position")
+    text = {key: dict(zip(rows["position"], rows["token"])) for key, rows in sequences.groupby(keys, sort=False)}
+    rows = []
+    for row in top.itertuples():
+        key = tuple(getattr(row, k) for k in keys)
+        response = text[key]
+        rows.append(
+            {
+                "pair": pair_name(row.engine_dtype, row.trainer_dtype),
+                **({"step": int(row.step)} if "step" in tokens else {}),
+                "seq_id": int(row.seq_id),
+                "position": int(row.position),
+                "before": "".join(response.get(p, "") for p in range(max(0, row.position - left), row.position)),
+                "token": row.token,
+                "after": "".join(response.get(p, "") for p in range(row.position + 1, row.position + 1 + right)),
+                "mu": float(np.exp(row.logp_engine)),
+                "pi": float(np.exp(row.logp_trainer)),
+                "ratio": float(np.exp(row.ratio)),
+                "abs_log_ratio": float(abs(row.ratio)),
+                "prompt": prompt_of(row.engine_dtype, row.seq_id)[-prompt_chars:],
+            }
+        )
+    return rows

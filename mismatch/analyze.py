@@ -8,12 +8,11 @@ running sums of `Measures` and the worst tokens, never the whole run.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import pandas as pd
 
 from mismatch import runs
+from mismatch.progress import Progress, Silent
 from mismatch.config import AnalyzeConfig
 from mismatch.corrections import with_thresholds
 from mismatch.drift import DRIFT_METRICS, drift
@@ -27,11 +26,6 @@ from mismatch.report import write_report
 ENGINE, TRAINER = "engine", "trainer"  # pair names where the dump does not give its dtypes
 WORST = 25
 ASSUMED_TEMPERATURE = "not recorded in the dump: 1 assumed (give --temperature)"
-
-
-class _Silent:
-    def stage(self, description: str, total: int | None) -> Callable[[int], None]:
-        return lambda n: None
 
 
 class _Rescorer:
@@ -70,9 +64,9 @@ class _Rescorer:
         return tokens.assign(**{name: np.concatenate(values)[at] for name, values in scores.items()}, trainer_dtype=self.dtype)
 
 
-def run_analyze(config: AnalyzeConfig, progress=None, force: bool = False) -> dict:
+def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, force: bool = False) -> dict:
     """Analyze the dump in `config.paths` into `config.out`; return its summary (also summary.json)."""
-    progress = progress or _Silent()
+    progress = progress or Silent()
     runs.check_output_dir(config.out, force)
     reader = find_reader(config.paths, config.format)
     log = runs.RunLog(config.out, "analyze", config.to_json())
@@ -96,11 +90,11 @@ def run_analyze(config: AnalyzeConfig, progress=None, force: bool = False) -> di
                 for chunk in reader.read(config.paths):
                     if temperature is None:
                         temperature, summary["temperature_source"] = _dump_temperature(chunk)
-                    if trainer is None and "logp_trainer" not in chunk.tokens:
+                    if trainer is None and not _has_trainer(chunk):
                         if rescorer is None:
                             raise DumpError(f"{config.paths[0]} carries only μ (no logp_trainer): pass --model (and --temperature, --top-p as sampled) to compute π")
                         break
-                    summary["dump_has_trainer"] = "logp_trainer" in chunk.tokens
+                    summary["dump_has_trainer"] = _has_trainer(chunk)
                     tokens = _rows(rescorer.score(chunk, temperature) if trainer else chunk.tokens, rescorer)
                     write(tokens)
                     has_steps = "step" in chunk.tokens
@@ -138,6 +132,11 @@ def run_analyze(config: AnalyzeConfig, progress=None, force: bool = False) -> di
     return summary
 
 
+def _has_trainer(chunk: Chunk) -> bool:
+    """Whether the dump carries π (a `logp_trainer` column that is not all null)."""
+    return "logp_trainer" in chunk.tokens and bool(chunk.tokens["logp_trainer"].notna().any())
+
+
 def _dump_temperature(chunk: Chunk) -> tuple[float, str]:
     """The sampling temperature the dump records, else 1 (what rescoring then applies)."""
     if "temperature" in chunk.tokens and chunk.tokens["temperature"].notna().any():
@@ -167,8 +166,9 @@ def _rows(tokens: pd.DataFrame, rescorer) -> pd.DataFrame:
 
 def _clusters(tokens: pd.DataFrame, has_steps: bool) -> pd.Series:
     """The resampled unit: the prompt, within its step (prompt numbers restart every step)."""
-    prompt = tokens["prompt_index"].astype(np.int64)
-    return tokens["step"].astype(np.int64) * (1 << 32) + prompt if has_steps else prompt
+    if not has_steps:
+        return tokens["prompt_index"]
+    return pd.Series(list(zip(tokens["step"], tokens["prompt_index"])), index=tokens.index)
 
 
 def _worst(kept: list[dict], tokens: pd.DataFrame, chunk: Chunk, rescorer) -> list[dict]:

@@ -150,22 +150,23 @@ def recommend_run(pairs: list[dict], health: list[dict], audit: list[dict], drif
             "summary": f"This run's gap ({name}: {numbers}) passes every framework health check replayed here.",
             "actions": ["keep the current settings", *drift_action],
         }
-    replay = [c for c in corrections if c["pair"] == name]
-    gentlest = min(replay, key=lambda c: c["share_tokens_changed"]) if replay else None
+    binding = [c for c in corrections if c["pair"] == name and c["share_tokens_changed"] > 0]
     correction_action = (
-        [f"if you keep BF16, correct it: of the replayed corrections {gentlest['correction']} {gentlest['band']} changes the fewest tokens "
-         f"({100 * gentlest['share_tokens_changed']:.2g}%, ESS {gentlest['ess_before']:.3f} → {gentlest['ess_after']:.3f}); see the correction table"]
-        if gentlest else []
-    )  # fmt: skip
+        "if you keep BF16, what each correction would do at its default (see the correction table): "
+        + "; ".join(f"{c['correction']} {c['band']} changes {100 * c['share_tokens_changed']:.2g}% of tokens, ESS {c['ess_before']:.2f} → {c['ess_after']:.2f}" for c in binding)
+        if binding
+        else f"no replayed correction changes a token at its default threshold (π/μ stays within [{first['min_ratio']:.3g}, {first['max_ratio']:.3g}])"
+    )
+    failed = sum(h["status"] == "fail" for h in flagged)
     return {
         "verdict": "gap",
-        "summary": f"This run's gap ({name}: {numbers}) fails {len(flagged)} framework health check(s): "
+        "summary": f"This run's gap ({name}: {numbers}) is flagged by {len(flagged)} framework health check(s) ({failed} failed, {len(flagged) - failed} warned): "
         + ", ".join(f"{h['framework']} {h['metric']} {h['value']:.3g} ({h['threshold']})" for h in flagged)
         + ". Switching both sides to FP16 cut it by an order of magnitude or more in the paper (arXiv 2510.26788).",
         "actions": [
             "measure what FP16 does for this model: mismatch scan --model MODEL --dtypes bf16,fp16",
             *FP16_ACTIONS[:2],
-            *correction_action,
+            correction_action,
             *drift_action,
         ],
     }

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Protocol
-
 import numpy as np
 import pandas as pd
 
 from mismatch import runs
+from mismatch.progress import Progress, Silent
 from mismatch.config import REFERENCE_DTYPE, ScanConfig
 from mismatch.diagnose.probes import ActivationPeak
 from mismatch.engines import Rollout, refused_dtypes, start_engine
@@ -21,18 +20,6 @@ from mismatch.recommend import recommend
 from mismatch.report import write_report
 from mismatch.rescore import load_trainer, rescore
 
-
-class Progress(Protocol):
-    def stage(self, description: str, total: int) -> Callable[[int], None]:
-        """Start a stage of `total` sequences; the returned callable advances it."""
-        ...
-
-
-class _Silent:
-    def stage(self, description: str, total: int) -> Callable[[int], None]:
-        return lambda n: None
-
-
 RESUME_KEYS = ("model", "engine", "sampling", "prompts", "num_prompts", "samples", "chat_template", "max_model_len")
 
 
@@ -42,7 +29,7 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
     The folder must be empty unless `force`; with `resume` the engine outputs already saved there
     by an interrupted run of the same scan are reused instead of generated again.
     """
-    progress = progress or _Silent()
+    progress = progress or Silent()
     out = config.out
     if resume:
         saved = _resumable(config)

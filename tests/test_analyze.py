@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from browser import open_report
 from typer.testing import CliRunner
 
 from mismatch import health
@@ -103,8 +104,11 @@ def test_steps_are_measured_one_by_one_and_the_drift_is_found(tmp_path):
     k3 = next(d for d in summary["drift"] if d["metric"] == "k3")
     assert k3["departs_at"] == 7 and k3["trend_per_100"] > 1
     assert any("departs from its start at step 7" in a for a in summary["recommendation"]["actions"])
-    html = (tmp_path / "a" / "report.html").read_text()
-    assert 'id="drift"' in html and "Over training" in html
+    seen = open_report(tmp_path / "a" / "report.html", tmp_path / "report.png", ("#drift", "#health", "#corrections", "#worst"))
+    assert seen["problems"] == [] and seen["dialogs"] == []
+    assert len(seen["images"]) == 5 and all(done and width > 300 for done, width, _ in seen["images"])  # over training + the scan's four
+    assert "k3" in seen["texts"]["#drift"] and "0 / 12" in seen["texts"]["#health"]  # steps flagged per check
+    assert (tmp_path / "a" / "summary.md").read_text().count("departs from its start at step 7") >= 1
 
 
 def _logits_dump(path, temperature_mu=1.0, temperature_pi=1.0, top_p_mu=None, noise=0.0, recorded_temperature=None, seed=0):
@@ -286,3 +290,21 @@ def test_bad_options_and_missing_paths_exit_2(tmp_path):
     pd.concat([rows, rows.assign(step=2), rows]).to_parquet(tmp_path / "unsorted.parquet", index=False)
     result = cli("analyze", tmp_path / "unsorted.parquet", "--out", tmp_path / "b")
     assert result.exit_code == 2 and "not together" in result.output
+
+
+def test_dumps_in_the_wild_string_ids_null_pi_and_probabilities(tmp_path):
+    rows = pd.DataFrame({"seq_id": ["u-1", "u-1", "u-2"], "prompt_index": ["g", "g", "h"], "position": [0, 1, 0], "token_id": [1, 2, 3],
+                         "logp_engine": [-1.0, -0.5, -0.2], "logp_trainer": [-1.1, -0.5, -0.25]})  # fmt: skip
+    rows.to_json(tmp_path / "ids.jsonl", orient="records", lines=True)
+    assert cli("analyze", tmp_path / "ids.jsonl", "--out", tmp_path / "a").exit_code == 0
+    pair = summary_of(tmp_path / "a")["pairs"][0]
+    assert (pair["n_seqs"], pair["n_tokens"]) == (2, 3)
+    assert pair["k3"] == pytest.approx(np.mean([np.expm1(x) - x for x in (-0.1, 0.0, -0.05)]))
+
+    rows.assign(logp_trainer=None).to_json(tmp_path / "null.jsonl", orient="records", lines=True)
+    result = cli("analyze", tmp_path / "null.jsonl", "--out", tmp_path / "b")
+    assert result.exit_code == 2 and "carries only μ" in result.output  # an all-null π column is no π
+
+    rows.assign(logp_engine=[0.37, 0.6, 0.8]).to_parquet(tmp_path / "probs.parquet", index=False)
+    result = cli("analyze", tmp_path / "probs.parquet", "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "log-probabilities" in result.output

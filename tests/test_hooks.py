@@ -126,7 +126,8 @@ def test_verl_hook_round_trips_through_the_reader(tmp_path):
     assert tokens.drop_duplicates("seq_id")["prompt_index"].tolist() == [0, 1, 0, 1]
     assert (tokens["step"] == 7).all() and (tokens["temperature"] == 0.9).all()
     assert [chunk.contexts[s][0] for s in range(4)] == [[5, 6], [7, 8, 9], [5, 6], [7, 8, 9]]
-    assert chunk.contexts[2][1] == [31, 33, 34]  # the tool token (mask 0) is not a response token
+    assert chunk.contexts[2][1] == [31, 32, 33, 34]  # the whole response, tool token included: what rescoring needs
+    assert tokens.query("seq_id == 2")["position"].tolist() == [0, 2, 3]  # but the tool token (mask 0) is not measured
 
 
 def test_verl_hook_without_response_mask_uses_the_attention_mask(tmp_path):

@@ -1,11 +1,11 @@
 """report.html in a real headless Chromium, escaping of generated text, summary.md, compare, the CI gate."""
 
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
+from browser import open_report
 from typer.testing import CliRunner
 
 from mismatch.cli import app
@@ -14,7 +14,6 @@ from mismatch.runs import ScanRun, load_scan
 
 runner = CliRunner()
 PAYLOAD = '<script>alert("x")</script><img src=x onerror="alert(1)"> & "quotes"'
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def scan(*args):
@@ -48,29 +47,12 @@ def test_generated_text_is_escaped(hostile_run):
 
 
 def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is installed by `make setup`"
-    problems, dialogs = [], []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: problems.append(str(e)))
-        page.on("requestfailed", lambda r: problems.append(f"request {r.url}"))
-        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.goto((hostile_run / "report.html").as_uri())
-        page.wait_for_load_state("load")
-        images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
-        worst = page.inner_text("#worst")
-        verdict = page.inner_text("#verdict")
-        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        browser.close()
-    assert problems == [] and dialogs == []
-    assert len(images) == 4 and all(done and width > 300 and height > 100 for done, width, height in images)
-    assert PAYLOAD in worst  # shown as text
-    assert "k3" in verdict
+    seen = open_report(hostile_run / "report.html", tmp_path / "report.png", ("#worst", "#verdict", "#corrections", "#health", "#audit"))
+    assert seen["problems"] == [] and seen["dialogs"] == []
+    assert len(seen["images"]) == 4 and all(done and width > 300 and height > 100 for done, width, height in seen["images"])
+    assert PAYLOAD in seen["texts"]["#worst"]  # shown as text
+    assert "k3" in seen["texts"]["#verdict"]
+    assert "trl_sequence_mask" in seen["texts"]["#corrections"] and "token_mult_prob_error" in seen["texts"]["#health"] and "truncation" in seen["texts"]["#audit"]
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
 

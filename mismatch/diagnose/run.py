@@ -24,6 +24,7 @@ import pandas as pd
 
 from mismatch import runs
 from mismatch.config import REFERENCE_DTYPE, DiagnoseConfig
+from mismatch.progress import Progress, Silent
 from mismatch.diagnose.probes import FP16_MAX, ActivationPeak
 from mismatch.diagnose.trainer_views import layer_errors, layer_states, score_alone, topk_rows
 from mismatch.engines import Rollout, refused_dtypes, start_engine
@@ -45,9 +46,9 @@ COMPONENTS = {  # name: (reference scoring, compared scoring)
 PRECISION_ONLY = ("engine_precision", "trainer_precision")  # identically 0 for the FP32 engine dtype
 
 
-def run_diagnose(config: DiagnoseConfig, progress=None, force: bool = False) -> dict:
+def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, force: bool = False) -> dict:
     """Diagnose into `config.out`; returns the summary (also written as summary.json)."""
-    stage_bar = progress.stage if progress else (lambda description, total: lambda n: None)
+    stage_bar = (progress or Silent()).stage
     runs.check_output_dir(config.out, force)
     log = runs.RunLog(config.out, "diagnose", config.to_json())
     summary, stage = log.summary, log.stage

@@ -20,8 +20,9 @@ from mismatch.errors import DumpError
 
 NAME = "open"
 SUFFIXES = (".parquet", ".jsonl")
-LIST_COLUMNS = ("token_id", "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass")
+LIST_COLUMNS = ("token_id", "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "loss_mask")
 BATCH_ROWS = 65_536
+POSITIVE_LIMIT = 0.5  # a log-prob computed in BF16 can round a little above 0; a probability or logit is far above
 EXPECTED = f"{', '.join(REQUIRED)} (and logp_trainer unless --model is given) per token, or the same as lists per sequence"
 
 
@@ -79,18 +80,33 @@ def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
         for column in lists[1:]:
             if not (frame[column].map(len) == lengths).all():
                 raise DumpError(f"{path}: {column} and token_id have different lengths in some sequence")
+        if "prompt_ids" in frame:
+            frame["response_ids"] = frame["token_id"]  # the whole response, tool tokens included: the context to rescore
         frame = frame.explode(lists, ignore_index=True)
         frame["position"] = _positions(lengths)
+        if "loss_mask" in frame:  # a response with tool output: only its sampled tokens are measured
+            frame = frame[frame["loss_mask"].astype(bool)].reset_index(drop=True)
     elif "position" not in frame:
         raise DumpError(f"{path}: token rows need a position field; the open format has {EXPECTED}")
-    keep = [c for c in (*REQUIRED, *OPTIONAL, "prompt_ids") if c in frame]
+    keep = [c for c in (*REQUIRED, *OPTIONAL, "prompt_ids", "response_ids") if c in frame]
     frame = frame[keep]
     for column in ("logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "temperature"):
         if column in frame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(np.float64)
-    for column in ("seq_id", "position", "token_id", "step", "prompt_index"):
+    for column in ("logp_engine", "logp_trainer"):
+        if column in frame and (frame[column] > POSITIVE_LIMIT).any():
+            raise DumpError(f"{path}: {column} has values above {POSITIVE_LIMIT}: it must hold log-probabilities (≤ 0), not probabilities or logits")
+    for column in ("seq_id", "prompt_index"):  # ids may be strings (uuids): hashed, the same in every batch
+        if column in frame and not pd.api.types.is_integer_dtype(frame[column]):
+            numeric = pd.to_numeric(frame[column], errors="coerce")
+            frame[column] = numeric if numeric.notna().all() and (numeric % 1 == 0).all() else pd.util.hash_array(frame[column].astype(str).to_numpy()).view(np.int64)
+    for column in ("seq_id", "position", "token_id", "step"):
         if column in frame:
+            if frame[column].isna().any():
+                raise DumpError(f"{path}: {column} is missing in some rows; the open format has {EXPECTED}")
             frame[column] = frame[column].astype(np.int64)
+    if "prompt_index" in frame:
+        frame["prompt_index"] = frame["prompt_index"].astype(np.int64)
     return frame
 
 
@@ -128,7 +144,11 @@ def _chunk(frames: list[pd.DataFrame]) -> Chunk:
         for seq, rows in tokens.groupby("seq_id", sort=False):
             rows = rows.sort_values("position")
             prompt = rows["prompt_ids"].iat[0]
-            if prompt is not None and np.array_equal(rows["position"].to_numpy(), np.arange(len(rows))):
+            if prompt is None:
+                continue
+            if "response_ids" in rows:
+                contexts[int(seq)] = ([int(i) for i in prompt], [int(i) for i in rows["response_ids"].iat[0]])
+            elif np.array_equal(rows["position"].to_numpy(), np.arange(len(rows))):  # token rows: the response is the rows
                 contexts[int(seq)] = ([int(i) for i in prompt], rows["token_id"].astype(int).tolist())
-        tokens = tokens.drop(columns="prompt_ids")
+        tokens = tokens.drop(columns=[c for c in ("prompt_ids", "response_ids") if c in tokens])
     return Chunk(tokens, contexts)

@@ -22,8 +22,9 @@ class StepWriter:
         self.step: int | None = None
         self.rows: list[dict] = []
 
-    def add(self, step: int, prompt_ids, response_ids, logp_engine, logp_trainer=None, prompt_index=None, temperature: float | None = None) -> None:
-        """Sequences of `step`: per sequence its prompt ids, response ids and per-token μ (and π)."""
+    def add(self, step: int, prompt_ids, response_ids, logp_engine, logp_trainer=None, prompt_index=None, temperature: float | None = None, loss_mask=None) -> None:
+        """Sequences of `step`: per sequence its prompt ids, response ids and per-token μ (and π);
+        `loss_mask` (per token) marks the sampled tokens of a response that also holds tool output."""
         if step != self.step:
             self.flush()
             self.step = step
@@ -39,6 +40,8 @@ class StepWriter:
                 row["logp_trainer"] = [float(x) for x in logp_trainer[i]]
             if prompt_index is not None:
                 row["prompt_index"] = int(prompt_index[i])
+            if loss_mask is not None:
+                row["loss_mask"] = [bool(m) for m in loss_mask[i]]
             if temperature is not None:
                 row["temperature"] = float(temperature)
             self.rows.append(row)

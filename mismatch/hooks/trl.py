@@ -21,8 +21,9 @@ GROUP_KEY = "mismatch_prompt_index"  # added to TRL's batch dict so the group su
 
 
 class MismatchDumpMixin:
-    """Writes, per optimizer step, each sequence's prompt ids, completion tokens (completion_mask ×
-    tool_mask = 1: tool results and padding are left out), μ, π, GRPO group and temperature.
+    """Writes, per optimizer step, each sequence's prompt ids, completion (up to its padding), μ, π,
+    GRPO group and temperature; with tool calls, `loss_mask` = tool_mask marks the sampled tokens,
+    so only those are measured while the whole completion stays the context for rescoring.
 
     μ: `sampling_per_token_logps` (vLLM's processed logprobs; without vLLM, HF generate's
     processed scores, i.e. after temperature/top-k/top-p). π: `old_per_token_logps` where TRL
@@ -101,19 +102,21 @@ class MismatchDumpMixin:
             if self.state.global_step != self._mismatch_policy_step:
                 return  # the policy moved since sampling: π − μ would be policy lag
             pi = self._mismatch_pi
-        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
-        mask, mu, pi = mask.bool().cpu(), mu.float().cpu(), pi.float().cpu()
+        valid = inputs["completion_mask"].bool().cpu()  # the completion before padding (tool output included)
+        sampled = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).bool().cpu()
+        mu, pi = mu.float().cpu(), pi.float().cpu()
         prompt_ids, prompt_mask = inputs["prompt_ids"].cpu(), inputs["prompt_mask"].bool().cpu()
         completion_ids = inputs["completion_ids"].cpu()
-        keep = [i for i in range(len(mask)) if mask[i].any()]  # mask_truncated_completions can mask a whole row
+        keep = [i for i in range(len(sampled)) if sampled[i].any()]  # mask_truncated_completions can mask a whole row
         self._mismatch_writer.add(
             self.state.global_step + 1,
             prompt_ids=[prompt_ids[i][prompt_mask[i]].tolist() for i in keep],
-            response_ids=[completion_ids[i][mask[i]].tolist() for i in keep],
-            logp_engine=[mu[i][mask[i]].tolist() for i in keep],
-            logp_trainer=[pi[i][mask[i]].tolist() for i in keep],
+            response_ids=[completion_ids[i][valid[i]].tolist() for i in keep],
+            logp_engine=[mu[i][valid[i]].tolist() for i in keep],
+            logp_trainer=[pi[i][valid[i]].tolist() for i in keep],
             prompt_index=inputs[GROUP_KEY][keep].tolist(),
             temperature=self.args.temperature,
+            loss_mask=[sampled[i][valid[i]].tolist() for i in keep] if "tool_mask" in inputs else None,
         )
 
 

@@ -28,14 +28,16 @@ from mismatch.errors import DumpError
 
 
 def dump_verl_batch(batch: Any, step: int, out_dir: str | Path, rank: int = 0, world_size: int = 1) -> Path | None:
-    """Write the batch's sequences (their response_mask = 1 tokens) as `step`; returns the file written."""
+    """Write the batch's sequences as `step`, each response up to its padding with `loss_mask` =
+    response_mask (0 on tool tokens, which are then not measured); returns the file written."""
     tensors = batch.batch
     if "rollout_log_probs" not in tensors.keys():
         raise DumpError("the batch has no rollout_log_probs (μ): set actor_rollout_ref.rollout.calculate_log_probs=True")
     prompts, responses = tensors["prompts"].cpu(), tensors["responses"].cpu()
     attention_mask = tensors["attention_mask"].cpu()
-    mask = tensors["response_mask"] if "response_mask" in tensors.keys() else attention_mask[:, -responses.size(1) :]
-    mask, prompt_mask = mask.bool().cpu(), attention_mask[:, : prompts.size(1)].bool()
+    valid = attention_mask[:, -responses.size(1) :].bool()  # the response before padding (tool output included)
+    mask = tensors["response_mask"].bool().cpu() if "response_mask" in tensors.keys() else valid
+    prompt_mask = attention_mask[:, : prompts.size(1)].bool()
     mu, pi = tensors["rollout_log_probs"].float().cpu(), tensors["old_log_probs"].float().cpu()
 
     groups: dict[Any, int] = {}  # uid → prompt_index, by first appearance (balance_batch reorders rows)
@@ -45,10 +47,11 @@ def dump_verl_batch(batch: Any, step: int, out_dir: str | Path, rank: int = 0, w
     writer.add(
         step,
         prompt_ids=[prompts[i][prompt_mask[i]].tolist() for i in keep],
-        response_ids=[responses[i][mask[i]].tolist() for i in keep],
-        logp_engine=[mu[i][mask[i]].tolist() for i in keep],
-        logp_trainer=[pi[i][mask[i]].tolist() for i in keep],
+        response_ids=[responses[i][valid[i]].tolist() for i in keep],
+        logp_engine=[mu[i][valid[i]].tolist() for i in keep],
+        logp_trainer=[pi[i][valid[i]].tolist() for i in keep],
         prompt_index=[prompt_index[i] for i in keep],
         temperature=getattr(batch, "meta_info", {}).get("temperature"),
+        loss_mask=[mask[i][valid[i]].tolist() for i in keep],
     )
     return writer.flush()

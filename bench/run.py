@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from mismatch.config import ScanConfig
+from mismatch.dumps.writer import StepWriter
 from mismatch.engines import Rollout, Sampling, start_engine
 from mismatch.models import resolve_model
 from mismatch.precision import compute_context
@@ -139,6 +140,44 @@ def peak_child(mode: str) -> None:
     print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024)
 
 
+ANALYZE_STEP = {"sequences": 64, "tokens": 128}  # one step of a synthetic dump
+
+
+def write_dump(folder: Path, steps: int) -> None:
+    """A synthetic open-format dump: `steps` steps of μ and π = μ + noise (the hook's StepWriter files)."""
+    rng = np.random.default_rng(0)
+    writer = StepWriter(folder)
+    n, length = ANALYZE_STEP["sequences"], ANALYZE_STEP["tokens"]
+    for step in range(1, steps + 1):
+        mu = np.log(rng.uniform(0.05, 1, (n, length)))
+        pi = np.minimum(mu + rng.normal(0, 0.03, (n, length)), 0)
+        writer.add(step, [[1, 2, 3]] * n, rng.integers(3, 1000, (n, length)).tolist(), mu.tolist(), pi.tolist(), prompt_index=np.arange(n) // 8)
+    writer.flush()
+
+
+def analyze_peak_child(folder: str) -> None:
+    from mismatch.analyze import run_analyze
+    from mismatch.config import AnalyzeConfig
+
+    start = time.perf_counter()
+    run_analyze(AnalyzeConfig(paths=[Path(folder)], out=Path(folder).with_name(Path(folder).name + "-out")))
+    status = Path("/proc/self/status").read_text().splitlines()
+    print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024, time.perf_counter() - start)
+
+
+def analyze_memory_goal(raw: dict, short: int = 60, long: int = 600) -> dict:
+    """Peak RSS of `analyze` on a dump 10× longer, each in its own process: streaming keeps it flat."""
+    peaks, seconds = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for steps in (short, long):
+            folder = Path(tmp) / f"dump-{steps}"
+            write_dump(folder, steps)
+            out = subprocess.run([sys.executable, __file__, "--analyze-peak", str(folder)], capture_output=True, text=True, check=True)
+            peaks[steps], seconds[steps] = map(float, out.stdout.strip().splitlines()[-1].split())
+    raw["analyze_memory"] = {**ANALYZE_STEP, "steps": [short, long], "peak_rss_mib": peaks, "seconds": seconds}
+    return goal(f"analyze peak RSS, {long}-step dump / {short}-step dump ({ANALYZE_STEP['sequences']}×{ANALYZE_STEP['tokens']} tokens a step)", peaks[long] / peaks[short], 1.15, lower_is_better=True)
+
+
 def scan_goals(raw: dict) -> list[dict]:
     """A whole scan against bare engine generation plus bare forwards on the same tokens."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,6 +289,7 @@ def main() -> None:
     goals.append(goal("rescoring peak RSS / bare forward peak RSS (one 4096-token sequence)", rescore_peak / bare_peak, 1.0, lower_is_better=True))
     goals += scan_goals(raw)
     goals.append(diagnose_goal(raw))
+    goals.append(analyze_memory_goal(raw))
     goals.append(train_goal(raw))
     results = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "goals": goals, "raw": raw}
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -262,5 +302,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--peak":
         peak_child(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--analyze-peak":
+        analyze_peak_child(sys.argv[2])
     else:
         main()

@@ -199,6 +199,11 @@ class PairStats:
                 k3=("k3", "sum"), mean_abs_dp=("mean_abs_dp", "sum"), count=("k3", "size")
             )
         )
+        if len(self.clusters) >= 64:  # one frame instead of many small ones: a long run stays small
+            self.clusters = [self._cluster_sums()]
+
+    def _cluster_sums(self) -> pd.DataFrame:
+        return pd.concat(self.clusters).groupby(level=0, sort=True).sum()
 
     def result(self, seed: int = 0) -> dict[str, float | int]:
         n = self.n_tokens
@@ -211,7 +216,7 @@ class PairStats:
             "nucleus_log_bias": self.sums["neg_log_kept"] / n if n else float("nan"),
         }
         if not n:
-            return out | {name: float("nan") for name in METRICS}
+            return out | {name: float("nan") for name in (*METRICS, *(f"{m}_ci_{end}" for m in CI_METRICS for end in ("low", "high")))}
         s, q = self.sums, self.seq_sums
         centred_xx = q["xx"] - q["x"] ** 2 / self.n_seqs
         out |= {
@@ -228,7 +233,7 @@ class PairStats:
             "seq_slope_per_1k": float("nan") if len(self.lengths) < 2 else 1000 * (q["xy"] - q["x"] * q["y"] / self.n_seqs) / centred_xx,
             "log_ppl_diff": q["log_ppl"] / self.n_seqs,
         }
-        clusters = pd.concat(self.clusters).groupby(level=0, sort=True).sum()
+        clusters = self._cluster_sums()
         counts = clusters["count"].to_numpy(dtype=np.float64)
         for name in CI_METRICS:
             out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_totals_ci(clusters[name].to_numpy(), counts, seed=seed)

@@ -357,7 +357,7 @@ class AnalyzeRun(ScanRun):
     sampled: bool = False
 
 
-REPORT_TOKENS = 2_000_000  # plots of a larger dump are drawn from evenly spaced row groups
+REPORT_TOKENS = 500_000  # plots of a larger dump are drawn from evenly spaced row groups
 
 
 def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:

@@ -123,3 +123,10 @@ def test_pair_stats_fed_in_chunks_equals_pair_metrics_over_all_tokens():
     assert whole["seq_kl"] == pytest.approx(m.seq_kl(trainer, engine, seqs), rel=1e-12)
     assert whole["seq_slope_per_1k"] == pytest.approx(m.seq_slope_per_1k(trainer, engine, seqs), rel=1e-9)
     assert whole["log_ppl_diff"] == pytest.approx(m.log_ppl_diff(trainer, engine, seqs), rel=1e-12)
+
+
+def test_a_pair_without_a_finite_token_has_every_key_undefined():
+    empty = m.pair_metrics([np.nan, np.nan], [-1.0, -2.0], [0, 0])
+    full = m.pair_metrics([-1.0, -2.0], [-1.0, -2.0], [0, 0])
+    assert empty.keys() == full.keys() and empty["n_nonfinite"] == 2
+    assert all(math.isnan(empty[name]) for name in (*m.METRICS, "k3_ci_low", "mean_abs_dp_ci_high"))

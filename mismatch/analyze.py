@@ -18,7 +18,7 @@ from mismatch.corrections import with_thresholds
 from mismatch.drift import DRIFT_METRICS, drift
 from mismatch.dumps import Chunk, find_reader
 from mismatch.engines import Rollout
-from mismatch.errors import DumpError
+from mismatch.errors import DumpError, RunFolderError
 from mismatch.measures import Measures, worst_tokens
 from mismatch.recommend import recommend_run
 from mismatch.report import write_report
@@ -72,7 +72,8 @@ def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, force: 
     log = runs.RunLog(config.out, "analyze", config.to_json())
     summary, stage = log.summary, log.stage
     summary["format"] = reader.NAME
-    measures = Measures(with_thresholds(config.corrections), config.seed)
+    summary["seed"] = config.seed if config.seed is not None else _scan_seed(config.paths)
+    measures = Measures(with_thresholds(config.corrections), summary["seed"])
     worst: list[dict] = []
     steps: set[int] = set()
     temperature = config.temperature
@@ -130,6 +131,17 @@ def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, force: 
     with stage("report"):
         write_report(config.out)
     return summary
+
+
+def _scan_seed(paths) -> int:
+    """The seed of the scan whose tokens are analysed (so its intervals come out the same), else 0."""
+    folder = paths[0] if paths[0].is_dir() else paths[0].parent
+    if len(paths) == 1 and (folder / runs.SUMMARY).is_file():
+        try:
+            return int(runs.read_summary(folder, ("scan",))["config"]["sampling"]["seed"])
+        except RunFolderError:
+            pass
+    return 0
 
 
 def _has_trainer(chunk: Chunk) -> bool:

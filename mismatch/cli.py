@@ -198,7 +198,7 @@ def analyze(
     top_p: Annotated[float, typer.Option(help="The sampling top-p; the rescoring applies the same nucleus.")] = 1.0,
     dump_format: Annotated[Optional[str], typer.Option("--format", help="open, prime-rl or slime (default: detected).")] = None,
     correction: Annotated[list[str], typer.Option("--correction", help="A correction's threshold, repeatable: NAME=HIGH or NAME=LOW,HIGH (token_tis, icepop, seq_mis, geometric, trl_*; trl=… sets TRL's four).")] = [],  # noqa: B006 (typer reads it)
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals (a scan's seed reproduces its intervals).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the bootstrap intervals (default: a scan's own when its tokens are analysed, else 0).")] = None,
     trust_remote_code: TrustRemoteCode = False,
     out: Out = None,
     force: Force = False,

@@ -180,7 +180,7 @@ class AnalyzeConfig:
     top_p: float = 1.0  # the sampling top-p, applied to the rescored π as the engine applied it to μ
     format: str | None = None  # a reader name; None: detected
     corrections: list[str] = field(default_factory=list)  # `--correction NAME=…` thresholds
-    seed: int = 0  # of the bootstrap intervals (a scan's seed reproduces its intervals)
+    seed: int | None = None  # of the bootstrap intervals; None: the scan's own when the dump is a scan's, else 0
     trust_remote_code: bool = False
 
     def __post_init__(self):

@@ -30,15 +30,17 @@ def summary_of(out):
 @pytest.fixture(scope="module")
 def scan_run(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("scan")
-    result = cli("scan", "--model", tiny_model, "--engine", "hf", "--dtypes", "bf16,fp16", "--num-prompts", 6, "--samples", 2, "--max-tokens", 16, "--temperature", 0.8, "--out", out, "--force")
+    result = cli("scan", "--model", tiny_model, "--engine", "hf", "--dtypes", "bf16,fp16", "--num-prompts", 6, "--samples", 2, "--max-tokens", 16, "--temperature", 0.8, "--seed", 3, "--out", out, "--force")
     assert result.exit_code == 0, result.output
     return out
 
 
-def test_analyze_of_a_scan_reproduces_its_metrics_exactly(scan_run, tmp_path):
-    result = cli("analyze", scan_run / "tokens.parquet", "--out", tmp_path / "a")
+@pytest.mark.parametrize("given", ["tokens.parquet", "the run folder"])
+def test_analyze_of_a_scan_reproduces_its_metrics_exactly(scan_run, given, tmp_path):
+    result = cli("analyze", scan_run / "tokens.parquet" if given == "tokens.parquet" else scan_run, "--out", tmp_path / "a")
     assert result.exit_code == 0, result.output
     scanned, analyzed = summary_of(scan_run), summary_of(tmp_path / "a")
+    assert analyzed["seed"] == 3  # the scan's own: its bootstrap intervals come out the same
     assert analyzed["kind"] == "analyze" and analyzed["complete"] and analyzed["format"] == "open"
     assert analyzed["pairs"] == scanned["pairs"]  # every metric, interval and count, bit for bit
     assert analyzed["corrections"] == scanned["corrections"]

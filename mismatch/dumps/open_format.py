@@ -27,10 +27,14 @@ EXPECTED = f"{', '.join(REQUIRED)} (and logp_trainer unless --model is given) pe
 
 
 def files(paths: list[Path]) -> list[Path]:
-    """The dump's files: each path itself, or the open-format files in a folder, in name order."""
+    """The dump's files: each path itself, or the open-format files in a folder, in name order
+    (of a mismatch run folder, its tokens.parquet)."""
     found = []
     for path in paths:
-        found += sorted(p for p in path.iterdir() if p.suffix in SUFFIXES) if path.is_dir() else [path]
+        if (path / "summary.json").is_file() and (path / "tokens.parquet").is_file():
+            found.append(path / "tokens.parquet")
+        else:
+            found += sorted(p for p in path.iterdir() if p.suffix in SUFFIXES) if path.is_dir() else [path]
     return found
 
 

@@ -81,7 +81,8 @@ def scan(
     max_tokens: MaxTokens = 128,
     seed: Seed = 0,
     max_model_len: MaxModelLen = None,
-    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM tensor_parallel_size.")] = 1,
+    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM tensor_parallel_size (GPUs the engine shards over).")] = 1,
+    pipeline_parallel_size: Annotated[int, typer.Option(help="vLLM pipeline_parallel_size (past one node: vLLM's Ray backend, see docs/scale.md).")] = 1,
     gpu_memory_utilization: MemoryShare = None,
     trust_remote_code: TrustRemoteCode = False,
     out: Out = None,
@@ -89,6 +90,7 @@ def scan(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out from its saved engine outputs.")] = False,
     strict: Annotated[bool, typer.Option(help="Fail on prompts that do not fit the context instead of skipping them.")] = False,
     semantic_probe: Annotated[int, typer.Option(help="Prompts the engine also generates in FP32, scored by the FP32 trainer: a gap there is an implementation difference, not precision (0: skip).")] = 4,
+    reference: Annotated[str, typer.Option(help="The FP32 trainer reference: all sequences, none (skip it: a 70B FP32 copy does not fit), or the first N per engine dtype; its memory is shown when it starts.")] = "all",
     fail_on: Annotated[list[str], typer.Option("--fail-on", help='CI gate, repeatable: "[ENGINE/TRAINER:]METRIC>VALUE" (>, >=, <, <=); default pairs: equal dtypes. Exit 1 when one holds.')] = [],  # noqa: B006 (typer reads it)
 ) -> None:
     """Generate with the engine, rescore the same tokens with HF per dtype, and report the gap."""
@@ -107,10 +109,12 @@ def scan(
         chat_template=chat_template,
         max_model_len=max_model_len,
         tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
         trust_remote_code=trust_remote_code,
         strict=strict,
         semantic_probe=semantic_probe,
+        reference=reference,
         fail_on=list(fail_on),
     )
     from mismatch.scan import run_scan  # heavy imports after the arguments are known to be good
@@ -268,6 +272,9 @@ def train(
     seed: Seed = 0,
     save_every: Annotated[int, typer.Option(help="Also save an HF checkpoint every N steps (0: only at the end).")] = 0,
     prompts: PromptFile = None,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="vLLM's share of the GPU (default: 90% of what the loaded policy leaves free).")] = None,
+    max_model_len: MaxModelLen = None,
+    sleep: Annotated[Optional[bool], typer.Option("--sleep/--no-sleep", help="vLLM sleep mode: the engine gives its memory back during the learner step (default: on GPU).")] = None,
     out: Out = None,
     force: Force = False,
 ) -> None:
@@ -288,6 +295,9 @@ def train(
         seed=seed,
         save_every=save_every,
         prompts=prompts,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+        sleep=sleep,
     )
     from mismatch.train.loop import run_training
 

@@ -65,11 +65,13 @@ class ScanConfig:
     chat_template: bool = True
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
     trust_remote_code: bool = False
     fail_on: list[str] = field(default_factory=list)  # CI gate conditions (mismatch.gate)
     strict: bool = False  # fail, instead of skipping, on prompts that do not fit the context
     semantic_probe: int = 4  # prompts the FP32 engine generates for the FP32-vs-FP32 probe (0: skip)
+    reference: str = "all"  # the FP32 trainer reference: "all" sequences, "none", or the first N per engine dtype
 
     def __post_init__(self):
         self.dtypes = _dtypes(self.dtypes)
@@ -78,17 +80,29 @@ class ScanConfig:
         _at_least("--samples", self.samples)
         _at_least("--num-prompts", self.num_prompts)
         _at_least("--tensor-parallel-size", self.tensor_parallel_size)
+        _at_least("--pipeline-parallel-size", self.pipeline_parallel_size)
         _at_least("--semantic-probe", self.semantic_probe, 0)
+        self.reference_sequences()
         check_pairs(self.conditions(), self.pairs())
 
     def conditions(self) -> list[Condition]:
         """The parsed `--fail-on` gate."""
         return [parse_condition(text) for text in self.fail_on]
 
+    def reference_sequences(self) -> int | None:
+        """How many sequences per engine dtype the FP32 trainer reference scores: None for all, 0 for none."""
+        if self.reference in ("all", "none"):
+            return None if self.reference == "all" else 0
+        if not self.reference.isdigit() or int(self.reference) < 1:
+            raise ConfigError(f"--reference must be all, none or a number of sequences ≥ 1, not {self.reference!r}")
+        return int(self.reference)
+
     def pairs(self) -> list[tuple[str, str]]:
-        """Each engine dtype against itself and FP32 (or against every dtype with `all_pairs`)."""
-        trainers = list(dict.fromkeys([*self.dtypes, REFERENCE_DTYPE]))
-        return [(e, t) for e in self.dtypes for t in (trainers if self.all_pairs else dict.fromkeys([e, REFERENCE_DTYPE]))]
+        """Each engine dtype against itself and FP32 (or against every dtype with `all_pairs`); with
+        `--reference none`, FP32 stays a trainer only for an FP32 engine."""
+        reference = [] if self.reference == "none" else [REFERENCE_DTYPE]
+        trainers = list(dict.fromkeys([*self.dtypes, *reference]))
+        return [(e, t) for e in self.dtypes for t in (trainers if self.all_pairs else dict.fromkeys([e, *reference]))]
 
     def vllm_options(self) -> dict:
         """What `start_engine` passes to `vllm.LLM` (nothing for the hf engine)."""
@@ -98,6 +112,7 @@ class ScanConfig:
             "seed": self.sampling.seed,
             "max_model_len": self.max_model_len,
             "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
             "gpu_memory_utilization": self.gpu_memory_utilization,
         }
 
@@ -125,8 +140,9 @@ class TrainConfig:
     save_every: int = 0
     prompts: Path | None = None
     num_prompts: int = 256
-    gpu_memory_utilization: float | None = None
+    gpu_memory_utilization: float | None = None  # the engine's share; None: 90% of what the policy leaves free (GPU)
     max_model_len: int | None = None
+    sleep: bool | None = None  # vLLM sleep mode during the learner step; None: on GPU only
 
     def __post_init__(self):
         self.dtypes = _dtypes(self.dtypes)

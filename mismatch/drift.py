@@ -17,19 +17,21 @@ def baseline_steps(n_steps: int) -> int:
 
 
 def drift(steps, values, metric: str) -> dict:
-    """Trend (least squares, per 100 steps; for positive metrics of `LOG_SCALE` as a factor) and the
+    """Trend (the least-squares line from the first to the last step; for positive metrics of
+    `LOG_SCALE` a factor, fitted on the log) and the
     first step from which the metric stays beyond FACTOR× its baseline (the median of the first
     steps) for SUSTAIN steps; for `min_ratio` "beyond" means below baseline / FACTOR."""
     steps, values = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
     keep = np.isfinite(values)
     steps, values = steps[keep], values[keep]
-    out = {"metric": metric, "steps": int(len(steps)), "trend_per_100": float("nan"), "trend_kind": "factor" if metric in LOG_SCALE else "difference",
+    out = {"metric": metric, "steps": int(len(steps)), "trend": float("nan"), "trend_kind": "factor" if metric in LOG_SCALE else "difference",
            "baseline": float("nan"), "departs_at": None, "last": float(values[-1]) if len(values) else float("nan")}  # fmt: skip
     if len(steps) < 2:
         return out
     y = np.log(np.maximum(values, 1e-300)) if metric in LOG_SCALE else values
     slope = float(np.polyfit(steps, y, 1)[0]) if np.ptp(steps) > 0 else float("nan")
-    out["trend_per_100"] = float(np.exp(100 * slope)) if metric in LOG_SCALE else 100 * slope
+    span = steps[-1] - steps[0]
+    out["trend"] = float(np.exp(slope * span)) if metric in LOG_SCALE else slope * span
     start = baseline_steps(len(steps))
     base = float(np.median(values[:start]))
     out["baseline"] = base

@@ -123,14 +123,20 @@ def attention_implementation(config) -> str | None:
     return "eager" if getattr(config.get_text_config(), "attn_logit_softcapping", None) else None
 
 
-def load_causal_lm(path: Path, dtype, trust_remote_code: bool = False):
-    """An HF causal LM for both the trainer and the `hf` engine, with semantically exact attention."""
+def load_causal_lm(path: Path, dtype, trust_remote_code: bool = False, device_map=None):
+    """An HF causal LM for both the trainer and the `hf` engine, with semantically exact attention;
+    placed by accelerate when a `device_map` is given (modules it sends to "disk" go to a temporary folder)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    placement = {}
+    if device_map is not None:
+        placement = {"device_map": device_map}
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            placement["offload_folder"] = tempfile.mkdtemp(prefix="mismatch-offload-")
     with _loading(path, "model"):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         return AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, attn_implementation=attention_implementation(config), trust_remote_code=trust_remote_code
+            path, config=config, dtype=dtype, attn_implementation=attention_implementation(config), trust_remote_code=trust_remote_code, **placement
         )
 
 

@@ -35,18 +35,46 @@ _MATMUL_OPS = {
     torch.matmul,
     torch.Tensor.matmul,
     torch.Tensor.__matmul__,
+    torch.mm,
+    torch.Tensor.mm,
+    torch.addmm,  # GPT-2's Conv1D
+    torch.Tensor.addmm,
     torch.bmm,
     torch.Tensor.bmm,
     torch.baddbmm,
-    F.scaled_dot_product_attention,
+    torch.einsum,
+    *(op for op in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if op is not None),  # MoE experts
 }
 
 
+def fp16_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """FP16 scaled-dot-product attention as FlashAttention computes it on a GPU: scores and their
+    softmax statistics in FP32, the unnormalised probabilities exp(s − max) rounded to FP16 before
+    they multiply V (FP32 accumulation), the row sum taken unrounded, the output rounded to FP16."""
+    q, k, v = query.float(), key.float(), value.float()
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3) for t in (k, v))
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if is_causal:
+        rows, cols = scores.shape[-2:]
+        scores = scores.masked_fill(~torch.ones(rows, cols, dtype=torch.bool, device=scores.device).tril(cols - rows), float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask.float()
+    top = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)  # a fully masked row stays finite
+    unnormalised = torch.exp(scores - top)
+    total = unnormalised.sum(dim=-1, keepdim=True)
+    out = (unnormalised.half().float() @ v) / total.clamp(min=torch.finfo(torch.float32).tiny)
+    return out.half()
+
+
 class EmulatedFP16Matmuls(TorchFunctionMode):
-    """Run FP16 matmuls and attention as FP32 over FP16 inputs, returning FP16 (GPU semantics)."""
+    """Run FP16 matmuls as FP32 over FP16 inputs, returning FP16, and attention as `fp16_attention`
+    (GPU semantics)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and _any_fp16(args, kwargs):
+            return fp16_attention(*args, **kwargs)  # the mode is off inside its own handler: no recursion
         if func in _MATMUL_OPS and _any_fp16(args, kwargs):
             out = func(*_to_fp32(args), **{k: _to_fp32(v) for k, v in kwargs.items()})
             return out.to(torch.float16)
@@ -54,7 +82,9 @@ class EmulatedFP16Matmuls(TorchFunctionMode):
 
 
 def _any_fp16(args, kwargs) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.dtype == torch.float16 for a in (*args, *kwargs.values()))
+    values = [*args, *kwargs.values()]
+    values += [v for a in values if isinstance(a, (list, tuple)) for v in a]  # einsum("…", [a, b])
+    return any(isinstance(a, torch.Tensor) and a.dtype == torch.float16 for a in values)
 
 
 def _to_fp32(value):

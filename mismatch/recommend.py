@@ -143,7 +143,7 @@ def recommend_run(pairs: list[dict], health: list[dict], audit: list[dict], drif
     flagged = [h for h in health if h["pair"] == name and h["status"] in ("warn", "fail")]
     numbers = f"k3 {first['k3']:.2e}, mean |Δp| {first['mean_abs_dp']:.2e}, π/μ from {first['min_ratio']:.3g} to {first['max_ratio']:.3g}"
     departs = next((d for d in drift if d["pair"] == name and d["metric"] == "k3" and d["departs_at"] is not None), None)
-    drift_action = [f"k3 departs from its start at step {departs['departs_at']} (×{departs['trend_per_100']:.3g} per 100 steps): the gap grows as the policy trains"] if departs else []
+    drift_action = [f"k3 departs from its start at step {departs['departs_at']} (×{departs['trend']:.3g} over the run): the gap grows as the policy trains"] if departs else []
     if not flagged:
         return {
             "verdict": "healthy",

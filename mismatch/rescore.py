@@ -163,18 +163,33 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def load_trainer(model: Path, dtype: str, device: torch.device | None = None, trust_remote_code: bool = False):
-    """The HF model in `dtype`, with attention that honours its semantics, its output path checked."""
-    device = device or default_device()
-    hf = load_causal_lm(model, DTYPES[dtype], trust_remote_code=trust_remote_code).to(device).eval()
+def load_trainer(model: Path, dtype: str, device: torch.device | None = None, trust_remote_code: bool = False, device_map=None):
+    """The HF model in `dtype`, with attention that honours its semantics, its output path checked.
+
+    With several GPUs visible (or a `device_map` given) accelerate places it: its layers sharded
+    across the devices ("auto"), or as the map says (a dict may offload modules to "cpu" or "disk").
+    """
+    if device_map is None and device is None and torch.cuda.device_count() > 1:
+        device_map = "auto"
+    if device_map is None:
+        hf = load_causal_lm(model, DTYPES[dtype], trust_remote_code=trust_remote_code).to(device or default_device()).eval()
+    else:
+        hf = load_causal_lm(model, DTYPES[dtype], trust_remote_code=trust_remote_code, device_map=device_map).eval()
     check_output_path(hf, dtype)
     return hf
+
+
+def input_device(model) -> torch.device:
+    """Where a batch goes in: the input embedding's device (the first shard under a device_map;
+    CPU for a module offloaded to disk, whose weights accelerate brings in per forward)."""
+    weight = model.get_input_embeddings().weight
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
 
 
 @torch.inference_mode()
 def check_output_path(model, dtype: str) -> None:
     """`output_logits` must reproduce the model's own logits; refuse an architecture where it does not."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = (torch.arange(8, device=device)[None] * 7 + 3) % model.config.get_text_config().vocab_size
     with compute_context(dtype, device):
         theirs = model(input_ids=ids, use_cache=False).logits[0].float()
@@ -198,7 +213,7 @@ def rescore(
 ) -> dict[str, list[np.ndarray]]:
     """Per TokenScores field (`logp_trainer`, `logp_trainer_full`, `log_kept_mass`): one float64
     array per rollout's response tokens, in the order of `rollouts`."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     order = sorted(range(len(rollouts)), key=lambda i: len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids))
     result = {name: [np.empty(0)] * len(rollouts) for name in SCORE_COLUMNS}
     for group in token_batches(order, rollouts, BATCH_TOKENS):

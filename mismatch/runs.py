@@ -301,7 +301,7 @@ def tokens_frame(rollouts: dict[str, list[Rollout]], scores: dict[tuple[str, str
     `scores` holds, per pair, what `rescore.rescore` returned."""
     frames = []
     for (engine_dtype, trainer_dtype), trainer in scores.items():
-        group = rollouts[engine_dtype]
+        group = rollouts[engine_dtype][: len(trainer["logp_trainer"])]  # a reference may score only the first sequences
         lengths = np.array([len(r.response_ids) for r in group])
         frames.append(
             pd.DataFrame(

@@ -75,16 +75,20 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
     pairs = scan_pairs(config, accepted, list(summary["refused_dtypes"]), REFERENCE_DTYPE in rollouts)
+    summary["reference"] = reference_plan(config, model_path)
     for trainer_dtype in dict.fromkeys(t for _, t in pairs):
         with stage(f"rescore_{trainer_dtype}"):
             model = load_trainer(model_path, trainer_dtype, trust_remote_code=config.trust_remote_code)
             watch = ActivationPeak(model) if trainer_dtype == "fp16" else contextlib.nullcontext()
             with watch:
                 for engine_dtype in [e for e, t in pairs if t == trainer_dtype]:
-                    advance = progress.stage(f"rescore {engine_dtype} → {trainer_dtype}", len(rollouts[engine_dtype]))
-                    scores[engine_dtype, trainer_dtype] = rescore(
-                        model, trainer_dtype, rollouts[engine_dtype], config.sampling.temperature, config.sampling.top_p, pad_id, advance
-                    )
+                    chosen = rollouts[engine_dtype]
+                    label = f"rescore {engine_dtype} → {trainer_dtype}"
+                    if trainer_dtype == REFERENCE_DTYPE and engine_dtype != REFERENCE_DTYPE:
+                        chosen = chosen[: config.reference_sequences()]  # the first N, or all
+                        label += f" (reference: {len(chosen)} of {len(rollouts[engine_dtype])} sequences, {summary['reference']['fp32_gib']:.2f} GiB of FP32 weights)"
+                    advance = progress.stage(label, len(chosen))
+                    scores[engine_dtype, trainer_dtype] = rescore(model, trainer_dtype, chosen, config.sampling.temperature, config.sampling.top_p, pad_id, advance)
             if isinstance(watch, ActivationPeak):
                 summary["fp16_headroom"] = watch.summary()
             del model
@@ -131,10 +135,17 @@ def semantic_probe_plan(config: ScanConfig, model_path, n_prompts: int) -> dict:
         return {"prompts": n_prompts, "note": "the fp32 engine dtype is scanned in full"}
     if config.semantic_probe == 0:
         return {"prompts": 0, "skipped": "--semantic-probe 0"}
+    if config.reference == "none":
+        return {"prompts": 0, "skipped": "--reference none (the probe is scored by the FP32 trainer)"}
     need, available = fp32_footprint(model_path), available_memory()
     if need > 0.8 * available:
         return {"prompts": 0, "skipped": f"an FP32 copy of the model needs {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"}
     return {"prompts": min(config.semantic_probe, n_prompts)}
+
+
+def reference_plan(config: ScanConfig, model_path) -> dict:
+    """What the FP32 reference costs and covers, known before it loads: summary.json `reference`."""
+    return {"sequences": config.reference, "fp32_gib": round(fp32_footprint(model_path) / 2**30, 3), "available_gib": round(available_memory() / 2**30, 3)}
 
 
 def _resumable(config: ScanConfig) -> dict[str, list[Rollout]]:

@@ -77,6 +77,48 @@ def test_emulated_fp16_matmul_is_fp32_accumulation_rounded_to_fp16():
     assert got.dtype == torch.float16 and torch.equal(got, want) and torch.equal(scores, want)
 
 
+def test_every_matmul_like_op_is_emulated_and_goes_through_fp32():
+    """addmm (GPT-2's Conv1D), mm, einsum and the MoE grouped matmul: FP16 in, FP32 accumulation, FP16 out."""
+    torch.manual_seed(0)
+    a, b, bias = torch.randn(16, 32).half(), torch.randn(32, 24).half(), torch.randn(24).half()
+    experts, offsets = torch.randn(3, 32, 24).half(), torch.tensor([5, 11, 16], dtype=torch.int32)
+    with EmulatedFP16Matmuls():
+        got = {
+            "addmm": torch.addmm(bias, a, b), "mm": torch.mm(a, b), "Tensor.addmm": bias.expand(16, 24).addmm(a, b),
+            "einsum": torch.einsum("ij,jk->ik", a, b), "einsum list": torch.einsum("ij,jk->ik", [a, b]),
+        }  # fmt: skip
+        grouped = F.grouped_mm(a, experts, offs=offsets) if hasattr(F, "grouped_mm") else None
+    want = (a.float() @ b.float()).half()
+    assert all(v.dtype == torch.float16 for v in got.values())
+    for name in ("mm", "einsum", "einsum list"):
+        assert torch.equal(got[name], want), name
+    assert torch.equal(got["addmm"], torch.addmm(bias.float(), a.float(), b.float()).half())
+    if grouped is not None:
+        rows = [a[s:e].float() @ experts[i].float() for i, (s, e) in enumerate(zip([0, 5, 11], [5, 11, 16]))]
+        assert grouped.dtype == torch.float16 and torch.allclose(grouped.float(), torch.cat(rows).half().float(), rtol=0, atol=1e-2)
+
+
+def test_emulated_fp16_attention_rounds_the_probabilities_like_flash_attention():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 9, 16).half() for _ in range(3))
+    with EmulatedFP16Matmuls():
+        got = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # by hand: FP32 scores and softmax statistics; exp(s − max) rounded to FP16 before P·V; unrounded row sum
+    scores = (q.float() @ k.float().transpose(-2, -1)) / 4 + torch.full((9, 9), float("-inf")).triu(1)
+    unnormalised = torch.exp(scores - scores.amax(-1, keepdim=True))
+    want = ((unnormalised.half().float() @ v.float()) / unnormalised.sum(-1, keepdim=True)).half()
+    unrounded = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).half()
+    assert got.dtype == torch.float16 and torch.equal(got, want)
+    assert not torch.equal(got, unrounded)  # keeping the probabilities in FP32 would flatter FP16
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()
+    with EmulatedFP16Matmuls():
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        grouped = F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], is_causal=True, enable_gqa=True)
+        repeated = F.scaled_dot_product_attention(q, k[:, :2].repeat_interleave(2, 1), v[:, :2].repeat_interleave(2, 1), is_causal=True)
+    assert torch.equal(masked, got)  # a boolean mask is the causal mask here
+    assert torch.equal(grouped, repeated)  # grouped-query heads share their key/value head
+
+
 def test_emulated_fp16_forward_matches_native_fp16(tiny_model):
     fp16, fp32 = load_trainer(tiny_model, "fp16"), load_trainer(tiny_model, "fp32")
     rollouts = _rollouts(3)
@@ -93,3 +135,17 @@ def test_parse_dtypes():
     assert parse_dtypes("bf16, fp16,bf16") == ["bf16", "fp16"]
     with pytest.raises(ValueError, match="unknown dtype float8"):
         parse_dtypes("bf16,float8")
+
+
+def test_a_device_map_placed_trainer_scores_as_the_plain_one(tiny_model):
+    """accelerate's placement (here a decoder layer offloaded to disk, the rest on
+    the CPU: its hooks bring weights in per forward, the sharding code path) changes no number."""
+    from mismatch.rescore import input_device, load_trainer, rescore
+
+    plain = load_trainer(tiny_model, "fp32", device=torch.device("cpu"))
+    placed = load_trainer(tiny_model, "fp32", device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    assert placed.hf_device_map["model.layers.1"] == "disk" and input_device(placed) == torch.device("cpu")
+    rollouts = [Rollout(0, 0, [5, 6, 7], [8, 9, 10, 11], [0.0] * 4, "length"), Rollout(1, 0, [12, 13], [14, 15], [0.0] * 2, "length")]
+    a, b = rescore(plain, "fp32", rollouts, 1.0), rescore(placed, "fp32", rollouts, 1.0)
+    for x, y in zip(a["logp_trainer"], b["logp_trainer"]):
+        np.testing.assert_array_equal(x, y)

@@ -133,3 +133,27 @@ def test_existing_output_folder_is_refused_without_force(tiny_model, tmp_path):
     result = scan("--model", tiny_model, "--engine", "hf", "--out", tmp_path)
     assert result.exit_code == 2 and "--force" in result.output
     assert (tmp_path / "keep.txt").read_text() == "x"
+
+
+def test_reference_none_skips_the_fp32_trainer_and_a_number_scores_the_first_sequences(tiny_model, tmp_path):
+    common = ("--model", tiny_model, "--engine", "hf", "--dtypes", "bf16", "--num-prompts", 5, "--max-tokens", 8, "--semantic-probe", 0)
+    assert scan(*common, "--out", tmp_path / "all").exit_code == 0
+    result = scan(*common, "--reference", "2", "--out", tmp_path / "two")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["reference"]["sequences"] == "2" and summary["reference"]["fp32_gib"] > 0
+    pairs = {(p["engine_dtype"], p["trainer_dtype"]): p for p in summary["pairs"]}
+    assert pairs["bf16", "fp32"]["n_seqs"] == 2 and pairs["bf16", "bf16"]["n_seqs"] == 5
+    full, part = (pd.read_parquet(tmp_path / name / "tokens.parquet").query("trainer_dtype == 'fp32'") for name in ("all", "two"))
+    first = full[full["seq_id"].isin(part["seq_id"].unique())]
+    assert sorted(part["seq_id"].unique()) == sorted(full["seq_id"].unique())[:2]
+    np.testing.assert_allclose(part["logp_trainer"].to_numpy(), first["logp_trainer"].to_numpy(), rtol=0, atol=1e-6)  # same model, fewer rows a batch
+
+    result = scan("--model", tiny_model, "--engine", "hf", "--dtypes", "bf16", "--num-prompts", 2, "--max-tokens", 4, "--reference", "none", "--out", tmp_path / "none")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "none" / "summary.json").read_text())
+    assert [(p["engine_dtype"], p["trainer_dtype"]) for p in summary["pairs"]] == [("bf16", "bf16")]
+    assert "--reference none" in summary["semantic_probe"]["skipped"]
+    for bad in ("0", "some"):
+        result = scan("--model", tiny_model, "--reference", bad, "--out", tmp_path / "bad")
+        assert result.exit_code == 2 and "--reference must be all, none or a number" in result.output

@@ -45,6 +45,7 @@ def trainer_sampling():
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_weights_reach_the_live_vllm_engine_after_each_step(dtype, tiny_model, tmp_path):
     trainer = make_trainer(tiny_model, tmp_path, dtype)
+    assert trainer.sleeps is False  # sleep mode is for GPUs
     try:
         before = {k: v.clone() for k, v in trainer.master.state_dict().items()}
         results = [trainer.step(step) for step in range(2)]
@@ -131,3 +132,9 @@ def test_train_compare_cli_writes_both_runs_and_one_report(tiny_model, tmp_path)
 def test_train_bad_options(args, message, tmp_path):
     result = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_sleep_mode_on_a_cpu_is_vllms_own_one_line_refusal(tiny_model, tmp_path):
+    """vLLM 0.32 offers sleep mode on CUDA, ROCm and XPU only: `--sleep` here ends at engine start, in one line."""
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_model), "--engine", "vllm", "--sleep", "--steps", "1", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "Sleep mode is not supported on current platform" in result.output

@@ -10,7 +10,7 @@ import torch
 
 from mismatch.engines.base import Rollout, Scored
 from mismatch.precision import compute_context
-from mismatch.rescore import output_logits, pad_batch, rescore, response_logits
+from mismatch.rescore import input_device, output_logits, pad_batch, rescore, response_logits
 
 
 def score_alone(model, dtype: str, rollouts: Sequence[Rollout], pad_id: int) -> list[np.ndarray]:
@@ -22,7 +22,7 @@ def score_alone(model, dtype: str, rollouts: Sequence[Rollout], pad_id: int) -> 
 def topk_rows(model, dtype: str, rollouts: Sequence[Rollout], engine: Sequence[Scored], k: int, seq_ids: Sequence[int]) -> pd.DataFrame:
     """One row per (response position, rank) of the engine's top-k: its log-prob there, the
     trainer's log-prob of the same token, and whether the token is also in the trainer's top-k."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows = []
     for rollout, scored, seq in zip(rollouts, engine, seq_ids):
         batch = pad_batch([rollout.prompt_ids], [rollout.response_ids], 0, device)
@@ -41,7 +41,7 @@ def topk_rows(model, dtype: str, rollouts: Sequence[Rollout], engine: Sequence[S
 def layer_states(model, dtype: str, rollouts: Sequence[Rollout]) -> list[list[torch.Tensor]]:
     """Per sequence: the hidden state after the embedding and after each layer, then the logits
     at the response positions, as FP32 on the CPU."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     states = []
     for rollout in rollouts:
         batch = pad_batch([rollout.prompt_ids], [rollout.response_ids], 0, device)

@@ -56,6 +56,13 @@ class Engine(Protocol):
         one shuffled batch, or each `alone` in a batch of its own (vLLM only)."""
         ...
 
+    def sleep(self) -> None:
+        """Give back the memory of weights and cache until `wake_up` (vLLM sleep mode; a no-op elsewhere):
+        the RL loop's learner step then has the GPU."""
+        ...
+
+    def wake_up(self) -> None: ...
+
     def close(self) -> None: ...
 
 

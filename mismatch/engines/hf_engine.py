@@ -82,5 +82,11 @@ class HFEngine:
             if name in params:
                 params[name].copy_(tensor)
 
+    def sleep(self) -> None:
+        """Nothing to give back that the learner could use: the HF engine is a model copy, not a pool."""
+
+    def wake_up(self) -> None:
+        pass
+
     def close(self) -> None:
         del self.model

@@ -11,6 +11,7 @@ the child's user-facing errors as themselves, and notices a child that died.
 
 from __future__ import annotations
 
+import atexit
 import traceback
 from pathlib import Path
 
@@ -26,9 +27,12 @@ class _Child:
     def __init__(self):
         context = mp.get_context("spawn")
         self._pipe, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child,), daemon=True)
+        # not a daemon: vLLM's tensor / pipeline parallel workers are its children, which a daemon
+        # may not have; the child still ends with this process (its pipe closes: `_serve` returns)
+        self._process = context.Process(target=_serve, args=(child,), daemon=False)
         self._process.start()
         child.close()
+        atexit.register(self.stop)  # an engine never closed must not keep the interpreter waiting at exit
 
     def call(self, command: str, *args, progress: Progress | None = None):
         self._pipe.send((command, args))
@@ -49,6 +53,7 @@ class _Child:
                 raise RuntimeError(f"the vllm engine process failed:\n{payload}")
 
     def stop(self) -> None:
+        atexit.unregister(self.stop)
         if self._process.is_alive():
             try:
                 self.call("close")
@@ -83,6 +88,12 @@ class IsolatedEngine:
 
     def load_weights(self, state_dict: dict) -> None:
         self._child.call("load_weights", {name: tensor.detach().share_memory_() for name, tensor in state_dict.items()})
+
+    def sleep(self) -> None:
+        self._child.call("sleep")
+
+    def wake_up(self) -> None:
+        self._child.call("wake_up")
 
     def close(self) -> None:
         self._child.stop()
@@ -119,8 +130,8 @@ def _serve(pipe) -> None:
                 pipe.send(("result", engine.generate(*args, progress=lambda n: pipe.send(("progress", n)))))
             elif command == "score":
                 pipe.send(("result", engine.score(*args)))
-            elif command == "load_weights":
-                engine.load_weights(*args)
+            elif command in ("load_weights", "sleep", "wake_up"):
+                getattr(engine, command)(*args)
                 pipe.send(("result", None))
             elif command == "close":
                 if engine is not None:

@@ -18,10 +18,29 @@ from mismatch.precision import VLLM_DTYPE_NAMES
 # engines.isolated): starts in seconds instead of ~30 s on CPU and takes weight updates in place.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-CHUNK = 32  # requests per generate call; only sets how often the progress bar moves
 # On CPU, vLLM sizes an automatic KV cache as a share of RAM *minus this process's memory*, which
 # fails once a trainer lives in the same process; a fixed size avoids that.
 CPU_KV_CACHE_BYTES = 2**30
+
+
+def progress_bar(progress: Progress):
+    """A tqdm class for vLLM's `use_tqdm` that advances `progress` instead of drawing a bar."""
+    from tqdm import tqdm
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            self._sink = open(os.devnull, "w")
+            super().__init__(*args, **{**kwargs, "file": self._sink, "disable": False})  # vLLM reads its elapsed time
+
+        def update(self, n=1):
+            progress(n)
+            return super().update(n)
+
+        def close(self):
+            super().close()
+            self._sink.close()
+
+    return Bar
 
 
 def vllm_available() -> bool:
@@ -41,8 +60,10 @@ class VLLMEngine:
         seed: int = 0,
         max_model_len: int | None = None,
         tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
         gpu_memory_utilization: float | None = None,
         trust_remote_code: bool = False,
+        sleep_mode: bool = False,
     ):
         from vllm import LLM
 
@@ -56,9 +77,11 @@ class VLLMEngine:
                 seed=seed,
                 max_model_len=max_model_len,
                 tensor_parallel_size=tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size,
                 **memory,
                 enforce_eager=not on_gpu,
                 trust_remote_code=trust_remote_code,
+                enable_sleep_mode=sleep_mode,
                 logprobs_mode="processed_logprobs",  # after temperature / top-p: the distribution sampled from
                 use_tqdm_on_load=False,  # our progress bars say what is happening
             )
@@ -66,30 +89,28 @@ class VLLMEngine:
             raise start_error(exc, gpu_memory_utilization) from exc
 
     def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
+        """Every request in one `generate` call, so vLLM schedules them all at once (its outputs come
+        back in request order); our progress advances as each request finishes."""
         from vllm import SamplingParams
 
         todo = requests(len(prompts), samples)
+        params = [
+            SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                seed=request_seed(sampling, p, s, samples),
+                logprobs=0,  # the sampled token's logprob only
+            )
+            for p, s in todo
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in todo], params, use_tqdm=progress_bar(progress) if progress else False)
         rollouts: list[Rollout] = []
-        for start in range(0, len(todo), CHUNK):
-            chunk = todo[start : start + CHUNK]
-            params = [
-                SamplingParams(
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    max_tokens=sampling.max_tokens,
-                    seed=request_seed(sampling, p, s, samples),
-                    logprobs=0,  # the sampled token's logprob only
-                )
-                for p, s in chunk
-            ]
-            outputs = self.llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in chunk], params, use_tqdm=False)
-            for (p, s), out in zip(chunk, outputs):
-                completion = out.outputs[0]
-                ids = list(completion.token_ids)
-                logps = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-                rollouts.append(Rollout(p, s, list(prompts[p]), ids, logps, "stop" if completion.finish_reason == "stop" else "length"))
-            if progress:
-                progress(len(chunk))
+        for (p, s), out in zip(todo, outputs):
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            logps = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
+            rollouts.append(Rollout(p, s, list(prompts[p]), ids, logps, "stop" if completion.finish_reason == "stop" else "length"))
         return rollouts
 
     def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:
@@ -113,6 +134,13 @@ class VLLMEngine:
             top = [sorted(((t, lp.logprob) for t, lp in step.items() if lp.rank <= topk), key=lambda x: -x[1])[:topk] for step in steps] if topk else []
             scored.append(Scored(logp, top))
         return scored
+
+    def sleep(self) -> None:
+        # level 1: weights to host memory, KV cache dropped; the loop's weight sync follows wake_up
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
 
     def load_weights(self, state_dict: dict) -> None:
         # `reload_weights` runs vLLM's own loader (and its CPU GEMM repacking) on HF-named tensors;
@@ -156,5 +184,7 @@ def start_error(exc: Exception, memory_share: float | None) -> EngineError:
         reason = next(line for line in text.splitlines() if "memory" in line.lower()).split(". ")[0]
         setting = f"now {memory_share}" if memory_share else "default: a 1 GiB KV cache on CPU"
         return EngineError(f"vLLM could not start: {reason}. Adjust --gpu-memory-utilization ({setting}; on CPU the share of RAM for the KV cache) or lower --max-model-len")
+    if invalid := re.search(r"Value error, (.*?)(?: \[type=|$)", text, re.MULTILINE):  # vLLM's config validation (pydantic)
+        return EngineError(f"vLLM could not start: {invalid.group(1).strip()}")
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
     return EngineError(f"vLLM could not start: {first}")

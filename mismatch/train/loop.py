@@ -49,6 +49,15 @@ class StepResult:
     tokens: dict = field(default_factory=dict)  # per-token μ and π_θ′ of the step's rollouts
 
 
+def engine_share(config: TrainConfig, device: torch.device) -> float | None:
+    """vLLM's gpu_memory_utilization for the loop: as given, else (on a GPU) 90% of what the
+    policy, already loaded, leaves free; vLLM reads the share against the whole GPU."""
+    if config.gpu_memory_utilization is not None or device.type != "cuda":
+        return config.gpu_memory_utilization
+    free, total = torch.cuda.mem_get_info(device)
+    return round(0.9 * free / total, 3)
+
+
 class Trainer:
     """One run of the loop in one dtype: the policy (master + compute copy), its optimiser and the live engine."""
 
@@ -67,8 +76,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=config.lr, weight_decay=0.0)
         self.scaler = DynamicLossScaler(enabled=dtype == "fp16")
         self.order = np.random.default_rng(config.seed).permutation(len(self.tasks))
-        extra = {"seed": config.seed, "gpu_memory_utilization": config.gpu_memory_utilization, "max_model_len": config.max_model_len} if config.engine == "vllm" else {}
-        self.engine = start_engine(config.engine, self.model_path, dtype, **extra)
+        self.sleeps = config.engine == "vllm" and (config.sleep if config.sleep is not None else self.device.type == "cuda")
+        extra = {"seed": config.seed, "gpu_memory_utilization": engine_share(config, self.device), "max_model_len": config.max_model_len, "sleep_mode": self.sleeps}
+        self.engine = start_engine(config.engine, self.model_path, dtype, **(extra if config.engine == "vllm" else {}))
 
     def batch_indices(self, step: int) -> list[int]:
         n = self.config.prompts_per_step
@@ -79,6 +89,8 @@ class Trainer:
         chosen = self.batch_indices(step)
         sampling = Sampling(temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed * 100_003 + step)
         rollouts = self.engine.generate([self.prompt_ids[i] for i in chosen], config.group_size, sampling)
+        if self.sleeps:
+            self.engine.sleep()  # the learner step gets the engine's memory
         generated = time.perf_counter()
         texts = self.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
         rewards = torch.tensor([self.reward_fn(text, self.tasks[chosen[r.prompt_index]].answer) for text, r in zip(texts, rollouts)])
@@ -89,6 +101,8 @@ class Trainer:
         loss, logp_old, entropy = self._learn(rollouts, logp_engine, advantages)
         grad_norm, finite = self._apply_gradients()
         stepped = time.perf_counter()
+        if self.sleeps:
+            self.engine.wake_up()
         if finite:
             self.sync_weights()
 

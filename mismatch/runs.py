@@ -73,8 +73,9 @@ DIAGNOSE_TOKEN_COLUMNS = (
 )  # fmt: skip
 # tokens.parquet of an analyze run: a scan's columns and the training step (0 when the dump has none)
 ANALYZE_TOKEN_COLUMNS = ("step", *TOKEN_COLUMNS)
-# tokens.parquet of a train run: μ and π_θ′ of every response token of every step
-TRAIN_TOKEN_COLUMNS = ("step", "seq_id", "logp_engine", "logp_trainer", "engine_dtype", "trainer_dtype")
+# tokens.parquet of a train run: μ and π_θ′ of every response token of every step, in the open
+# format `analyze` reads (a train run folder is an analyze input: its mismatch per step)
+TRAIN_TOKEN_COLUMNS = ("step", "seq_id", "prompt_index", "position", "token_id", "logp_engine", "logp_trainer", "engine_dtype", "trainer_dtype")
 
 
 # --- where a run goes -------------------------------------------------------------------------

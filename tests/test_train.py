@@ -124,6 +124,13 @@ def test_train_compare_cli_writes_both_runs_and_one_report(tiny_model, tmp_path)
     assert rebuilt.exit_code == 0, rebuilt.output
     assert (tmp_path / "report.html").read_text() == html
 
+    # a train run folder is an `analyze` input: the same k3 per step as the loop logged
+    analyzed = CliRunner().invoke(app, ["analyze", str(tmp_path / "bf16"), "--out", str(tmp_path / "analyzed")])
+    assert analyzed.exit_code == 0, analyzed.output
+    steps = pd.read_parquet(tmp_path / "analyzed" / "steps.parquet")
+    logged = pd.read_csv(tmp_path / "bf16" / "metrics.csv")
+    assert steps["step"].tolist() == [0, 1] and steps["k3"].to_numpy() == pytest.approx(logged["k3"].to_numpy(), rel=1e-9)
+
 
 @pytest.mark.parametrize(
     "args, message",

@@ -124,8 +124,16 @@ class Trainer:
             "learn_time": stepped - generated,
             "sync_time": time.perf_counter() - stepped,
         }
-        seq_ids = np.repeat(np.arange(len(rollouts)), lengths)
-        return StepResult(row, {"step": step, "seq_id": seq_ids, "logp_engine": mu, "logp_trainer": pi})
+        tokens = {
+            "step": step,
+            "seq_id": np.repeat(np.arange(len(rollouts)), lengths),
+            "prompt_index": np.repeat([r.prompt_index for r in rollouts], lengths),
+            "position": np.concatenate([np.arange(n) for n in lengths]),
+            "token_id": np.concatenate([r.response_ids for r in rollouts]).astype(np.int64),
+            "logp_engine": mu,
+            "logp_trainer": pi,
+        }
+        return StepResult(row, tokens)
 
     def _learn(self, rollouts, logp_engine: torch.Tensor, advantages: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
         """Backpropagate the loss through the compute copy in micro-batches; memory stays bounded.

@@ -31,8 +31,8 @@ $(STAMP): pyproject.toml Makefile
 	) > $(LOG) 2>&1 || { tail -n 40 $(LOG); echo "set-up failed; the whole log is in $(LOG)"; exit 1; }
 	@touch $@
 
-# What the tests add: pytest, Playwright, and Debian's chromium that renders report.html in the
-# report tests (Playwright drives it; no browser download).
+# What the tests add: pytest, Playwright, TRL (the TRL hook runs inside a real GRPOTrainer), and
+# Debian's chromium that renders report.html in the report tests (Playwright drives it; no browser download).
 $(TEST_STAMP): $(STAMP)
 	@echo "adding the test dependencies (installer log in $(LOG))"
 	@( set -e; \
@@ -48,7 +48,8 @@ scan: setup
 test: setup-test
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The benchmark compares against TRL's GRPOTrainer, installed only in its own environment.
+# The benchmark compares against TRL's GRPOTrainer, the latest release, in its own environment
+# (the test extras pin the TRL the hook is tested against).
 $(BENCH_VENV)/.setup-done:
 	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0 trl

@@ -3,7 +3,8 @@ rescored with `--model` per dtype) → metrics per pair and per step, correction
 audit → a run folder with a scan's files and report.
 
 The dump is read once per trainer side, one chunk (step) at a time: memory holds a step, the
-running sums of `Measures` and the worst tokens, never the whole run.
+running sums of `Measures` and the worst tokens, never the whole run (a dump without steps is one
+chunk, read whole).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class _Rescorer:
         at = tokens["seq_id"].map(starts).to_numpy() + tokens["position"].to_numpy()
         if (tokens["position"].to_numpy() >= tokens["seq_id"].map({s: len(r.response_ids) for s, r in zip(seqs, rollouts)}).to_numpy()).any():
             raise DumpError("a token row's position is beyond its sequence's response ids")
+        wrong = np.concatenate([r.response_ids for r in rollouts])[at] != tokens["token_id"].to_numpy()
+        if wrong.any():  # π would be scored for another token than the one μ is of
+            raise DumpError(f"sequence {tokens['seq_id'].to_numpy()[wrong][0]}: token_id differs from its response ids at position {tokens['position'].to_numpy()[wrong][0]} (positions count from 0 at the first response token)")
         return tokens.assign(**{name: np.concatenate(values)[at] for name, values in scores.items()}, trainer_dtype=self.dtype)
 
 
@@ -91,11 +95,12 @@ def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, force: 
                 for chunk in reader.read(config.paths):
                     if temperature is None:
                         temperature, summary["temperature_source"] = _dump_temperature(chunk)
-                    if trainer is None and not _has_trainer(chunk):
+                    if "dump_has_trainer" not in summary:  # decided on the first step; a later step's missing π counts as non-finite
+                        summary["dump_has_trainer"] = _has_trainer(chunk)
+                    if trainer is None and not summary["dump_has_trainer"]:
                         if rescorer is None:
                             raise DumpError(f"{config.paths[0]} carries only μ (no logp_trainer): pass --model (and --temperature, --top-p as sampled) to compute π")
                         break
-                    summary["dump_has_trainer"] = _has_trainer(chunk)
                     tokens = _rows(rescorer.score(chunk, temperature) if trainer else chunk.tokens, rescorer)
                     write(tokens)
                     has_steps = "step" in chunk.tokens
@@ -180,7 +185,8 @@ def _clusters(tokens: pd.DataFrame, has_steps: bool) -> pd.Series:
     """The resampled unit: the prompt, within its step (prompt numbers restart every step)."""
     if not has_steps:
         return tokens["prompt_index"]
-    return pd.Series(list(zip(tokens["step"], tokens["prompt_index"])), index=tokens.index)
+    keys = pd.util.hash_pandas_object(tokens[["step", "prompt_index"]], index=False).to_numpy().view(np.int64)  # one int per (step, prompt)
+    return pd.Series(keys, index=tokens.index)
 
 
 def _worst(kept: list[dict], tokens: pd.DataFrame, chunk: Chunk, rescorer) -> list[dict]:

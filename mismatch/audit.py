@@ -3,7 +3,8 @@
 - **truncation** (top-p / top-k applied on one side only): under μ, E[π/μ] = Σ π = 1 whenever
   both sides are full distributions over the same tokens, whatever their precision. Renormalising
   μ to a nucleus S makes it S < 1 (a near-constant negative offset of ℓ on kept tokens);
-  renormalising π makes it > 1 on kept tokens and gives −inf to tokens outside π's nucleus.
+  renormalising π makes it > 1 on kept tokens and gives −inf to tokens outside π's nucleus (more
+  than 1% of sampled tokens: the same top-p on both sides leaves only a few at its edge).
   m = mean(π/μ) − 1 with a standard error that resamples sequences is the test.
 - **temperature** (μ at one temperature, π at another): log π = (T_μ/T_π)·log μ + c, so ℓ tilts with
   log μ; the least-squares slope b of ℓ on log μ estimates T_μ/T_π − 1. Precision noise alone gives
@@ -22,6 +23,7 @@ import math
 import numpy as np
 
 TRUNCATION_WARN, TRUNCATION_FAIL = 1e-3, 1e-2  # |m|; an FP32 engine/trainer pair measures |m| ~ 1e-5
+OUTSIDE_SHARE = 0.01  # sampled tokens with π = 0: a few at the edge of a nucleus both sides apply; top-p 0.9 on π alone puts ~10% there
 SLOPE_WARN, SLOPE_FAIL = 2e-3, 1e-2  # |b|: 0.2% and 1% in temperature ratio
 Z = 5.0  # and the deviation must be this many standard errors away from 0
 
@@ -80,9 +82,12 @@ class Audit:
         if level != "ok":
             side = "the engine's μ is renormalised to a nucleus (top-p/top-k) the trainer's π does not apply" if m < 0 else "the trainer's π is renormalised to a nucleus the engine's μ does not apply"
             detail += f": {side}; apply the same top-p/top-k on both sides or log full-distribution log-probs"
-        if self.trainer_only_inf:
+        share = self.trainer_only_inf / (self.n + self.trainer_only_inf)
+        if share > OUTSIDE_SHARE:
             level = "fail"
-            detail += f"; {self.trainer_only_inf} sampled token(s) have π = 0 (−inf) with finite μ: the trainer truncates tokens the engine sampled"
+            detail += f"; {100 * share:.3g}% of sampled tokens have π = 0 (−inf) with finite μ: the trainer truncates tokens the engine sampled"
+        elif self.trainer_only_inf:
+            detail += f"; {self.trainer_only_inf} sampled token(s) fall outside the trainer's nucleus, as expected at its edge when both sides apply the same top-p"
         if self.engine_only_inf:
             level = "fail"
             detail += f"; {self.engine_only_inf} token(s) have μ = 0 (−inf) though sampled: the engine's log-probs are not of the sampling distribution"
@@ -103,7 +108,7 @@ class Audit:
             raw = {"check": "raw_logprobs", "status": "not_measured", "detail": "needs a sampling temperature ≠ 1 (a `temperature` field or --temperature): at T = 1 raw and processed log-probs coincide"}
         else:
             near = min((abs(implied - target), side) for target, side in ((1 / temperature, "μ are raw (T = 1) log-probs while π is at the sampling temperature"), (temperature, "π is at T = 1 (logits not divided by the temperature) while μ is processed")))
-            matches = level != "ok" and near[0] < 0.5 * abs(b)  # nearer the target than halfway from 1 (the slope is attenuated)
+            matches = level != "ok" and near[0] < 0.5 * abs(b)  # within half the measured tilt of the target (the slope is attenuated)
             raw = {
                 "check": "raw_logprobs",
                 "status": "fail" if matches else "ok",

@@ -72,6 +72,8 @@ def with_thresholds(settings: list[str]) -> tuple[Correction, ...]:
             raise ConfigError(f"--correction {setting!r}: give HIGH, or LOW,HIGH with 0 < LOW < HIGH")
         for n in names:
             chosen[n] = replace(chosen[n], low=bounds[0], high=bounds[1]) if len(bounds) == 2 else replace(chosen[n], high=bounds[0])
+            if chosen[n].low is not None and chosen[n].low >= chosen[n].high:
+                raise ConfigError(f"--correction {setting!r}: {n}'s band would be {chosen[n].band()}; give LOW,HIGH with LOW < HIGH")
     return tuple(chosen.values())
 
 

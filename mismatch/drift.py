@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 DRIFT_METRICS = ("k3", "mean_abs_dp", "min_ratio", "max_ratio", "frac_outside_2")
-FACTOR = 2.0  # "departed": the metric's distance from its baseline more than doubles its start …
-SUSTAIN = 3  # … and stays so for this many consecutive steps (or to the last step)
-LOG_SCALE = {"k3", "mean_abs_dp", "frac_outside_2", "max_ratio"}  # trends read as factors
+FACTOR = 2.0  # "departed": the metric beyond FACTOR × its baseline (below baseline / FACTOR for min_ratio) …
+SUSTAIN = 3  # … for this many consecutive steps
+FLOOR = {"k3": 1e-6, "mean_abs_dp": 1e-4, "frac_outside_2": 1e-3}  # … and above this (a baseline of 0 doubles to 0)
+LOG_SCALE = {"k3", "mean_abs_dp", "frac_outside_2", "max_ratio"}  # trends read as factors where every value is > 0
 
 
 def baseline_steps(n_steps: int) -> int:
@@ -17,28 +18,27 @@ def baseline_steps(n_steps: int) -> int:
 
 
 def drift(steps, values, metric: str) -> dict:
-    """Trend (the least-squares line from the first to the last step; for positive metrics of
-    `LOG_SCALE` a factor, fitted on the log) and the
-    first step from which the metric stays beyond FACTOR× its baseline (the median of the first
-    steps) for SUSTAIN steps; for `min_ratio` "beyond" means below baseline / FACTOR."""
+    """Trend over the run (the least-squares line from first to last step; for the metrics of
+    `LOG_SCALE`, fitted on the log and read as a factor, when every value is positive) and the first
+    step from which the metric stays beyond FACTOR × its baseline (the median of the first steps)
+    and above its FLOOR, for SUSTAIN steps."""
     steps, values = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
     keep = np.isfinite(values)
     steps, values = steps[keep], values[keep]
-    out = {"metric": metric, "steps": int(len(steps)), "trend": float("nan"), "trend_kind": "factor" if metric in LOG_SCALE else "difference",
+    factor = metric in LOG_SCALE and bool(np.all(values > 0))
+    out = {"metric": metric, "steps": int(len(steps)), "trend": float("nan"), "trend_kind": "factor" if factor else "difference",
            "baseline": float("nan"), "departs_at": None, "last": float(values[-1]) if len(values) else float("nan")}  # fmt: skip
-    if len(steps) < 2:
+    if len(steps) < 2 or np.ptp(steps) == 0:
         return out
-    y = np.log(np.maximum(values, 1e-300)) if metric in LOG_SCALE else values
-    slope = float(np.polyfit(steps, y, 1)[0]) if np.ptp(steps) > 0 else float("nan")
+    slope = float(np.polyfit(steps, np.log(values) if factor else values, 1)[0])
     span = steps[-1] - steps[0]
-    out["trend"] = float(np.exp(slope * span)) if metric in LOG_SCALE else slope * span
+    out["trend"] = float(np.exp(slope * span)) if factor else slope * span
     start = baseline_steps(len(steps))
     base = float(np.median(values[:start]))
     out["baseline"] = base
-    beyond = values < base / FACTOR if metric == "min_ratio" else values > base * FACTOR
-    for i in range(start, len(values)):
-        run = beyond[i : i + SUSTAIN]
-        if run.all() and (len(run) == SUSTAIN or i + len(run) == len(values)):
+    beyond = values < base / FACTOR if metric == "min_ratio" else (values > base * FACTOR) & (values > FLOOR.get(metric, 0.0))
+    for i in range(start, len(values) - SUSTAIN + 1):
+        if beyond[i : i + SUSTAIN].all():
             out["departs_at"] = int(steps[i])
             break
     return out

@@ -24,6 +24,7 @@ class Check:
     threshold: str
     source: str
     warn: Callable[[float], bool] | None = None  # between pass and fail, where the docs give two levels
+    badness: Callable[[float], float] = lambda v: v  # orders steps from best to worst (default: larger is worse)
 
 
 def _ratio(pi, mu):
@@ -50,6 +51,7 @@ CHECKS = (
     Check(
         "verl", "rollout_corr/kl", "mean(log μ − log π)",
         lambda pi, mu: float(np.mean(-_ratio(pi, mu))), lambda v: abs(v) <= 0.1, "|kl| ≤ 0.1", "verl docs/algo/rollout_corr.md, check_rollout_correction_health",
+        badness=abs,
     ),
     Check(
         "verl", "rollout_corr/chi2_token", "mean(exp(2ℓ)) − 1, ℓ clamped to ±20",
@@ -59,7 +61,7 @@ CHECKS = (
     Check(
         "verl", "rollout_corr/rollout_is_mean", "mean of token weights exp(ℓ) (before truncation)",
         lambda pi, mu: float(np.mean(np.exp(np.clip(_ratio(pi, mu), -SAFETY_BOUND, SAFETY_BOUND)))), lambda v: 0.5 <= v <= 2.0, "within [0.5, 2.0]",
-        "verl docs/algo/rollout_corr.md, check_rollout_correction_health",
+        "verl docs/algo/rollout_corr.md, check_rollout_correction_health", badness=lambda v: abs(np.log(v)),
     ),
     Check(
         "verl", "rollout_corr/rollout_is_std", "std of token weights clamped to [1/2, 2]",
@@ -68,6 +70,7 @@ CHECKS = (
     Check(
         "verl", "rollout_corr/rollout_is_eff_sample_size", "1 / mean(w_n²), w clamped to [1/2, 2] and divided by its mean",
         _verl_ess, lambda v: v >= 0.3, "≥ 0.3", "verl docs/algo/rollout_corr.md, check_rollout_correction_health; verl/trainer/ppo/rollout_corr_helper.py",
+        badness=lambda v: -v,
     ),
     Check(
         "NeMo-RL", "train/token_mult_prob_error", "mean exp(|ℓ|)",
@@ -101,6 +104,12 @@ def status(check: Check, value: float) -> str:
     if check.passes(value):
         return "ok"
     return "warn" if check.warn is not None and check.warn(value) else "fail"
+
+
+def worst(check_name: str, values: list[float]) -> float:
+    """The value, of several steps', furthest on the unhealthy side of the check named."""
+    check = next(c for c in CHECKS if c.metric == check_name)
+    return max((v for v in values if np.isfinite(v)), key=check.badness, default=float("nan"))
 
 
 def evaluate(logp_trainer, logp_engine) -> list[dict]:

@@ -69,9 +69,10 @@ class Measures:
         for (e, t), pair in self.pairs.items():
             for i, check in enumerate(pair.health[0]):
                 per_step = [chunk[i] for chunk in pair.health]
-                worst = max(per_step, key=lambda c: STATUS_ORDER[c["status"]])
-                failing = sum(c["status"] in ("warn", "fail") for c in per_step)
-                rows.append(check | {"pair": pair_name(e, t), "value": worst["value"], "status": worst["status"], "steps": len(per_step), "steps_flagged": failing})
+                value = health.worst(check["metric"], [c["value"] for c in per_step])
+                status = max((c["status"] for c in per_step), key=STATUS_ORDER.get)
+                flagged = sum(c["status"] in ("warn", "fail") for c in per_step)
+                rows.append(check | {"pair": pair_name(e, t), "value": value, "status": status, "steps": len(per_step), "steps_flagged": flagged})
         return rows
 
     def audit_rows(self, temperature: float | None) -> tuple[list[dict], dict[str, list[dict]]]:

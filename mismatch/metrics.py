@@ -8,6 +8,8 @@ k1, k2, k3 estimate KL[μ‖π] (k3 is unbiased and never negative: Schulman's "
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 import pandas as pd
 
@@ -137,12 +139,27 @@ def bootstrap_mean_ci(values, clusters, n_boot: int = BOOTSTRAP_DRAWS, seed: int
     return bootstrap_totals_ci(per_cluster["total"].to_numpy(), per_cluster["count"].to_numpy(dtype=np.float64), n_boot, seed, level)
 
 
+BOOTSTRAP_MAX_CLUSTERS = 20_000  # beyond: the normal interval (the bootstrap would cost clusters × draws)
+_BLOCK = 50  # draws held at once
+
+
 def bootstrap_totals_ci(totals, counts, n_boot: int = BOOTSTRAP_DRAWS, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """`bootstrap_mean_ci` from each cluster's sum and token count, in cluster order."""
-    rng = np.random.default_rng(seed)
-    draws = rng.multinomial(len(totals), np.full(len(totals), 1 / len(totals)), size=n_boot)
-    means = (draws @ totals) / (draws @ counts)
+    """`bootstrap_mean_ci` from each cluster's sum and token count, in cluster order. With more than
+    BOOTSTRAP_MAX_CLUSTERS clusters (a long training run) the ratio estimator's normal interval,
+    which the bootstrap approaches there."""
+    totals, counts = np.asarray(totals, dtype=np.float64), np.asarray(counts, dtype=np.float64)
     tail = (1 - level) / 2
+    if len(totals) > BOOTSTRAP_MAX_CLUSTERS:
+        mean = totals.sum() / counts.sum()
+        se = np.sqrt(np.sum((totals - mean * counts) ** 2) * len(totals) / (len(totals) - 1)) / counts.sum()
+        z = NormalDist().inv_cdf(1 - tail)
+        return float(mean - z * se), float(mean + z * se)
+    rng = np.random.default_rng(seed)
+    means = []
+    for start in range(0, n_boot, _BLOCK):  # memory: _BLOCK × clusters, not n_boot × clusters
+        draws = rng.multinomial(len(totals), np.full(len(totals), 1 / len(totals)), size=min(_BLOCK, n_boot - start)).astype(np.float64)
+        means.append((draws @ totals) / (draws @ counts))
+    means = np.concatenate(means)
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
@@ -178,7 +195,7 @@ class PairStats:
         if not len(trainer):
             return
         ratio = log_ratio(trainer, engine)
-        k3_values, dp = np.expm1(ratio) - ratio, abs_dp(trainer, engine)
+        k3_values, dp = k3_terms(trainer, engine), abs_dp(trainer, engine)
         self.n_tokens += len(ratio)
         for name, values in (
             ("neg_ratio", -ratio), ("half_sq", ratio**2 / 2), ("k3", k3_values), ("exp2", np.exp(2 * ratio)), ("abs_dp", dp),

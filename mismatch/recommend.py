@@ -152,21 +152,25 @@ def recommend_run(pairs: list[dict], health: list[dict], audit: list[dict], drif
         }
     binding = [c for c in corrections if c["pair"] == name and c["share_tokens_changed"] > 0]
     correction_action = (
-        "if you keep BF16, what each correction would do at its default (see the correction table): "
+        "what each correction would do at the threshold used (see the correction table): "
         + "; ".join(f"{c['correction']} {c['band']} changes {100 * c['share_tokens_changed']:.2g}% of tokens, ESS {c['ess_before']:.2f} → {c['ess_after']:.2f}" for c in binding)
         if binding
-        else f"no replayed correction changes a token at its default threshold (π/μ stays within [{first['min_ratio']:.3g}, {first['max_ratio']:.3g}])"
+        else f"no replayed correction changes a token at the threshold used (π/μ stays within [{first['min_ratio']:.3g}, {first['max_ratio']:.3g}])"
     )
     failed = sum(h["status"] == "fail" for h in flagged)
+    summary = (
+        f"This run's gap ({name}: {numbers}) is flagged by {len(flagged)} framework health check(s) ({failed} failed, {len(flagged) - failed} warned): "
+        + ", ".join(f"{h['framework']} {h['metric']} {h['value']:.3g} ({h['threshold']})" for h in flagged)
+        + "."
+    )
+    if "fp16" in (first["engine_dtype"], first["trainer_dtype"]):  # FP16 already: precision's own fix is in place
+        return {
+            "verdict": "gap_in_fp16",
+            "summary": summary + " This pair already runs in FP16: look for what else separates engine and trainer (mismatch diagnose), or correct it.",
+            "actions": ["find the component: mismatch diagnose --model MODEL --dtypes fp16", correction_action, *drift_action],
+        }
     return {
         "verdict": "gap",
-        "summary": f"This run's gap ({name}: {numbers}) is flagged by {len(flagged)} framework health check(s) ({failed} failed, {len(flagged) - failed} warned): "
-        + ", ".join(f"{h['framework']} {h['metric']} {h['value']:.3g} ({h['threshold']})" for h in flagged)
-        + ". Switching both sides to FP16 cut it by an order of magnitude or more in the paper (arXiv 2510.26788).",
-        "actions": [
-            "measure what FP16 does for this model: mismatch scan --model MODEL --dtypes bf16,fp16",
-            *FP16_ACTIONS[:2],
-            correction_action,
-            *drift_action,
-        ],
+        "summary": summary + " In the paper (arXiv 2510.26788; not measured here) FP16 on both sides cut such a gap by an order of magnitude or more.",
+        "actions": ["measure what FP16 does for this model: mismatch scan --model MODEL --dtypes bf16,fp16", *FP16_ACTIONS[:2], correction_action, *drift_action],
     }

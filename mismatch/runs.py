@@ -352,13 +352,13 @@ def load_scan(path: Path) -> ScanRun:
 
 @dataclass
 class AnalyzeRun(ScanRun):
-    """A complete analyze folder: a scan's parts (tokens possibly a sample of row groups) and the steps."""
+    """A complete analyze folder: a scan's parts (tokens, every k-th of a large dump) and the steps."""
 
     steps: pd.DataFrame = None
     sampled: bool = False
 
 
-REPORT_TOKENS = 500_000  # plots of a larger dump are drawn from evenly spaced row groups
+REPORT_TOKENS = 500_000  # plots of a larger dump are drawn from every k-th token
 
 
 def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:
@@ -368,12 +368,16 @@ def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:
     if not summary.get("complete") or not (path / TOKENS).is_file():
         raise RunFolderError(f"{path} holds an incomplete analyze run (summary.json says complete: false); run it again")
     file = pq.ParquetFile(path / TOKENS)
-    groups = list(range(file.num_row_groups))
-    sampled = file.metadata.num_rows > limit and len(groups) > 1
-    if sampled:
-        stride = -(-file.metadata.num_rows // limit)
-        groups = groups[::stride]
-    tokens = file.read_row_groups(groups).to_pandas() if groups else pd.read_parquet(path / TOKENS)
+    sampled = file.metadata.num_rows > limit
+    if sampled:  # every k-th row, read batch by batch: each pair and step keeps its share
+        stride, seen, parts = -(-file.metadata.num_rows // limit), 0, []
+        for batch in file.iter_batches(batch_size=65_536):
+            frame = batch.to_pandas()
+            parts.append(frame.iloc[(-seen) % stride :: stride])
+            seen += len(frame)
+        tokens = pd.concat(parts, ignore_index=True)
+    else:
+        tokens = pd.read_parquet(path / TOKENS)
     steps = pd.read_parquet(path / STEPS) if (path / STEPS).is_file() else pd.DataFrame()
     return AnalyzeRun(path, summary, tokens, pd.DataFrame(columns=["engine_dtype", "seq_id", "prompt"]), steps, sampled)
 

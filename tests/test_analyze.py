@@ -207,7 +207,7 @@ def test_correction_replay_by_hand():
     custom = {c.name: c for c in with_thresholds(["token_tis=1.2", "icepop=0.2,4", "trl=2.5"])}
     assert custom["token_tis"].high == 1.2 and (custom["icepop"].low, custom["icepop"].high) == (0.2, 4)
     assert custom["trl_sequence_mask"].high == 2.5 and custom["trl_token_truncate"].high == 2.5
-    for bad in ("nope=2", "token_tis", "icepop=5,1", "token_tis=x"):
+    for bad in ("nope=2", "token_tis", "icepop=5,1", "token_tis=x", "icepop=0.4"):  # the last: HIGH under icepop's LOW 0.5
         with pytest.raises(ConfigError, match="--correction"):
             with_thresholds([bad])
 
@@ -310,3 +310,27 @@ def test_dumps_in_the_wild_string_ids_null_pi_and_probabilities(tmp_path):
     rows.assign(logp_engine=[0.37, 0.6, 0.8]).to_parquet(tmp_path / "probs.parquet", index=False)
     result = cli("analyze", tmp_path / "probs.parquet", "--out", tmp_path / "c")
     assert result.exit_code == 2 and "log-probabilities" in result.output
+
+
+def test_the_same_top_p_on_both_sides_is_no_setup_bug(tiny_model, tmp_path):
+    """Engine and trainer both apply top-p 0.9: a few sampled tokens fall just outside the
+    trainer's nucleus in another dtype, which is not a one-sided truncation."""
+    result = cli("scan", "--model", tiny_model, "--engine", "hf", "--dtypes", "bf16", "--num-prompts", 6, "--samples", 2, "--max-tokens", 16, "--top-p", 0.9, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = summary_of(tmp_path)
+    assert {a["check"]: a["status"] for a in summary["audit"]}["truncation"] == "ok"
+    assert summary["recommendation"]["verdict"] != "setup_bug"
+
+
+def test_drift_by_hand():
+    from mismatch.drift import drift
+
+    steps = np.arange(1, 13)
+    k3 = np.array([1e-3] * 6 + [4e-3] * 6)
+    found = drift(steps, k3, "k3")
+    assert found["departs_at"] == 7 and found["baseline"] == 1e-3 and found["trend_kind"] == "factor"
+    assert found["trend"] == pytest.approx(np.exp(np.polyfit(steps, np.log(k3), 1)[0] * 11))
+    assert drift(steps, np.r_[[1e-3] * 11, 1.0], "k3")["departs_at"] is None  # one step at the end does not depart
+    zeros = drift(steps, np.r_[[0.0] * 10, 1e-4, 0.0], "frac_outside_2")  # a share of 0 with one blip
+    assert zeros["trend_kind"] == "difference" and np.isfinite(zeros["trend"]) and zeros["departs_at"] is None
+    assert drift(steps, np.r_[[0.9] * 6, [0.4] * 6], "min_ratio")["departs_at"] == 7

@@ -130,3 +130,16 @@ def test_a_pair_without_a_finite_token_has_every_key_undefined():
     full = m.pair_metrics([-1.0, -2.0], [-1.0, -2.0], [0, 0])
     assert empty.keys() == full.keys() and empty["n_nonfinite"] == 2
     assert all(math.isnan(empty[name]) for name in (*m.METRICS, "k3_ci_low", "mean_abs_dp_ci_high"))
+
+
+def test_a_run_with_very_many_clusters_gets_the_normal_interval_the_bootstrap_approaches(monkeypatch):
+    rng = np.random.default_rng(5)
+    counts = rng.integers(20, 200, size=3000).astype(float)
+    totals = counts * 1e-3 + rng.normal(0, 0.02, size=3000) * np.sqrt(counts)
+    bootstrap = m.bootstrap_totals_ci(totals, counts, seed=1)
+    monkeypatch.setattr(m, "BOOTSTRAP_MAX_CLUSTERS", 1000)
+    normal = m.bootstrap_totals_ci(totals, counts, seed=1)
+    assert normal != bootstrap
+    assert normal[0] < totals.sum() / counts.sum() < normal[1]
+    assert (normal[1] - normal[0]) == pytest.approx(bootstrap[1] - bootstrap[0], rel=0.1)
+    assert normal[0] == pytest.approx(bootstrap[0], abs=0.1 * (bootstrap[1] - bootstrap[0]))

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from mismatch import runs
 from mismatch.dumps.base import OPTIONAL, REQUIRED, Chunk
 from mismatch.errors import DumpError
 
@@ -31,8 +32,8 @@ def files(paths: list[Path]) -> list[Path]:
     (of a mismatch run folder, its tokens.parquet)."""
     found = []
     for path in paths:
-        if (path / "summary.json").is_file() and (path / "tokens.parquet").is_file():
-            found.append(path / "tokens.parquet")
+        if (path / runs.SUMMARY).is_file() and (path / runs.TOKENS).is_file():
+            found.append(path / runs.TOKENS)
         else:
             found += sorted(p for p in path.iterdir() if p.suffix in SUFFIXES) if path.is_dir() else [path]
     return found
@@ -69,18 +70,26 @@ def _frames(found: list[Path]) -> Iterator[pd.DataFrame]:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
                 yield _token_rows(batch.to_pandas(), path)
         else:
-            try:
-                for frame in pd.read_json(path, lines=True, chunksize=BATCH_ROWS, dtype=False):
-                    yield _token_rows(frame, path)
-            except ValueError as exc:
-                raise DumpError(f"{path}: not JSON lines ({exc})") from None
+            frames = iter(pd.read_json(path, lines=True, chunksize=BATCH_ROWS, dtype=False))
+            while True:
+                try:
+                    frame = next(frames)
+                except StopIteration:
+                    break
+                except ValueError as exc:
+                    raise DumpError(f"{path}: not JSON lines ({exc})") from None
+                yield _token_rows(frame, path)
 
 
 def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     """Sequence rows exploded into token rows (positions 0…n−1); token rows as they are."""
-    if len(frame) and isinstance(frame["token_id"].iloc[0], (list, np.ndarray)):
+    if len(frame) and frame["token_id"].map(_is_list).any():
+        frame = frame[frame["token_id"].map(lambda ids: _is_list(ids) and len(ids) > 0)].reset_index(drop=True)  # an empty response has no token
         lists = [c for c in LIST_COLUMNS if c in frame]
         lengths = frame["token_id"].map(len)
+        for column in lists[1:]:  # a null list (π of a μ-only sequence, no mask) is NaN (all True) at every position
+            fill = True if column == "loss_mask" else np.nan
+            frame[column] = [values if _is_list(values) else [fill] * n for values, n in zip(frame[column], lengths)]
         for column in lists[1:]:
             if not (frame[column].map(len) == lengths).all():
                 raise DumpError(f"{path}: {column} and token_id have different lengths in some sequence")
@@ -100,10 +109,13 @@ def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     for column in ("logp_engine", "logp_trainer"):
         if column in frame and (frame[column] > POSITIVE_LIMIT).any():
             raise DumpError(f"{path}: {column} has values above {POSITIVE_LIMIT}: it must hold log-probabilities (≤ 0), not probabilities or logits")
+    if "prompt_index" in frame and frame["prompt_index"].isna().any():  # a sequence without a prompt: its own unit
+        frame["prompt_index"] = frame["prompt_index"].astype(object).where(frame["prompt_index"].notna(), "sequence " + frame["seq_id"].astype(str))
     for column in ("seq_id", "prompt_index"):  # ids may be strings (uuids): hashed, the same in every batch
         if column in frame and not pd.api.types.is_integer_dtype(frame[column]):
             numeric = pd.to_numeric(frame[column], errors="coerce")
-            frame[column] = numeric if numeric.notna().all() and (numeric % 1 == 0).all() else pd.util.hash_array(frame[column].astype(str).to_numpy()).view(np.int64)
+            whole = numeric.notna().all() and (numeric % 1 == 0).all()
+            frame[column] = numeric if whole else pd.util.hash_array(frame[column].astype(str).to_numpy()).view(np.int64)
     for column in ("seq_id", "position", "token_id", "step"):
         if column in frame:
             if frame[column].isna().any():
@@ -112,6 +124,10 @@ def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     if "prompt_index" in frame:
         frame["prompt_index"] = frame["prompt_index"].astype(np.int64)
     return frame
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
 
 
 def _positions(lengths: pd.Series) -> np.ndarray:
@@ -148,7 +164,7 @@ def _chunk(frames: list[pd.DataFrame]) -> Chunk:
         for seq, rows in tokens.groupby("seq_id", sort=False):
             rows = rows.sort_values("position")
             prompt = rows["prompt_ids"].iat[0]
-            if prompt is None:
+            if not _is_list(prompt):  # null (JSON null, NaN): this sequence cannot be rescored
                 continue
             if "response_ids" in rows:
                 contexts[int(seq)] = ([int(i) for i in prompt], [int(i) for i in rows["response_ids"].iat[0]])

@@ -1,8 +1,8 @@
 """prime-rl's trainer token exports (`enable_token_export`, src/prime_rl/trainer/rl/token_export.py).
 
-The trainer writes `<run_dir>/token_exports/step_<n>/rank_<r>.jsonl`: one JSON record per packed
-sequence, with per-token lists aligned to `token_ids` (prompt and tool tokens included). The reader
-keeps the tokens whose `loss_mask` is True, with μ = `inference_logprobs` and π = `trainer_logprobs`;
+The trainer writes `<run_dir>/token_exports/step_<n>/rank_<r>.jsonl`: one JSON record per sample
+(each packed micro-batch split back into its sequences), with per-token lists aligned to
+`token_ids` (prompt and tool tokens included). The reader keeps the tokens whose `loss_mask` is True, with μ = `inference_logprobs` and π = `trainer_logprobs`;
 the response starts at the first loss-masked token, so `position` counts from there and the tokens
 before it are the prompt. Non-finite values, written as JSON null, become NaN. One chunk per step,
 steps in numeric order, every rank of a step together; the export has no prompt (group) id.
@@ -64,7 +64,7 @@ def read(paths: list[Path]) -> Iterator[Chunk]:
         record = _first_record(path)
         if record is None or not {*FIELDS, "step", "rank"} <= set(record):
             raise DumpError(f"{path}: not {EXPECTED}")
-        by_step[int(record["step"])].append((int(record["rank"]), path))
+        by_step[int(record.get("export_step", record["step"]))].append((int(record["rank"]), path))  # multi-run exports: the run's step
     for step in sorted(by_step):
         frames, contexts = [], {}
         for _, path in sorted(by_step[step]):

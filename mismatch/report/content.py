@@ -49,7 +49,7 @@ def analyze_facts(run: AnalyzeRun) -> list[tuple[str, str]]:
     if config.get("model") and config["top_p"] < 1:
         facts.insert(4, ("top-p", f"{config['top_p']:g}, applied to the rescored π"))
     if run.sampled:
-        facts.append(("plots", f"drawn from {len(run.tokens)} tokens in evenly spaced row groups of tokens.parquet; the tables use every token"))
+        facts.append(("plots", f"drawn from {len(run.tokens)} tokens, every k-th of tokens.parquet; the tables use every token"))
     return facts
 
 

@@ -98,7 +98,7 @@ CORRECTION = [
     },
 ]
 
-SETTINGS = {"switch_to_fp16": FP16, "gap": FP16, "fp16_not_enough": CORRECTION, "fp16_unsafe": CORRECTION, "fp16_unavailable": CORRECTION}
+SETTINGS = {"switch_to_fp16": FP16, "gap": FP16, "gap_in_fp16": CORRECTION, "fp16_not_enough": CORRECTION, "fp16_unsafe": CORRECTION, "fp16_unavailable": CORRECTION}
 
 
 def settings_for(verdict: str) -> list[dict]:

@@ -56,10 +56,12 @@ def _render(run: ScanRun, worst: list[dict]) -> str:
     lines += [" · ".join(f"{name}: {escape(value)}" for name, value in (analyze_facts(run) if analyzed else header_facts(run)) if name != "tokens"), ""]
     lines += _checks(run.summary)
     if worst:
-        lines += ["<details><summary>Worst tokens in context</summary>", "", "| pair | seq | pos | context (token in **bold**) | μ | π | π/μ |", "|---|--:|--:|---|--:|--:|--:|"]
+        step = "step" in worst[0]  # an analyzed run numbers sequences per step
+        lines += ["<details><summary>Worst tokens in context</summary>", "", f"| pair |{' step |' if step else ''} seq | pos | context (token in **bold**) | μ | π | π/μ |", f"|---|{'--:|' if step else ''}--:|--:|---|--:|--:|--:|"]
         for w in worst:
             context = f"{escape(w['before'][-CELL:])}**{escape(w['token'])}**{escape(w['after'][:CELL])}"
-            lines.append(f"| {w['pair']} | {w['seq_id']} | {w['position']} | {context} | {w['mu']:.4f} | {w['pi']:.4f} | {w['ratio']:.4f} |")
+            step_cell = f" {w['step']} |" if step else ""
+            lines.append(f"| {escape(w['pair'])} |{step_cell} {w['seq_id']} | {w['position']} | {context} | {w['mu']:.4f} | {w['pi']:.4f} | {w['ratio']:.4f} |")
         lines += ["", "</details>", ""]
     lines.append(f"<sub>mismatch {escape(str(run.summary.get('versions', {}).get('mismatch')))} · every number is recomputable from the run's tokens.parquet</sub>")
     return "\n".join(lines) + "\n"

@@ -49,13 +49,15 @@ class StepResult:
     tokens: dict = field(default_factory=dict)  # per-token μ and π_θ′ of the step's rollouts
 
 
-def engine_share(config: TrainConfig, device: torch.device) -> float | None:
-    """vLLM's gpu_memory_utilization for the loop: as given, else (on a GPU) 90% of what the
-    policy, already loaded, leaves free; vLLM reads the share against the whole GPU."""
+def engine_share(config: TrainConfig, device: torch.device, master) -> float | None:
+    """vLLM's gpu_memory_utilization for the loop: as given, else (on a GPU) 90% of what the policy
+    leaves free once its AdamW state and gradients exist too (3 × the FP32 master, not yet
+    allocated when the engine starts); vLLM reads the share against the whole GPU."""
     if config.gpu_memory_utilization is not None or device.type != "cuda":
         return config.gpu_memory_utilization
     free, total = torch.cuda.mem_get_info(device)
-    return round(0.9 * free / total, 3)
+    later = 3 * sum(p.numel() * p.element_size() for p in master.parameters())
+    return round(max(0.9 * (free - later), 0) / total, 3)
 
 
 class Trainer:
@@ -77,7 +79,7 @@ class Trainer:
         self.scaler = DynamicLossScaler(enabled=dtype == "fp16")
         self.order = np.random.default_rng(config.seed).permutation(len(self.tasks))
         self.sleeps = config.engine == "vllm" and (config.sleep if config.sleep is not None else self.device.type == "cuda")
-        extra = {"seed": config.seed, "gpu_memory_utilization": engine_share(config, self.device), "max_model_len": config.max_model_len, "sleep_mode": self.sleeps}
+        extra = {"seed": config.seed, "gpu_memory_utilization": engine_share(config, self.device, self.master), "max_model_len": config.max_model_len, "sleep_mode": self.sleeps}
         self.engine = start_engine(config.engine, self.model_path, dtype, **(extra if config.engine == "vllm" else {}))
 
     def batch_indices(self, step: int) -> list[int]:
@@ -89,9 +91,9 @@ class Trainer:
         chosen = self.batch_indices(step)
         sampling = Sampling(temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed * 100_003 + step)
         rollouts = self.engine.generate([self.prompt_ids[i] for i in chosen], config.group_size, sampling)
+        generated = time.perf_counter()
         if self.sleeps:
             self.engine.sleep()  # the learner step gets the engine's memory
-        generated = time.perf_counter()
         texts = self.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
         rewards = torch.tensor([self.reward_fn(text, self.tasks[chosen[r.prompt_index]].answer) for text, r in zip(texts, rollouts)])
         advantages = group_advantages(rewards, config.group_size).to(self.device)
@@ -100,9 +102,10 @@ class Trainer:
         logp_engine = torch.tensor([lp for r in rollouts for lp in r.logp_engine], dtype=torch.float32, device=self.device)
         loss, logp_old, entropy = self._learn(rollouts, logp_engine, advantages)
         grad_norm, finite = self._apply_gradients()
-        stepped = time.perf_counter()
         if self.sleeps:
+            torch.cuda.empty_cache()  # this process's cached blocks back to the GPU, for the engine to take
             self.engine.wake_up()
+        stepped = time.perf_counter()
         if finite:
             self.sync_weights()
 

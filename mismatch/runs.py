@@ -359,6 +359,7 @@ class AnalyzeRun(ScanRun):
 
 
 REPORT_TOKENS = 500_000  # plots of a larger dump are drawn from every k-th token
+PLOTTED_COLUMNS = ("step", "seq_id", "position", "engine_dtype", "trainer_dtype", "logp_engine", "logp_trainer")  # (its worst tokens are in summary.json)
 
 
 def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:
@@ -369,12 +370,11 @@ def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:
         raise RunFolderError(f"{path} holds an incomplete analyze run (summary.json says complete: false); run it again")
     file = pq.ParquetFile(path / TOKENS)
     sampled = file.metadata.num_rows > limit
-    if sampled:  # every k-th row, read batch by batch: each pair and step keeps its share
+    if sampled:  # every k-th row of the columns the plots read, batch by batch: each pair and step keeps its share
         stride, seen, parts = -(-file.metadata.num_rows // limit), 0, []
-        for batch in file.iter_batches(batch_size=65_536):
-            frame = batch.to_pandas()
-            parts.append(frame.iloc[(-seen) % stride :: stride])
-            seen += len(frame)
+        for batch in file.iter_batches(batch_size=65_536, columns=list(PLOTTED_COLUMNS)):
+            parts.append(batch.take(np.arange((-seen) % stride, batch.num_rows, stride)).to_pandas())
+            seen += batch.num_rows
         tokens = pd.concat(parts, ignore_index=True)
     else:
         tokens = pd.read_parquet(path / TOKENS)

@@ -114,7 +114,7 @@ def response_logits(model, batch: PaddedBatch):
     """(offset, logits) for the response positions of `batch`, LOGIT_ROWS rows at a time in the
     model's dtype: the decoder runs once, then the model's own output path on each chunk."""
     hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1])
+    hidden = hidden.reshape(-1, hidden.shape[-1]).to(batch.rows.device)  # sharded: the last layer's device
     for start in range(0, len(batch.rows), LOGIT_ROWS):
         yield start, output_logits(model, hidden[batch.rows[start : start + LOGIT_ROWS]])
 
@@ -196,6 +196,7 @@ def check_output_path(model, dtype: str) -> None:
         ours = output_logits(model, model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]).float()
     finite = torch.isfinite(theirs)  # an FP16 model may overflow here; the scan counts that later
     scale = float(theirs[finite].abs().max()) if finite.any() else 0.0
+    ours = ours.to(theirs.device)  # sharded: the head's device and the model output's may differ
     if not torch.equal(finite, torch.isfinite(ours)) or not torch.allclose(ours[finite], theirs[finite], rtol=1e-3, atol=1e-3 * scale):
         gap = float((ours[finite] - theirs[finite]).abs().max()) if finite.any() else float("nan")
         raise ModelError(f"{type(model).__name__}: mismatch cannot reproduce this architecture's logits from its decoder output (max |Δ| {gap:.3g}); it is not supported yet")

@@ -20,7 +20,7 @@ from mismatch.drift import DRIFT_METRICS, drift
 from mismatch.dumps import Chunk, find_reader
 from mismatch.engines import Rollout
 from mismatch.errors import DumpError, RunFolderError
-from mismatch.measures import Measures, worst_tokens
+from mismatch.measures import Measures, pair_name, worst_tokens
 from mismatch.recommend import recommend_run
 from mismatch.report import write_report
 
@@ -200,7 +200,7 @@ def _worst(kept: list[dict], tokens: pd.DataFrame, chunk: Chunk, rescorer) -> li
 
 def _drift(step_frame: pd.DataFrame) -> list[dict]:
     return [
-        {"pair": f"{engine}→{trainer}"} | drift(group["step"], group[metric], metric)
+        {"pair": pair_name(engine, trainer)} | drift(group["step"], group[metric], metric)
         for (engine, trainer), group in step_frame.sort_values("step").groupby(["engine_dtype", "trainer_dtype"], sort=False)
         for metric in DRIFT_METRICS
     ]

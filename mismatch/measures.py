@@ -44,7 +44,12 @@ class Measures:
             clusters = group["cluster"] if "cluster" in group else group["prompt_index"]
             full = group["logp_trainer_full"] if "logp_trainer_full" in group else None
             kept = group["log_kept_mass"] if "log_kept_mass" in group else None
-            pair.stats.add(*args, clusters, full, kept)
+            if step is None:
+                pair.stats.add(*args, clusters, full, kept)
+            else:  # the step's own metrics, then the run's from the same sums
+                step_stats = PairStats()
+                step_stats.add(*args, clusters, full, kept)
+                pair.stats.merge(step_stats)
             pair.audit.add(*args)
             finite = np.isfinite(group["logp_trainer"].to_numpy()) & np.isfinite(group["logp_engine"].to_numpy())
             measured = group[finite]
@@ -52,8 +57,6 @@ class Measures:
             checks = health.evaluate(group["logp_trainer"], group["logp_engine"])
             pair.health.append(checks)
             if step is not None:
-                step_stats = PairStats()
-                step_stats.add(*args, clusters, full, kept)
                 self.steps.append({"step": step, "engine_dtype": engine_dtype, "trainer_dtype": trainer_dtype} | step_stats.result(self.seed)
                                   | {f"health:{c['framework']}:{c['metric']}": c["value"] for c in checks})  # fmt: skip
 

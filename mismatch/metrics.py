@@ -219,6 +219,20 @@ class PairStats:
         if len(self.clusters) >= 64:  # one frame instead of many small ones: a long run stays small
             self.clusters = [self._cluster_sums()]
 
+    def merge(self, other: "PairStats") -> None:
+        """Take in the chunks `other` was fed, as if they had been added here (a step's own
+        statistics join the run's without the tokens being summed twice)."""
+        self.n_tokens, self.n_nonfinite = self.n_tokens + other.n_tokens, self.n_nonfinite + other.n_nonfinite
+        self.n_outside, self.n_seqs = self.n_outside + other.n_outside, self.n_seqs + other.n_seqs
+        for mine, theirs in ((self.sums, other.sums), (self.seq_sums, other.seq_sums)):
+            for name, value in theirs.items():
+                mine[name] += value
+        self.max_abs_dp, self.min_ratio, self.max_ratio = max(self.max_abs_dp, other.max_abs_dp), min(self.min_ratio, other.min_ratio), max(self.max_ratio, other.max_ratio)
+        self.lengths |= other.lengths
+        self.clusters += other.clusters
+        if len(self.clusters) >= 64:
+            self.clusters = [self._cluster_sums()]
+
     def _cluster_sums(self) -> pd.DataFrame:
         return pd.concat(self.clusters).groupby(level=0, sort=True).sum()
 

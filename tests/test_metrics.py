@@ -117,6 +117,12 @@ def test_pair_stats_fed_in_chunks_equals_pair_metrics_over_all_tokens():
         keep = np.isin(prompts, part)
         stats.add(trainer[keep], engine[keep], seqs[keep], prompts[keep])
     chunked = stats.result(seed=2)
+    merged = m.PairStats()  # each chunk summed on its own (a step's metrics), then taken in whole
+    for part in np.array_split(np.arange(15), 3):
+        keep, step = np.isin(prompts, part), m.PairStats()
+        step.add(trainer[keep], engine[keep], seqs[keep], prompts[keep])
+        merged.merge(step)
+    assert merged.result(seed=2) == chunked
     assert chunked.keys() == whole.keys()
     for name, value in whole.items():
         assert chunked[name] == pytest.approx(value, rel=1e-12), name

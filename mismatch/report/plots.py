@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
+from mismatch.measures import pair_name  # noqa: E402
 from mismatch.metrics import log_ratio  # noqa: E402
 
 PANEL = 3.6  # inches per panel
@@ -130,7 +131,7 @@ def over_training(steps: pd.DataFrame, drift: list[dict]):
     for ax, (metric, label, scale) in zip(axes, STEP_PANELS):
         for (engine, trainer), group in steps.sort_values("step").groupby(["engine_dtype", "trainer_dtype"], sort=False):
             line = ax.plot(group["step"], group[metric], marker="o", ms=2, lw=1, label=pair_label(engine, trainer), color=COLORS.get(trainer))[0]
-            if (at := departs.get((f"{engine}→{trainer}", metric))) is not None:
+            if (at := departs.get((pair_name(engine, trainer), metric))) is not None:
                 ax.axvline(at, color=line.get_color(), ls=":", lw=1)
         if scale == "log" and (steps[metric] > 0).all():
             ax.set_yscale("log")

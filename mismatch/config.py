@@ -44,6 +44,15 @@ def _dtypes(value: str | list[str]) -> list[str]:
     return parse_dtypes(value if isinstance(value, str) else ",".join(value))
 
 
+def _json(config) -> dict:
+    """A config's fields as summary.json records them: paths (also in lists) as text."""
+
+    def text(value):
+        return str(value) if isinstance(value, Path) else value
+
+    return {k: [text(x) for x in v] if isinstance(v, list) else text(v) for k, v in asdict(config).items()}
+
+
 def pairs_mode(text: str) -> bool:
     """`--pairs`: "default" → False, "all" → True (every engine × trainer dtype)."""
     if text not in PAIR_MODES:
@@ -117,9 +126,7 @@ class ScanConfig:
         }
 
     def to_json(self) -> dict:
-        data = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
-        data["pairs"] = [list(p) for p in self.pairs()]
-        return data
+        return _json(self) | {"pairs": [list(p) for p in self.pairs()]}
 
 
 @dataclass
@@ -156,8 +163,7 @@ class TrainConfig:
 
     def to_json(self, dtype: str) -> dict:
         """The settings of the run in `dtype` (what its summary.json records)."""
-        data = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
-        return data | {"dtype": dtype}
+        return _json(self) | {"dtype": dtype}
 
 
 @dataclass
@@ -202,14 +208,10 @@ class AnalyzeConfig:
     def __post_init__(self):
         self.paths = [Path(p) for p in self.paths]
         self.dtypes = _dtypes(self.dtypes)
-        if self.temperature is not None:
-            _check_sampling(Sampling(temperature=self.temperature, top_p=self.top_p))
-        elif not 0 < self.top_p <= 1:
-            raise ConfigError("--top-p must be in (0, 1]")
+        _check_sampling(Sampling(temperature=1.0 if self.temperature is None else self.temperature, top_p=self.top_p))  # None: the dump's
         if not self.paths:
             raise ConfigError("analyze needs at least one dump file or folder")
         with_thresholds(self.corrections)
 
     def to_json(self) -> dict:
-        data = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
-        return data | {"paths": [str(p) for p in self.paths]}
+        return _json(self)

@@ -7,7 +7,9 @@ sequences in this layout, so `analyze` never knows which framework wrote them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
@@ -30,3 +32,14 @@ class Chunk:
 
     tokens: pd.DataFrame
     contexts: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+
+
+def first_record(path: Path) -> dict | None:
+    """The first line of a JSON-lines file as a record, or None if it is not one (detection peeks here)."""
+    with path.open(encoding="utf-8") as handle:
+        line = handle.readline()
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None

@@ -7,7 +7,6 @@ a dump without `step` is one chunk.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -16,7 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from mismatch import runs
-from mismatch.dumps.base import OPTIONAL, REQUIRED, Chunk
+from mismatch.dumps.base import OPTIONAL, REQUIRED, Chunk, first_record
 from mismatch.errors import DumpError
 
 NAME = "open"
@@ -43,13 +42,7 @@ def fields(path: Path) -> set[str]:
     """The column names of a file (parquet schema, or the first jsonl record's keys)."""
     if path.suffix == ".parquet":
         return set(pq.read_schema(path).names)
-    with path.open(encoding="utf-8") as handle:
-        first = handle.readline()
-    try:
-        record = json.loads(first)
-    except json.JSONDecodeError:
-        return set()
-    return set(record) if isinstance(record, dict) else set()
+    return set(first_record(path) or {})
 
 
 def detect(paths: list[Path]) -> bool:

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from mismatch.dumps.base import Chunk
+from mismatch.dumps.base import Chunk, first_record
 from mismatch.errors import DumpError
 
 NAME = "prime-rl"
@@ -40,28 +40,18 @@ def files(paths: list[Path]) -> list[Path]:
     return found
 
 
-def _first_record(path: Path) -> dict | None:
-    with path.open(encoding="utf-8") as handle:
-        line = handle.readline()
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def detect(paths: list[Path]) -> bool:
     found = files(paths)
     if not found or not all(p.suffix == ".jsonl" and p.is_file() for p in found):
         return False
-    record = _first_record(found[0])
+    record = first_record(found[0])
     return record is not None and set(FIELDS) <= set(record)
 
 
 def read(paths: list[Path]) -> Iterator[Chunk]:
     by_step: dict[int, list[tuple[int, Path]]] = defaultdict(list)
     for path in files(paths):
-        record = _first_record(path)
+        record = first_record(path)
         if record is None or not {*FIELDS, "step", "rank"} <= set(record):
             raise DumpError(f"{path}: not {EXPECTED}")
         by_step[int(record.get("export_step", record["step"]))].append((int(record["rank"]), path))  # multi-run exports: the run's step

@@ -11,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from mismatch import metrics
 from mismatch.corrections import SAFETY_BOUND
 
 
@@ -27,13 +28,9 @@ class Check:
     badness: Callable[[float], float] = lambda v: v  # orders steps from best to worst (default: larger is worse)
 
 
-def _ratio(pi, mu):
-    return pi - mu
-
-
 def _verl_is_weights(pi, mu, cap: float = 2.0) -> np.ndarray:
     """verl's token IS weights clamped to [1/T, T] before its std and ESS (rollout_corr_helper.py)."""
-    return np.clip(np.exp(np.clip(_ratio(pi, mu), -SAFETY_BOUND, SAFETY_BOUND)), 1 / cap, cap)
+    return np.clip(np.exp(np.clip(metrics.log_ratio(pi, mu), -SAFETY_BOUND, SAFETY_BOUND)), 1 / cap, cap)
 
 
 def _verl_ess(pi, mu) -> float:
@@ -45,22 +42,22 @@ def _verl_ess(pi, mu) -> float:
 CHECKS = (
     Check(
         "verl", "training/rollout_probs_diff_mean", "mean |exp(log π) − exp(log μ)|",
-        lambda pi, mu: float(np.mean(np.abs(np.exp(pi) - np.exp(mu)))), lambda v: v <= 0.005, "≤ 0.005 (> 0.01: an inference-engine precision issue)",
+        metrics.mean_abs_dp, lambda v: v <= 0.005, "≤ 0.005 (> 0.01: an inference-engine precision issue)",
         "verl docs/faq/faq.rst, 'Missmatch between inference and training sequence'", warn=lambda v: v <= 0.01,
     ),
     Check(
         "verl", "rollout_corr/kl", "mean(log μ − log π)",
-        lambda pi, mu: float(np.mean(-_ratio(pi, mu))), lambda v: abs(v) <= 0.1, "|kl| ≤ 0.1", "verl docs/algo/rollout_corr.md, check_rollout_correction_health",
+        metrics.k1, lambda v: abs(v) <= 0.1, "|kl| ≤ 0.1", "verl docs/algo/rollout_corr.md, check_rollout_correction_health",
         badness=abs,
     ),
     Check(
         "verl", "rollout_corr/chi2_token", "mean(exp(2ℓ)) − 1, ℓ clamped to ±20",
-        lambda pi, mu: float(np.mean(np.exp(2 * np.clip(_ratio(pi, mu), -SAFETY_BOUND, SAFETY_BOUND))) - 1), lambda v: v <= 1.0, "≤ 1.0",
+        lambda pi, mu: float(np.mean(np.exp(2 * np.clip(metrics.log_ratio(pi, mu), -SAFETY_BOUND, SAFETY_BOUND))) - 1), lambda v: v <= 1.0, "≤ 1.0",
         "verl docs/algo/rollout_corr.md, check_rollout_correction_health",
     ),
     Check(
         "verl", "rollout_corr/rollout_is_mean", "mean of token weights exp(ℓ) (before truncation)",
-        lambda pi, mu: float(np.mean(np.exp(np.clip(_ratio(pi, mu), -SAFETY_BOUND, SAFETY_BOUND)))), lambda v: 0.5 <= v <= 2.0, "within [0.5, 2.0]",
+        lambda pi, mu: float(np.mean(np.exp(np.clip(metrics.log_ratio(pi, mu), -SAFETY_BOUND, SAFETY_BOUND)))), lambda v: 0.5 <= v <= 2.0, "within [0.5, 2.0]",
         "verl docs/algo/rollout_corr.md, check_rollout_correction_health", badness=lambda v: abs(np.log(v)),
     ),
     Check(
@@ -74,25 +71,25 @@ CHECKS = (
     ),
     Check(
         "NeMo-RL", "train/token_mult_prob_error", "mean exp(|ℓ|)",
-        lambda pi, mu: float(np.mean(np.exp(np.abs(_ratio(pi, mu))))), lambda v: v <= 1.05, "≤ 1.05 (1.0 = perfect match)", "NeMo-RL docs/adding-new-models.md, 'Expected Error Threshold'",
+        lambda pi, mu: float(np.mean(np.exp(np.abs(metrics.log_ratio(pi, mu))))), lambda v: v <= 1.05, "≤ 1.05 (1.0 = perfect match)", "NeMo-RL docs/adding-new-models.md, 'Expected Error Threshold'",
     ),
     Check(
         "NeMo-RL", "train/gen_kl_error", "mean(exp(ℓ) − 1 − ℓ) (k3)",
-        lambda pi, mu: float(np.mean(np.expm1(_ratio(pi, mu)) - _ratio(pi, mu))), lambda v: v <= 1e-3, "≤ 1e-3", "NeMo-RL docs/guides/grpo.md, 'KL Divergence Error'",
+        metrics.k3, lambda v: v <= 1e-3, "≤ 1e-3", "NeMo-RL docs/guides/grpo.md, 'KL Divergence Error'",
     ),
     Check(
         "prime-rl", "mismatch_kl/all/mean", "mean(exp(ℓ) − ℓ − 1)",
-        lambda pi, mu: float(np.mean(np.expm1(_ratio(pi, mu)) - _ratio(pi, mu))), lambda v: v < 0.01, "< 0.01",
+        metrics.k3, lambda v: v < 0.01, "< 0.01",
         "prime-rl src/prime_rl/trainer/model.py ('target <0.01'); tests/integration/test_reverse_text.py",
     ),
     Check(
         "slime", "train/train_rollout_logprob_abs_diff", "mean |log π − log μ|",
-        lambda pi, mu: float(np.mean(np.abs(_ratio(pi, mu)))), lambda v: v <= 0.1, "≤ 0.1 (--ci-test gate)",
+        lambda pi, mu: float(np.mean(np.abs(metrics.log_ratio(pi, mu)))), lambda v: v <= 0.1, "≤ 0.1 (--ci-test gate)",
         "slime --ci-train-rollout-logprob-abs-diff-threshold default (slime/utils/arguments.py, backends/megatron_utils/model.py)",
     ),
     Check(
         "TRL", "sampling/sampling_logp_difference/max", "max |log π − log μ|",
-        lambda pi, mu: float(np.max(np.abs(_ratio(pi, mu)))), lambda v: v <= np.log(3.0), "≤ log 3 (no token alone exceeds the default clip 3.0)",
+        lambda pi, mu: float(np.max(np.abs(metrics.log_ratio(pi, mu)))), lambda v: v <= np.log(3.0), "≤ log 3 (no token alone exceeds the default clip 3.0)",
         "TRL GRPOConfig vllm_importance_sampling_clip_max 3.0 (trl/trainer/grpo_config.py); TRL documents no threshold for this metric",
     ),
 )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-Progress = Callable[[int], None]
+Advance = Callable[[int], None]
 """Called with the number of sequences just finished."""
 
 
@@ -43,7 +43,7 @@ class Engine(Protocol):
     name: str
     dtype: str
 
-    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
+    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None) -> list[Rollout]:
         """`samples` responses per prompt, ordered prompt-major; deterministic for a given seed."""
         ...
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from mismatch.engines.base import Progress, Rollout, Sampling, request_seed, requests
+from mismatch.engines.base import Advance, Rollout, Sampling, request_seed, requests
 from mismatch.errors import EngineError
 from mismatch.models import load_causal_lm
 from mismatch.precision import DTYPES, compute_context, default_device
@@ -30,7 +30,7 @@ class HFEngine:
         # (repetition_penalty, top_k, min_p …): a bare one leaves exactly the processors the trainer applies.
         self.model.generation_config = GenerationConfig(eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id)
 
-    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
+    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None) -> list[Rollout]:
         todo = requests(len(prompts), samples)
         rollouts: list[Rollout] = []
         for start in range(0, len(todo), BATCH):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from mismatch import errors
-from mismatch.engines.base import Progress, Rollout, Sampling, Scored
+from mismatch.engines.base import Advance, Rollout, Sampling, Scored
 
 
 class _Child:
@@ -34,7 +34,7 @@ class _Child:
         child.close()
         atexit.register(self.stop)  # an engine never closed must not keep the interpreter waiting at exit
 
-    def call(self, command: str, *args, progress: Progress | None = None):
+    def call(self, command: str, *args, progress: Advance | None = None):
         self._pipe.send((command, args))
         while True:
             try:
@@ -80,7 +80,7 @@ class IsolatedEngine:
             self._child.stop()
             raise
 
-    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
+    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None) -> list[Rollout]:
         return self._child.call("generate", prompts, samples, sampling, progress=progress)
 
     def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:

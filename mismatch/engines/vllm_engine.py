@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mismatch.engines.base import Progress, Rollout, Sampling, Scored, request_seed, requests
+from mismatch.engines.base import Advance, Rollout, Sampling, Scored, request_seed, requests
 from mismatch.errors import EngineError
 from mismatch.precision import VLLM_DTYPE_NAMES
 
@@ -23,7 +23,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 CPU_KV_CACHE_BYTES = 2**30
 
 
-def progress_bar(progress: Progress):
+def progress_bar(progress: Advance):
     """A tqdm class for vLLM's `use_tqdm` that advances `progress` instead of drawing a bar."""
     from tqdm import tqdm
 
@@ -88,7 +88,7 @@ class VLLMEngine:
         except Exception as exc:
             raise start_error(exc, gpu_memory_utilization) from exc
 
-    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Progress | None = None) -> list[Rollout]:
+    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None) -> list[Rollout]:
         """Every request in one `generate` call, so vLLM schedules them all at once (its outputs come
         back in request order); our progress advances as each request finishes."""
         from vllm import SamplingParams

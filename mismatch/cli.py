@@ -92,6 +92,7 @@ def scan(
     semantic_probe: Annotated[int, typer.Option(help="Prompts the engine also generates in FP32, scored by the FP32 trainer: a gap there is an implementation difference, not precision (0: skip).")] = 4,
     reference: Annotated[str, typer.Option(help="The FP32 trainer reference: all sequences, none (skip it: a 70B FP32 copy does not fit), or the first N per engine dtype; its memory is shown when it starts.")] = "all",
     fail_on: Annotated[list[str], typer.Option("--fail-on", help='CI gate, repeatable: "[ENGINE/TRAINER:]METRIC>VALUE" (>, >=, <, <=); default pairs: equal dtypes. Exit 1 when one holds.')] = [],  # noqa: B006 (typer reads it)
+    lora: Annotated[Path | None, typer.Option(help="A PEFT LoRA adapter folder: the engine applies it as a LoRA request, the trainer through PEFT; the base with it merged in is scanned too, for comparison.")] = None,
 ) -> None:
     """Generate with the engine, rescore the same tokens with HF per dtype, and report the gap."""
     if resume and out is None:
@@ -116,6 +117,7 @@ def scan(
         semantic_probe=semantic_probe,
         reference=reference,
         fail_on=list(fail_on),
+        lora=lora,
     )
     from mismatch.scan import run_scan  # heavy imports after the arguments are known to be good
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from mismatch.corrections import with_thresholds
 from mismatch.engines import ENGINES, Sampling
 from mismatch.errors import ConfigError
+from mismatch.lora import read_adapter
 from mismatch.gate import Condition, check_pairs, parse_condition
 from mismatch.precision import parse_dtypes
 
@@ -81,9 +82,13 @@ class ScanConfig:
     strict: bool = False  # fail, instead of skipping, on prompts that do not fit the context
     semantic_probe: int = 4  # prompts the FP32 engine generates for the FP32-vs-FP32 probe (0: skip)
     reference: str = "all"  # the FP32 trainer reference: "all" sequences, "none", or the first N per engine dtype
+    lora: Path | None = None  # a PEFT LoRA adapter folder: scanned applied by each side, and merged
 
     def __post_init__(self):
         self.dtypes = _dtypes(self.dtypes)
+        if self.lora is not None:
+            self.lora = Path(self.lora)
+            read_adapter(self.lora)
         _check_engine(self.engine)
         _check_sampling(self.sampling)
         _at_least("--samples", self.samples)

@@ -17,6 +17,7 @@ import torch
 
 from mismatch.engines.base import Rollout
 from mismatch.errors import ModelError
+from mismatch.lora import with_adapter
 from mismatch.models import load_causal_lm
 from mismatch.precision import DTYPES, compute_context, default_device
 
@@ -163,18 +164,20 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def load_trainer(model: Path, dtype: str, device: torch.device | None = None, trust_remote_code: bool = False, device_map=None):
-    """The HF model in `dtype`, with attention that honours its semantics, its output path checked.
+def load_trainer(model: Path, dtype: str, device: torch.device | None = None, trust_remote_code: bool = False, device_map=None, lora: Path | None = None):
+    """The HF model in `dtype`, with attention that honours its semantics, its output path checked;
+    with the LoRA adapter folder `lora` applied as PEFT applies it in training (`mismatch.lora`).
 
     With several GPUs visible (or a `device_map` given) accelerate places it: its layers sharded
     across the devices ("auto"), or as the map says (a dict may offload modules to "cpu" or "disk").
     """
     if device_map is None and device is None and torch.cuda.device_count() > 1:
         device_map = "auto"
-    if device_map is None:
-        hf = load_causal_lm(model, DTYPES[dtype], trust_remote_code=trust_remote_code).to(device or default_device()).eval()
-    else:
-        hf = load_causal_lm(model, DTYPES[dtype], trust_remote_code=trust_remote_code, device_map=device_map).eval()
+    placement = {} if device_map is None else {"device_map": device_map}
+    hf = load_causal_lm(model, DTYPES[dtype], trust_remote_code=trust_remote_code, **placement)
+    if lora:
+        hf = with_adapter(hf, lora)
+    hf = (hf.to(device or default_device()) if device_map is None else hf).eval()
     check_output_path(hf, dtype)
     return hf
 

@@ -5,6 +5,7 @@ which layout (`format_version`), whether it finished (`complete`, `finished` sta
 what settings and library versions. Reports and `compare` read folders through this module only.
 
     scan     summary.json  rollouts.parquet  tokens.parquet  metrics.csv  report.html  summary.md
+             `--lora`: merged_rollouts.parquet  merged_tokens.parquet (the adapter merged into the base)
     train    summary.json  metrics.csv  metrics.parquet  tokens.parquet  checkpoint-*/  (report.html)
              `--compare`: one such folder per dtype under the root, and the root's report.html
     compare  summary.json  compare.html  compare.md
@@ -51,6 +52,8 @@ SUMMARY_MD = "summary.md"
 COMPARE_HTML = "compare.html"
 COMPARE_MD = "compare.md"
 STEPS = "steps.parquet"  # analyze: the metrics of every (step, pair)
+MERGED_ROLLOUTS = "merged_rollouts.parquet"  # scan --lora: the base with the adapter merged in, its engine outputs
+MERGED_TOKENS = "merged_tokens.parquet"  # … and its token rows (TOKEN_COLUMNS); tokens.parquet holds the adapter's
 TOPK = "topk.parquet"  # diagnose: the engine's top-k at each sampled position, with the trainer's log-probs
 
 # tokens.parquet of a scan: one row per (sequence, response position, engine dtype, trainer dtype)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -15,6 +20,7 @@ from mismatch.errors import EngineError, ResumeError
 from mismatch.gate import evaluate
 from mismatch.measures import Measures
 from mismatch.inputs import prepare_inputs
+from mismatch.lora import adapter_gap, merge_into, read_adapter
 from mismatch.models import available_memory, fp32_footprint
 from mismatch.recommend import recommend
 from mismatch.report import write_report
@@ -32,6 +38,8 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
     progress = progress or Silent()
     out = config.out
     if resume:
+        if config.lora:
+            raise ResumeError("--resume does not cover --lora scans yet (two models' outputs); run the scan again without --resume")
         saved = _resumable(config)
     else:
         runs.check_output_dir(out, force)
@@ -58,41 +66,17 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
     requests = [(d, prompt_ids, config.samples) for d in accepted]
     if probe["prompts"] and REFERENCE_DTYPE not in accepted:  # FP32 engine on a few prompts: the probe
         requests.append((REFERENCE_DTYPE, prompt_ids[: probe["prompts"]], 1))
-    for dtype, prompts_for, samples in requests:
-        if len(rollouts.get(dtype, [])) == len(prompts_for) * samples:  # saved by the run being resumed
-            summary["finished"].append(f"generate_{dtype} (resumed)")
-            continue
-        with stage(f"engine_start_{dtype}"):
-            engine = start_engine(config.engine, model_path, dtype, trust_remote_code=config.trust_remote_code, **config.vllm_options())
-        with stage(f"generate_{dtype}"):
-            advance = progress.stage(f"generate {config.engine} {dtype}", len(prompts_for) * samples)
-            try:
-                rollouts[dtype] = engine.generate(prompts_for, samples, config.sampling, advance)
-            finally:
-                engine.close()
-            runs.write_parquet(out / runs.ROLLOUTS, runs.rollouts_frame(rollouts, tokenizer, config.samples))
-
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
-    pairs = scan_pairs(config, accepted, list(summary["refused_dtypes"]), REFERENCE_DTYPE in rollouts)
+    pairs = scan_pairs(config, accepted, list(summary["refused_dtypes"]), REFERENCE_DTYPE in rollouts or any(d == REFERENCE_DTYPE for d, _, _ in requests))
     summary["reference"] = reference_plan(config, model_path)
-    for trainer_dtype in dict.fromkeys(t for _, t in pairs):
-        with stage(f"rescore_{trainer_dtype}"):
-            model = load_trainer(model_path, trainer_dtype, trust_remote_code=config.trust_remote_code)
-            watch = ActivationPeak(model) if trainer_dtype == "fp16" else contextlib.nullcontext()
-            with watch:
-                for engine_dtype in [e for e, t in pairs if t == trainer_dtype]:
-                    chosen = rollouts[engine_dtype]
-                    label = f"rescore {engine_dtype} → {trainer_dtype}"
-                    if trainer_dtype == REFERENCE_DTYPE and engine_dtype != REFERENCE_DTYPE:
-                        chosen = chosen[: config.reference_sequences()]  # the first N, or all
-                        label += f" (reference: {len(chosen)} of {len(rollouts[engine_dtype])} sequences, {summary['reference']['fp32_gib']:.2f} GiB of FP32 weights)"
-                    advance = progress.stage(label, len(chosen))
-                    scores[engine_dtype, trainer_dtype] = rescore(model, trainer_dtype, chosen, config.sampling.temperature, config.sampling.top_p, pad_id, advance)
-            if isinstance(watch, ActivationPeak):
-                summary["fp16_headroom"] = watch.summary()
-            del model
-    scores = {pair: scores[pair] for pair in pairs}  # table rows in the configured order
+    side = Side(model_path, config.lora, out / runs.ROLLOUTS)
+    rollouts, scores = sample_and_rescore(config, side, requests, pairs, tokenizer, log, progress, rollouts)
+    if config.lora:  # the same scan of the base with the adapter merged in: what the adapter path adds
+        with stage("merge_adapter"):
+            folder = merge_into(model_path, config.lora, Path(tempfile.mkdtemp(prefix=".merged-model-", dir=out)), config.trust_remote_code)
+        try:
+            merged = sample_and_rescore(config, Side(folder, None, out / runs.MERGED_ROLLOUTS, "merged"), requests, pairs, tokenizer, log, progress, {})
+        finally:
+            shutil.rmtree(folder)
 
     with stage("metrics"):
         tokens = runs.tokens_frame(rollouts, scores, tokenizer, config.samples)
@@ -101,7 +85,16 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
         pairs_list = measures.pair_rows()
         audit, audit_by_pair = measures.audit_rows(config.sampling.temperature)
         runs.write_parquet(out / runs.TOKENS, tokens)
-        runs.write_csv(out / runs.METRICS_CSV, pd.DataFrame(pairs_list))
+        metrics = pd.DataFrame(pairs_list)
+        if config.lora:
+            merged_tokens = runs.tokens_frame(*merged, tokenizer, config.samples)
+            merged_measures = Measures(seed=config.sampling.seed)
+            merged_measures.add(merged_tokens)
+            runs.write_parquet(out / runs.MERGED_TOKENS, merged_tokens)
+            merged_pairs = merged_measures.pair_rows()
+            summary["lora"] = {"adapter": asdict(read_adapter(config.lora)) | {"path": str(config.lora)}, "merged_pairs": merged_pairs, "comparison": adapter_gap(pairs_list, merged_pairs)}
+            metrics = pd.concat([metrics.assign(variant="lora"), pd.DataFrame(merged_pairs).assign(variant="merged")])
+        runs.write_csv(out / runs.METRICS_CSV, metrics)
         summary |= {
             "pairs": pairs_list,
             "corrections": measures.corrections_rows(),
@@ -116,6 +109,58 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
     with stage("report"):
         write_report(out)
     return summary
+
+
+@dataclass
+class Side:
+    """What one scanned model is: its folder, the LoRA adapter both sides apply to it (or None), where
+    its engine outputs are saved, and the prefix of its stage names and labels."""
+
+    model_path: Path
+    lora: Path | None
+    rollouts_file: Path
+    name: str = ""
+
+
+def sample_and_rescore(config: ScanConfig, side: Side, requests: list, pairs: list[tuple[str, str]], tokenizer, log: runs.RunLog, progress: Progress, rollouts: dict[str, list[Rollout]]):
+    """Engine outputs (μ) for each (engine dtype, prompts, samples) request not already in `rollouts`,
+    then the trainer's π for every pair: ({engine dtype: rollouts}, {pair: scores}). The FP16
+    trainer's activation headroom of the scanned model goes into the summary."""
+    stage, prefix = log.stage, f"{side.name}_" if side.name else ""
+    label = f"{side.name} " if side.name else ""
+    for dtype, prompts_for, samples in requests:
+        if len(rollouts.get(dtype, [])) == len(prompts_for) * samples:  # saved by the run being resumed
+            log.summary["finished"].append(f"{prefix}generate_{dtype} (resumed)")
+            continue
+        with stage(f"{prefix}engine_start_{dtype}"):
+            engine = start_engine(config.engine, side.model_path, dtype, trust_remote_code=config.trust_remote_code, lora=side.lora, **config.vllm_options())
+        with stage(f"{prefix}generate_{dtype}"):
+            advance = progress.stage(f"{label}generate {config.engine} {dtype}", len(prompts_for) * samples)
+            try:
+                rollouts[dtype] = engine.generate(prompts_for, samples, config.sampling, advance)
+            finally:
+                engine.close()
+            runs.write_parquet(side.rollouts_file, runs.rollouts_frame(rollouts, tokenizer, config.samples))
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
+    for trainer_dtype in dict.fromkeys(t for _, t in pairs):
+        with stage(f"{prefix}rescore_{trainer_dtype}"):
+            model = load_trainer(side.model_path, trainer_dtype, trust_remote_code=config.trust_remote_code, lora=side.lora)
+            watch = ActivationPeak(model) if trainer_dtype == "fp16" and not side.name else contextlib.nullcontext()
+            with watch:
+                for engine_dtype in [e for e, t in pairs if t == trainer_dtype]:
+                    chosen = rollouts[engine_dtype]
+                    text = f"{label}rescore {engine_dtype} → {trainer_dtype}"
+                    if trainer_dtype == REFERENCE_DTYPE and engine_dtype != REFERENCE_DTYPE:
+                        chosen = chosen[: config.reference_sequences()]  # the first N, or all
+                        text += f" (reference: {len(chosen)} of {len(rollouts[engine_dtype])} sequences, {log.summary['reference']['fp32_gib']:.2f} GiB of FP32 weights)"
+                    advance = progress.stage(text, len(chosen))
+                    scores[engine_dtype, trainer_dtype] = rescore(model, trainer_dtype, chosen, config.sampling.temperature, config.sampling.top_p, pad_id, advance)
+            if isinstance(watch, ActivationPeak):
+                log.summary["fp16_headroom"] = watch.summary()
+            del model
+    return rollouts, {pair: scores[pair] for pair in pairs}  # table rows in the configured order
 
 
 def scan_pairs(config: ScanConfig, accepted: list[str], refused: list[str], reference_generated: bool) -> list[tuple[str, str]]:

@@ -10,8 +10,9 @@ from mismatch.errors import ConfigError, EngineError
 ENGINES = ("vllm", "hf")
 
 
-def start_engine(name: str, model: Path, dtype: str, *, trust_remote_code: bool = False, isolated: bool = True, **vllm_options) -> Engine:
-    """Start engine `name` ("vllm" or "hf") on `model` in `dtype`; `vllm_options` go to `vllm.LLM` only.
+def start_engine(name: str, model: Path, dtype: str, *, trust_remote_code: bool = False, lora: Path | None = None, isolated: bool = True, **vllm_options) -> Engine:
+    """Start engine `name` ("vllm" or "hf") on `model` in `dtype`, with the LoRA adapter folder `lora`
+    applied if given; `vllm_options` go to `vllm.LLM` only.
 
     vLLM runs in a child process unless `isolated` is False (see `engines.isolated` for why); the
     HF engine shares nothing with other libraries and runs here.
@@ -24,12 +25,12 @@ def start_engine(name: str, model: Path, dtype: str, *, trust_remote_code: bool 
         if isolated:
             from mismatch.engines.isolated import IsolatedEngine
 
-            return IsolatedEngine(model, dtype, trust_remote_code=trust_remote_code, **vllm_options)
-        return VLLMEngine(model, dtype, trust_remote_code=trust_remote_code, **vllm_options)
+            return IsolatedEngine(model, dtype, trust_remote_code=trust_remote_code, lora=lora, **vllm_options)
+        return VLLMEngine(model, dtype, trust_remote_code=trust_remote_code, lora=lora, **vllm_options)
     if name == "hf":
         from mismatch.engines.hf_engine import HFEngine
 
-        return HFEngine(model, dtype, trust_remote_code=trust_remote_code)
+        return HFEngine(model, dtype, trust_remote_code=trust_remote_code, lora=lora)
     raise ConfigError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
 
 

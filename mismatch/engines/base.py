@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 Advance = Callable[[int], None]
@@ -49,6 +50,11 @@ class Engine(Protocol):
 
     def load_weights(self, state_dict: dict) -> None:
         """Replace the live engine's weights (HF names) in place: the RL loop's sync after a step."""
+        ...
+
+    def load_adapter(self, path: Path) -> None:
+        """Apply the LoRA adapter saved at `path` from now on (the engine was started with one): the RL
+        loop's sync of a LoRA policy."""
         ...
 
     def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:

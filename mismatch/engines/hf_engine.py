@@ -9,6 +9,7 @@ from transformers import GenerationConfig
 
 from mismatch.engines.base import Advance, Rollout, Sampling, request_seed, requests
 from mismatch.errors import EngineError
+from mismatch.lora import adapter_weights, with_adapter
 from mismatch.models import load_causal_lm
 from mismatch.precision import DTYPES, compute_context, default_device
 
@@ -18,10 +19,13 @@ BATCH = 16
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model: Path, dtype: str, *, trust_remote_code: bool = False):
+    def __init__(self, model: Path, dtype: str, *, trust_remote_code: bool = False, lora: Path | None = None):
         self.dtype = dtype
         self.device = default_device()
-        self.model = load_causal_lm(model, DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.model = load_causal_lm(model, DTYPES[dtype], trust_remote_code=trust_remote_code)
+        if lora:
+            self.model = with_adapter(self.model, lora)
+        self.model = self.model.to(self.device).eval()
         config = self.model.generation_config
         eos = config.eos_token_id if config.eos_token_id is not None else self.model.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -74,6 +78,9 @@ class HFEngine:
 
     def score(self, sequences, topk: int = 0, alone: bool = False):
         raise EngineError("the hf engine has no separate prefill path to score: its prefill is the trainer's forward; use --engine vllm")
+
+    def load_adapter(self, path: Path) -> None:
+        self.load_weights(adapter_weights(path))
 
     @torch.no_grad()
     def load_weights(self, state_dict: dict) -> None:

@@ -86,6 +86,9 @@ class IsolatedEngine:
     def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:
         return self._child.call("score", sequences, topk, alone)
 
+    def load_adapter(self, path: Path) -> None:
+        self._child.call("load_adapter", path)
+
     def load_weights(self, state_dict: dict) -> None:
         self._child.call("load_weights", {name: tensor.detach().share_memory_() for name, tensor in state_dict.items()})
 
@@ -130,7 +133,7 @@ def _serve(pipe) -> None:
                 pipe.send(("result", engine.generate(*args, progress=lambda n: pipe.send(("progress", n)))))
             elif command == "score":
                 pipe.send(("result", engine.score(*args)))
-            elif command in ("load_weights", "sleep", "wake_up"):
+            elif command in ("load_weights", "load_adapter", "sleep", "wake_up"):
                 getattr(engine, command)(*args)
                 pipe.send(("result", None))
             elif command == "close":

@@ -12,6 +12,7 @@ import torch
 
 from mismatch.engines.base import Advance, Rollout, Sampling, Scored, request_seed, requests
 from mismatch.errors import EngineError
+from mismatch.lora import read_adapter, vllm_max_rank
 from mismatch.precision import VLLM_DTYPE_NAMES
 
 # Keeps vLLM's engine core in the process that creates the engine (ours runs in its own child,
@@ -64,11 +65,14 @@ class VLLMEngine:
         gpu_memory_utilization: float | None = None,
         trust_remote_code: bool = False,
         sleep_mode: bool = False,
+        lora: Path | None = None,
     ):
         from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
         self.dtype = dtype
+        self._lora = None
+        adapters = {"enable_lora": True, "max_lora_rank": vllm_max_rank(read_adapter(lora).rank), "max_loras": 1} if lora else {}
         memory = {"gpu_memory_utilization": gpu_memory_utilization or 0.85} if on_gpu or gpu_memory_utilization else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
         try:
             self.llm = LLM(
@@ -84,9 +88,12 @@ class VLLMEngine:
                 enable_sleep_mode=sleep_mode,
                 logprobs_mode="processed_logprobs",  # after temperature / top-p: the distribution sampled from
                 use_tqdm_on_load=False,  # our progress bars say what is happening
+                **adapters,
             )
         except Exception as exc:
             raise start_error(exc, gpu_memory_utilization) from exc
+        if lora:
+            self.load_adapter(lora)
 
     def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None) -> list[Rollout]:
         """Every request in one `generate` call, so vLLM schedules them all at once (its outputs come
@@ -104,7 +111,7 @@ class VLLMEngine:
             )
             for p, s in todo
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in todo], params, use_tqdm=progress_bar(progress) if progress else False)
+        outputs = self.llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in todo], params, use_tqdm=progress_bar(progress) if progress else False, lora_request=self._lora)
         rollouts: list[Rollout] = []
         for (p, s), out in zip(todo, outputs):
             completion = out.outputs[0]
@@ -120,10 +127,10 @@ class VLLMEngine:
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=topk)
         requests = [{"prompt_token_ids": list(p) + list(r)} for p, r in sequences]
         if alone:
-            outputs = [self.llm.generate([request], params, use_tqdm=False)[0] for request in requests]
+            outputs = [self.llm.generate([request], params, use_tqdm=False, lora_request=self._lora)[0] for request in requests]
         else:  # one batch, in an order unrelated to the sequences' own
             order = np.random.default_rng(len(requests)).permutation(len(requests))
-            shuffled = self.llm.generate([requests[i] for i in order], params, use_tqdm=False)
+            shuffled = self.llm.generate([requests[i] for i in order], params, use_tqdm=False, lora_request=self._lora)
             outputs = [None] * len(requests)
             for i, out in zip(order, shuffled):
                 outputs[i] = out
@@ -141,6 +148,13 @@ class VLLMEngine:
 
     def wake_up(self) -> None:
         self.llm.wake_up()
+
+    def load_adapter(self, path: Path) -> None:
+        # a new id per adapter: vLLM caches adapters by id, and with max_loras=1 the old one is evicted
+        from vllm.lora.request import LoRARequest
+
+        number = self._lora.lora_int_id + 1 if self._lora else 1
+        self._lora = LoRARequest(f"adapter-{number}", number, str(path))
 
     def load_weights(self, state_dict: dict) -> None:
         # `reload_weights` runs vLLM's own loader (and its CPU GEMM repacking) on HF-named tensors;

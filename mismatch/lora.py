@@ -1,0 +1,136 @@
+"""A PEFT LoRA adapter as each side applies it: the engine through a LoRA request (vLLM) or PEFT
+(the hf engine), the trainer through PEFT, and both through the base weights with it merged in.
+
+PEFT keeps the adapter's weights in FP32 under a BF16/FP16 base (`autocast_adapter_dtype`) and
+computes the low-rank path in FP32 before adding it to the layer's output in the base dtype; vLLM
+keeps them in the model dtype. That difference is part of the gap a LoRA run trains through.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mismatch.errors import ConfigError
+
+ADAPTER_CONFIG = "adapter_config.json"
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.32)
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    path: Path
+    rank: int  # the largest rank of any module (rank_pattern included)
+    alpha: float
+    target_modules: list[str] = field(default_factory=list)
+
+
+def read_adapter(path: Path) -> Adapter:
+    """The adapter folder's settings, refusing what is not a plain LoRA adapter both sides can run."""
+    config_file = Path(path) / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise ConfigError(f"--lora {path}: not a PEFT adapter folder (no {ADAPTER_CONFIG}); pass the folder PeftModel.save_pretrained wrote")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--lora {path}: {ADAPTER_CONFIG} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if config.get("peft_type") != "LORA":
+        raise ConfigError(f"--lora {path}: a {config.get('peft_type')} adapter; only LoRA adapters are supported")
+    for flag, name in (("use_dora", "DoRA"), ("use_qalora", "QA-LoRA")):
+        if config.get(flag):
+            raise ConfigError(f"--lora {path}: {name} adapters are not supported (vLLM runs plain LoRA only)")
+    if config.get("modules_to_save"):
+        raise ConfigError(f"--lora {path}: modules_to_save {config['modules_to_save']} (fully trained modules) is not supported; merge them into the base model first")
+    rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+    if rank > VLLM_MAX_LORA_RANKS[-1]:
+        raise ConfigError(f"--lora {path}: rank {rank} is above vLLM's largest max_lora_rank ({VLLM_MAX_LORA_RANKS[-1]})")
+    targets = config.get("target_modules") or []
+    return Adapter(Path(path), rank, float(config.get("lora_alpha", 8)), sorted(targets) if isinstance(targets, list) else [targets])
+
+
+def vllm_max_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds `rank`."""
+    return next(allowed for allowed in VLLM_MAX_LORA_RANKS if allowed >= rank)
+
+
+def with_adapter(model, adapter: Path, trainable: bool = False):
+    """`model` with the adapter's LoRA layers injected by PEFT (FP32 adapter weights), returned as
+    the transformers model itself, so everything that runs a causal LM runs it unchanged."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable).base_model.model
+
+
+def adapter_weights(path: Path) -> dict:
+    """The adapter's saved tensors under the names its LoRA layers have inside the transformers model
+    (`...q_proj.lora_A.weight` → `...q_proj.lora_A.default.weight`), for `load_weights`."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(path) / "adapter_model.safetensors"))
+    return {name.removeprefix("base_model.model.").replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): tensor for name, tensor in saved.items()}
+
+
+def new_adapter(model, rank: int, alpha: float, target_modules: list[str]):
+    """A fresh trainable LoRA on `model` (PEFT's init: B = 0, so the policy starts as the base);
+    the adapter weights are FP32 masters whatever the base dtype. Returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in target_modules if t not in present]
+    if missing or not target_modules:
+        raise ConfigError(f"--lora-target-modules: {', '.join(missing) or '(none)'} not in this model; its linear layers include {', '.join(sorted(linear_names(model)))}")
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0))
+
+
+def linear_names(model) -> set[str]:
+    import torch
+
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def adapter_gap(lora_pairs: list[dict], merged_pairs: list[dict]) -> list[dict]:
+    """Per pair scanned both ways: k3 and mean |Δp| with the adapter applied by each side, and with
+    it merged into the weights; `k3_ratio` = k3_lora / k3_merged. `adapter_path` says whether the
+    adapter path adds mismatch: "adds" (or "removes") when the two k3 intervals do not overlap,
+    "no_difference" otherwise."""
+    merged = {(p["engine_dtype"], p["trainer_dtype"]): p for p in merged_pairs}
+    rows = []
+    for lora in lora_pairs:
+        other = merged.get((lora["engine_dtype"], lora["trainer_dtype"]))
+        if other is None:
+            continue
+        if lora["k3_ci_low"] > other["k3_ci_high"]:
+            verdict = "adds"
+        elif lora["k3_ci_high"] < other["k3_ci_low"]:
+            verdict = "removes"
+        else:
+            verdict = "no_difference"
+        rows.append(
+            {"engine_dtype": lora["engine_dtype"], "trainer_dtype": lora["trainer_dtype"]}
+            | {f"{metric}_{side}": pair[metric] for side, pair in (("lora", lora), ("merged", other)) for metric in ("k3", "k3_ci_low", "k3_ci_high", "mean_abs_dp")}
+            | {"k3_ratio": lora["k3"] / other["k3"] if other["k3"] > 0 else None, "adapter_path": verdict}
+        )
+    return rows
+
+
+def merge_into(base: Path, adapter: Path, folder: Path, trust_remote_code: bool = False) -> Path:
+    """The base model with the adapter merged into its weights in FP32 (W + B·A·α/r), saved with the
+    base's tokenizer and generation config: the same function without the adapter path."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from mismatch.models import load_causal_lm
+
+    model = load_causal_lm(base, torch.float32, trust_remote_code=trust_remote_code)
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code).save_pretrained(folder)
+    try:
+        GenerationConfig.from_pretrained(base).save_pretrained(folder)
+    except OSError:  # the base has none
+        pass
+    return folder

@@ -20,6 +20,11 @@ CORRECTION_ACTIONS = [
     "add token-level truncated importance sampling, weight min(π/μ, C) with C = 2, to the policy loss",
 ]
 
+ADAPTER_ACTION = (
+    "LoRA: sync the adapter merged into the engine's weights (TRL's default with vLLM; verl's layered_summon / merge) "
+    "instead of serving it as a LoRA request, or keep the PEFT adapter in the base dtype (autocast_adapter_dtype=False) "
+    "to match vLLM's — then re-run `mismatch scan --lora`"
+)
 SEMANTIC_ACTIONS = [
     "find the difference before changing precision: attention implementation, logit scaling or softcap, RoPE or sliding window, tokenizer / chat template, model code version",
     "re-run `mismatch scan` once engine and trainer agree in FP32",
@@ -31,13 +36,19 @@ def _pair(pairs: list[dict], engine: str, trainer: str) -> dict | None:
 
 
 def recommend(
-    pairs: list[dict[str, Any]], fp16_headroom: dict | None = None, refused: dict[str, str] | None = None, probe: dict | None = None, engine: str = "vllm"
+    pairs: list[dict[str, Any]],
+    fp16_headroom: dict | None = None,
+    refused: dict[str, str] | None = None,
+    probe: dict | None = None,
+    engine: str = "vllm",
+    lora: list[dict] | None = None,
 ) -> dict[str, Any]:
     """A verdict code, one sentence with the numbers behind it, and the settings to change.
 
     `fp16_headroom` is the largest |activation| of the FP16 forward against 65504 (ActivationPeak);
     `refused` the dtypes the engine would not run (with its reason); `probe` the semantic probe's
-    plan (`prompts`, or why it was `skipped`), whose result is the FP32/FP32 pair.
+    plan (`prompts`, or why it was `skipped`), whose result is the FP32/FP32 pair; `lora` the
+    adapter-applied against merged comparison of a LoRA scan (`lora.adapter_gap`).
     """
     refused, probe = refused or {}, probe or {}
     semantic = _pair(pairs, "fp32", "fp32")
@@ -55,7 +66,20 @@ def recommend(
             f" (Semantic probe skipped: {probe['skipped']}. This verdict rests on the precision pairs alone and cannot rule out "
             "an implementation difference between engine and trainer.)"
         )
-    return verdict
+    return _with_adapter_path(verdict, lora or [])
+
+
+def _with_adapter_path(verdict: dict, comparison: list[dict]) -> dict:
+    """A LoRA scan: say where applying the adapter (vLLM LoRA request against PEFT's FP32 adapter)
+    measurably adds mismatch over the merged model, on the pairs with the same dtype on both sides."""
+    adds = [c for c in comparison if c["engine_dtype"] == c["trainer_dtype"] != "fp32" and c["adapter_path"] == "adds"]
+    if not adds:
+        return verdict
+    numbers = "; ".join(f"{c['engine_dtype']}: k3 {c['k3_lora']:.2e} applied against {c['k3_merged']:.2e} merged ({c['k3_ratio']:.2g}×)" for c in adds)
+    return verdict | {
+        "summary": verdict["summary"] + f" The LoRA adapter path adds mismatch of its own ({numbers}).",
+        "actions": [*verdict["actions"], ADAPTER_ACTION],
+    }
 
 
 def _precision_verdict(pairs: list[dict[str, Any]], fp16_headroom: dict | None, refused: dict[str, str], engine: str) -> dict[str, Any]:

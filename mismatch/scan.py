@@ -101,7 +101,7 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
             "health": measures.health_rows(),
             "audit": audit,
             "audit_by_pair": audit_by_pair,
-            "recommendation": recommend(pairs_list, summary.get("fp16_headroom"), summary["refused_dtypes"], summary["semantic_probe"], config.engine),
+            "recommendation": recommend(pairs_list, summary.get("fp16_headroom"), summary["refused_dtypes"], summary["semantic_probe"], config.engine, summary.get("lora", {}).get("comparison")),
         }
         if config.fail_on:
             summary["gate"] = evaluate(config.conditions(), pairs_list)

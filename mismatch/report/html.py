@@ -59,6 +59,7 @@ def render_report(run: ScanRun) -> str:
         audit=run.summary.get("audit_by_pair", {}),
         corrections=run.summary.get("corrections", []),
         drift=run.summary.get("drift", []),
+        lora=run.summary.get("lora"),
         recommendation=recommendation,
         gate=run.summary.get("gate"),
         settings=settings_for(recommendation["verdict"]),

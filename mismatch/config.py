@@ -13,7 +13,7 @@ from pathlib import Path
 from mismatch.corrections import with_thresholds
 from mismatch.engines import ENGINES, Sampling
 from mismatch.errors import ConfigError
-from mismatch.lora import read_adapter
+from mismatch.lora import VLLM_MAX_LORA_RANKS, read_adapter
 from mismatch.gate import Condition, check_pairs, parse_condition
 from mismatch.precision import parse_dtypes
 
@@ -155,10 +155,20 @@ class TrainConfig:
     gpu_memory_utilization: float | None = None  # the engine's share; None: 90% of what the policy leaves free (GPU)
     max_model_len: int | None = None
     sleep: bool | None = None  # vLLM sleep mode during the learner step; None: on GPU only
+    lora_rank: int = 0  # 0: full fine-tuning; else the policy is a PEFT LoRA of this rank on the frozen base
+    lora_alpha: float | None = None  # None: 2 × rank
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # PEFT's names; all-linear: every linear layer but the head
 
     def __post_init__(self):
         self.dtypes = _dtypes(self.dtypes)
         _check_engine(self.engine)
+        _at_least("--lora-rank", self.lora_rank, 0)
+        if self.lora_rank > VLLM_MAX_LORA_RANKS[-1]:
+            raise ConfigError(f"--lora-rank {self.lora_rank} is above vLLM's largest max_lora_rank ({VLLM_MAX_LORA_RANKS[-1]})")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank
         if self.algo not in ALGOS:
             raise ConfigError(f"unknown --algo {self.algo!r}; use one of {', '.join(ALGOS)}")
         _check_sampling(Sampling(temperature=self.temperature, max_tokens=self.max_tokens))

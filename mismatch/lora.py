@@ -16,7 +16,6 @@ from mismatch.errors import ConfigError
 
 ADAPTER_CONFIG = "adapter_config.json"
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.32)
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -73,15 +72,17 @@ def adapter_weights(path: Path) -> dict:
 
 
 def new_adapter(model, rank: int, alpha: float, target_modules: list[str]):
-    """A fresh trainable LoRA on `model` (PEFT's init: B = 0, so the policy starts as the base);
-    the adapter weights are FP32 masters whatever the base dtype. Returns the PeftModel."""
+    """A fresh trainable LoRA on `model` (PEFT's init: B = 0, so the policy starts as the base),
+    its weights in the model's dtype (the compute copy; the loop keeps FP32 masters). Target
+    modules are PEFT's names, or "all-linear". Returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in target_modules if t not in present]
-    if missing or not target_modules:
-        raise ConfigError(f"--lora-target-modules: {', '.join(missing) or '(none)'} not in this model; its linear layers include {', '.join(sorted(linear_names(model)))}")
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0))
+    if target_modules != ["all-linear"]:
+        present = linear_names(model)
+        if missing := [t for t in target_modules if t not in present]:
+            raise ConfigError(f"--lora-target-modules: {', '.join(missing)} not in this model; its linear layers: {', '.join(sorted(present))} (or all-linear)")
+    targets = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0), autocast_adapter_dtype=False)
 
 
 def linear_names(model) -> set[str]:

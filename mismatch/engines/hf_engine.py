@@ -80,7 +80,10 @@ class HFEngine:
         raise EngineError("the hf engine has no separate prefill path to score: its prefill is the trainer's forward; use --engine vllm")
 
     def load_adapter(self, path: Path) -> None:
-        self.load_weights(adapter_weights(path))
+        weights = adapter_weights(path)
+        if unknown := sorted(set(weights) - dict(self.model.named_parameters()).keys()):
+            raise EngineError(f"the adapter in {path} does not fit the one the hf engine started with ({len(unknown)} tensors unknown, first {unknown[0]})")
+        self.load_weights(weights)
 
     @torch.no_grad()
     def load_weights(self, state_dict: dict) -> None:

@@ -2,14 +2,15 @@
 
 Mixed precision as FSDP / DeepSpeed do it: FP32 master weights hold the optimiser state; a compute
 copy in --dtype runs forward and backward (on CPU, FP16 through the same faithful fast path as
-rescoring); its gradients are unscaled into FP32, clipped and applied to the master, which is then
-copied into the compute model and into the live engine.
+rescoring); its gradients are unscaled into FP32, clipped and applied to the masters, which are
+then copied into the compute model and into the live engine. With --lora-rank the masters are a
+LoRA adapter's on the frozen base (`train.policy`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,11 @@ from mismatch.config import TrainConfig
 from mismatch.engines import Sampling, start_engine
 from mismatch.errors import PromptError
 from mismatch.models import load_tokenizer, resolve_model
-from mismatch.precision import DTYPES, compute_context, default_device
+from mismatch.precision import compute_context, default_device
 from mismatch.prompts import Prompt, arithmetic_prompts, encode_prompts, load_prompts
-from mismatch.rescore import load_trainer, pad_batch, response_logprobs, token_batches
+from mismatch.rescore import pad_batch, response_logprobs, token_batches
 from mismatch.train.losses import LOSSES, group_advantages
+from mismatch.train.policy import FullPolicy, LoraPolicy, parameter_counts
 from mismatch.train.rewards import reward
 from mismatch.train.scaling import DynamicLossScaler
 
@@ -49,21 +51,23 @@ class StepResult:
     tokens: dict = field(default_factory=dict)  # per-token μ and π_θ′ of the step's rollouts
 
 
-def engine_share(config: TrainConfig, device: torch.device, master) -> float | None:
+def engine_share(config: TrainConfig, device: torch.device, masters) -> float | None:
     """vLLM's gpu_memory_utilization for the loop: as given, else (on a GPU) 90% of what the policy
-    leaves free once its AdamW state and gradients exist too (3 × the FP32 master, not yet
+    leaves free once its AdamW state and gradients exist too (3 × the FP32 masters, not yet
     allocated when the engine starts); vLLM reads the share against the whole GPU."""
     if config.gpu_memory_utilization is not None or device.type != "cuda":
         return config.gpu_memory_utilization
     free, total = torch.cuda.mem_get_info(device)
-    later = 3 * sum(p.numel() * p.element_size() for p in master.parameters())
+    later = 3 * sum(p.numel() * p.element_size() for p in masters)
     return round(max(0.9 * (free - later), 0) / total, 3)
 
 
 class Trainer:
-    """One run of the loop in one dtype: the policy (master + compute copy), its optimiser and the live engine."""
+    """One run of the loop in one dtype: the policy (FP32 masters + compute model, `train.policy`),
+    its optimiser and the live engine."""
 
-    def __init__(self, config: TrainConfig, dtype: str, reward_fn: Callable[[str, str], float] = reward):
+    def __init__(self, config: TrainConfig, dtype: str, reward_fn: Callable[[str, str], float] = reward, live: Path | None = None):
+        """`live`: where a LoRA policy writes the adapter folders the engine loads (removed at close)."""
         self.config, self.dtype = config, dtype
         self.reward_fn = reward_fn
         self.device = default_device()
@@ -73,14 +77,18 @@ class Trainer:
         self.tasks = tasks_for(config)
         self.prompt_ids = encode_prompts(self.tokenizer, self.tasks)
         torch.manual_seed(config.seed)
-        self.master = load_trainer(self.model_path, "fp32", self.device)
-        self.compute = self.master if dtype == "fp32" else copy.deepcopy(self.master).to(DTYPES[dtype])
-        self.optimizer = torch.optim.AdamW(self.master.parameters(), lr=config.lr, weight_decay=0.0)
+        if config.lora_rank:
+            live = live or Path(tempfile.mkdtemp(prefix="mismatch-adapter-"))
+            self.policy = LoraPolicy(self.model_path, dtype, self.device, config.lora_rank, config.lora_alpha, config.lora_target_modules, live)
+        else:
+            self.policy = FullPolicy(self.model_path, dtype, self.device)
+        self.compute = self.policy.compute
+        self.optimizer = torch.optim.AdamW(list(self.policy.masters.values()), lr=config.lr, weight_decay=0.0)
         self.scaler = DynamicLossScaler(enabled=dtype == "fp16")
         self.order = np.random.default_rng(config.seed).permutation(len(self.tasks))
         self.sleeps = config.engine == "vllm" and (config.sleep if config.sleep is not None else self.device.type == "cuda")
-        extra = {"seed": config.seed, "gpu_memory_utilization": engine_share(config, self.device, self.master), "max_model_len": config.max_model_len, "sleep_mode": self.sleeps}
-        self.engine = start_engine(config.engine, self.model_path, dtype, **(extra if config.engine == "vllm" else {}))
+        extra = {"seed": config.seed, "gpu_memory_utilization": engine_share(config, self.device, self.policy.masters.values()), "max_model_len": config.max_model_len, "sleep_mode": self.sleeps}
+        self.engine = start_engine(config.engine, self.model_path, dtype, **self.policy.engine_options(), **(extra if config.engine == "vllm" else {}))
 
     def batch_indices(self, step: int) -> list[int]:
         n = self.config.prompts_per_step
@@ -167,7 +175,7 @@ class Trainer:
         """Unscale the compute copy's gradients into FP32 master grads; clip and step if finite."""
         compute = dict(self.compute.named_parameters())
         grads = []
-        for name, param in self.master.named_parameters():
+        for name, param in self.policy.masters.items():
             grad = compute[name].grad
             param.grad = None if grad is None else grad.float() if grad.dtype != torch.float32 else grad
             if param.grad is not None:
@@ -177,26 +185,27 @@ class Trainer:
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return math.nan, False
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.master.parameters(), self.config.grad_clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.policy.masters.values()), self.config.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, True
 
     @torch.no_grad()
     def sync_weights(self) -> None:
-        """Master → compute copy → live engine (no restart, no disk)."""
-        if self.compute is not self.master:
-            compute = dict(self.compute.named_parameters())
-            for name, param in self.master.named_parameters():
+        """Masters → compute copy → live engine (no restart)."""
+        compute = dict(self.compute.named_parameters())
+        for name, param in self.policy.masters.items():
+            if compute[name] is not param:
                 compute[name].copy_(param)
-        self.engine.load_weights({name: t.detach() for name, t in self.master.state_dict().items()})
+        self.policy.sync_engine(self.engine)
 
     def save(self, folder: Path) -> None:
-        self.master.save_pretrained(folder)
+        self.policy.save(folder)
         self.tokenizer.save_pretrained(folder)
 
     def close(self) -> None:
         self.engine.close()
+        self.policy.close()
 
 
 def to_padded(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -228,7 +237,8 @@ def train_one(config: TrainConfig, dtype: str, out: Path, on_step: Callable[[dic
     import pandas as pd
 
     log = runs.RunLog(out, "train", config.to_json(dtype))
-    trainer = Trainer(config, dtype, reward_fn)
+    trainer = Trainer(config, dtype, reward_fn, live=out / ".live-adapter")
+    log.summary["policy"] = parameter_counts(trainer.policy)
     rows, tokens, interrupted = [], [], False
     try:
         for step in range(config.steps):

@@ -1,0 +1,92 @@
+"""What the learner trains, and how the live engine is brought up to date after a step.
+
+Both kinds keep FP32 masters (what the optimiser steps) apart from the compute model in --dtype
+(what runs forward and backward), as FSDP / DeepSpeed mixed precision does:
+- full fine-tuning: the whole model's FP32 master, a compute copy in --dtype; the engine gets the
+  master's weights in place (`load_weights`);
+- LoRA: the base frozen in --dtype, a PEFT adapter computing in --dtype with FP32 masters of its
+  weights; the engine gets the adapter saved as a folder and applies it as a new LoRA request
+  (`load_adapter`), as verl and slime serve LoRA policies, without a restart.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+
+from mismatch.lora import new_adapter
+from mismatch.precision import DTYPES
+from mismatch.rescore import load_trainer
+
+PEFT_PREFIX = "base_model.model."  # the PeftModel's names of the inner model's parameters
+
+
+class FullPolicy:
+    kind = "full"
+
+    def __init__(self, model_path: Path, dtype: str, device: torch.device):
+        self.master = load_trainer(model_path, "fp32", device)
+        self.compute = self.master if dtype == "fp32" else copy.deepcopy(self.master).to(DTYPES[dtype])
+        self.masters = dict(self.master.named_parameters())
+
+    def engine_options(self) -> dict:
+        return {}
+
+    def sync_engine(self, engine) -> None:
+        engine.load_weights({name: t.detach() for name, t in self.master.state_dict().items()})
+
+    def save(self, folder: Path) -> None:
+        self.master.save_pretrained(folder)
+
+    def close(self) -> None:
+        pass
+
+
+class LoraPolicy:
+    """A PEFT LoRA on the frozen base. Adapter folders for the engine are written under `live`
+    (one per sync; the one before is removed once the engine has moved on)."""
+
+    kind = "lora"
+
+    def __init__(self, model_path: Path, dtype: str, device: torch.device, rank: int, alpha: float, target_modules: list[str], live: Path):
+        base = load_trainer(model_path, dtype, device)
+        self.peft = new_adapter(base, rank, alpha, target_modules)
+        self.compute = self.peft.base_model.model  # the transformers model, LoRA layers inside
+        trainable = {name: p for name, p in self.compute.named_parameters() if p.requires_grad}
+        self.masters = trainable if dtype == "fp32" else {name: torch.nn.Parameter(p.detach().float().clone()) for name, p in trainable.items()}
+        self.live, self.version = live, 0
+        self.save(self._folder())
+
+    def _folder(self) -> Path:
+        return self.live / f"adapter-{self.version}"
+
+    def engine_options(self) -> dict:
+        return {"lora": self._folder()}
+
+    def sync_engine(self, engine) -> None:
+        self.version += 1
+        self.save(self._folder())
+        engine.load_adapter(self._folder())
+        shutil.rmtree(self.live / f"adapter-{self.version - 2}", ignore_errors=True)  # the engine has moved past it
+
+    def save(self, folder: Path) -> None:
+        """The adapter with its FP32 master weights, as PeftModel.save_pretrained writes it."""
+        self.peft.save_pretrained(folder, state_dict={PEFT_PREFIX + name: p.detach() for name, p in self.masters.items()})
+
+    def close(self) -> None:
+        shutil.rmtree(self.live, ignore_errors=True)
+
+
+def parameter_counts(policy) -> dict:
+    """Trainable (the masters) and total parameters of the compute model, and the optimiser's
+    FP32 state (AdamW: two moments per trainable parameter)."""
+    trainable = sum(p.numel() for p in policy.masters.values())
+    return {
+        "policy": policy.kind,
+        "trainable_parameters": trainable,
+        "parameters": sum(p.numel() for p in policy.compute.parameters()),
+        "optimizer_state_mib": round(2 * 4 * trainable / 2**20, 3),
+    }

@@ -25,6 +25,11 @@ ADAPTER_ACTION = (
     "instead of serving it as a LoRA request, or keep the PEFT adapter in the base dtype (autocast_adapter_dtype=False) "
     "to match vLLM's — then re-run `mismatch scan --lora`"
 )
+ROUTING_DOMINATES = 0.5  # share of Σℓ² carried by tokens whose experts differ between engine and trainer
+ROUTER_REPLAY_ACTIONS = [
+    "router replay (R3, arXiv 2507.18071): record the engine's experts (vLLM enable_return_routed_experts=True) and replay them in the "
+    "trainer's forward — NeMo RL policy.router_replay.enabled=true; verl router replay mode R3; Megatron-LM moe_enable_routing_replay",
+]
 SEMANTIC_ACTIONS = [
     "find the difference before changing precision: attention implementation, logit scaling or softcap, RoPE or sliding window, tokenizer / chat template, model code version",
     "re-run `mismatch scan` once engine and trainer agree in FP32",
@@ -42,13 +47,15 @@ def recommend(
     probe: dict | None = None,
     engine: str = "vllm",
     lora: list[dict] | None = None,
+    routing: list[dict] | None = None,
 ) -> dict[str, Any]:
     """A verdict code, one sentence with the numbers behind it, and the settings to change.
 
     `fp16_headroom` is the largest |activation| of the FP16 forward against 65504 (ActivationPeak);
     `refused` the dtypes the engine would not run (with its reason); `probe` the semantic probe's
     plan (`prompts`, or why it was `skipped`), whose result is the FP32/FP32 pair; `lora` the
-    adapter-applied against merged comparison of a LoRA scan (`lora.adapter_gap`).
+    adapter-applied against merged comparison of a LoRA scan (`lora.adapter_gap`); `routing` the
+    MoE routing rows of each pair (`routing.routing_and_gap`, summary.json routing.gap).
     """
     refused, probe = refused or {}, probe or {}
     semantic = _pair(pairs, "fp32", "fp32")
@@ -66,7 +73,23 @@ def recommend(
             f" (Semantic probe skipped: {probe['skipped']}. This verdict rests on the precision pairs alone and cannot rule out "
             "an implementation difference between engine and trainer.)"
         )
-    return _with_adapter_path(verdict, lora or [])
+    return _with_router_replay(_with_adapter_path(verdict, lora or []), routing or [])
+
+
+def _with_router_replay(verdict: dict, gap: list[dict]) -> dict:
+    """An MoE model: name router replay where the tokens routed to other experts by engine and
+    trainer carry most of the gap (ROUTING_DOMINATES of Σℓ², on a same-dtype pair)."""
+    dominated = [g for g in gap if g["engine_dtype"] == g["trainer_dtype"] != "fp32" and g["share_sq"] >= ROUTING_DOMINATES]
+    if not dominated:
+        return verdict
+    numbers = "; ".join(
+        f"{g['engine_dtype']}: {100 * g['share_tokens']:.2g}% of tokens are routed to other experts and carry {100 * g['share_sq']:.0f}% of Σℓ² (mean |ℓ| {g['mean_abs_differs']:.2g} against {g['mean_abs_same']:.2g})"
+        for g in dominated
+    )
+    return verdict | {
+        "summary": verdict["summary"] + f" Routing dominates the gap of this MoE model ({numbers}): no dtype fixes a different choice of experts; replay the engine's routing in the trainer.",
+        "actions": [*verdict["actions"], *ROUTER_REPLAY_ACTIONS],
+    }
 
 
 def _with_adapter_path(verdict: dict, comparison: list[dict]) -> dict:

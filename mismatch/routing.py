@@ -224,3 +224,72 @@ def routing_and_gap(log_ratio: np.ndarray, differs: np.ndarray) -> dict[str, flo
         "share_abs": share(size),
         "share_sq": share(size**2),
     }
+
+
+def is_moe(model_path, trust_remote_code: bool = False) -> bool:
+    """Whether the model routes tokens to experts (its config names a top-k)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).get_text_config()
+    return bool(getattr(config, "num_experts_per_tok", 0))
+
+
+def response_routing(model, rollouts, pad_id: int = 0) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    """The trainer's routing at each rollout's response-token scoring positions: (MoE decoder-layer
+    indices, per rollout experts [response tokens, MoE layers, k] and margins [response tokens,
+    MoE layers]), the sequences batched as `rescore` batches them."""
+    from mismatch.rescore import BATCH_TOKENS, input_device, pad_batch, token_batches
+
+    device = input_device(model)
+    order = sorted(range(len(rollouts)), key=lambda i: len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids))
+    experts: list[np.ndarray] = [np.empty(0)] * len(rollouts)
+    margins: list[np.ndarray] = [np.empty(0)] * len(rollouts)
+    layers: list[int] = []
+    for group in token_batches(order, rollouts, BATCH_TOKENS):
+        chosen = [rollouts[i] for i in group]
+        routing = trainer_routing(model, pad_batch([r.prompt_ids for r in chosen], [r.response_ids for r in chosen], pad_id, device))
+        layers = routing.layers
+        for i, rollout, rows, margin in zip(group, chosen, routing.experts, routing.margin):
+            experts[i] = response_rows(rows, len(rollout.prompt_ids))
+            margins[i] = response_rows(margin, len(rollout.prompt_ids))
+    return layers, experts, margins
+
+
+def agreement_rows(frame, tokens) -> dict[str, list[dict]]:
+    """summary.json `routing` from routing.parquet's rows (`frame`) and the tokens' ℓ:
+    - `by_layer`: per pair and MoE layer, the share of response positions whose engine and trainer
+      top-k sets are equal (`agreement_by_layer`);
+    - `trainer_vs_fp32`: per pair whose trainer is not FP32, per layer, the same between that
+      trainer and the FP32 trainer on the same tokens: the router's own precision sensitivity;
+    - `gap`: per pair, `routing_and_gap` over its tokens (routing differs in any layer), with the
+      median router margin of the positions whose routing differs and of those whose does not.
+    """
+    frame = frame.assign(same=[np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(frame["engine_experts"], frame["trainer_experts"])])
+    by_layer, versus_fp32, gap = [], [], []
+    for (e, t), rows in frame.groupby(["engine_dtype", "trainer_dtype"], sort=False):
+        pivot = rows.pivot_table(index=["seq_id", "position"], columns="layer", values="same", aggfunc="first")
+        by_layer += [{"engine_dtype": e, "trainer_dtype": t} | row for row in agreement_by_layer(pivot.to_numpy(dtype=bool), list(pivot.columns))]
+        per_token = pivot.all(axis=1).rename("routing_same").reset_index()
+        scored = tokens[(tokens["engine_dtype"] == e) & (tokens["trainer_dtype"] == t)].merge(per_token, on=["seq_id", "position"])
+        finite = np.isfinite(scored["logp_trainer"]) & np.isfinite(scored["logp_engine"])
+        scored = scored[finite]
+        margin = rows.groupby(["seq_id", "position"])["trainer_margin"].min().rename("margin").reset_index()
+        scored = scored.merge(margin, on=["seq_id", "position"])
+        differs = ~scored["routing_same"].to_numpy(dtype=bool)
+        gap.append(
+            {"engine_dtype": e, "trainer_dtype": t}
+            | routing_and_gap((scored["logp_trainer"] - scored["logp_engine"]).to_numpy(), differs)
+            | {"median_margin_differs": _median(scored["margin"].to_numpy()[differs]), "median_margin_same": _median(scored["margin"].to_numpy()[~differs])}
+        )
+        reference = frame[(frame["engine_dtype"] == e) & (frame["trainer_dtype"] == "fp32")]
+        if t != "fp32" and len(reference):
+            both = rows.merge(reference, on=["seq_id", "position", "layer"], suffixes=("", "_fp32"))
+            both = both.assign(same_fp32=[np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(both["trainer_experts"], both["trainer_experts_fp32"])])
+            table = both.pivot_table(index=["seq_id", "position"], columns="layer", values="same_fp32", aggfunc="first")
+            versus_fp32 += [{"engine_dtype": e, "trainer_dtype": t} | row for row in agreement_by_layer(table.to_numpy(dtype=bool), list(table.columns))]
+    return {"by_layer": by_layer, "trainer_vs_fp32": versus_fp32, "gap": gap}
+
+
+def _median(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else float("nan")

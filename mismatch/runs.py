@@ -5,6 +5,7 @@ which layout (`format_version`), whether it finished (`complete`, `finished` sta
 what settings and library versions. Reports and `compare` read folders through this module only.
 
     scan     summary.json  rollouts.parquet  tokens.parquet  metrics.csv  report.html  summary.md
+             an MoE model: routing.parquet
              `--lora`: merged_rollouts.parquet  merged_tokens.parquet (the adapter merged into the base)
     train    summary.json  metrics.csv  metrics.parquet  tokens.parquet  checkpoint-*/  (report.html)
              `--compare`: one such folder per dtype under the root, and the root's report.html
@@ -54,6 +55,7 @@ COMPARE_MD = "compare.md"
 STEPS = "steps.parquet"  # analyze: the metrics of every (step, pair)
 MERGED_ROLLOUTS = "merged_rollouts.parquet"  # scan --lora: the base with the adapter merged in, its engine outputs
 MERGED_TOKENS = "merged_tokens.parquet"  # … and its token rows (TOKEN_COLUMNS); tokens.parquet holds the adapter's
+ROUTING = "routing.parquet"  # scan / diagnose of an MoE model: engine and trainer experts per response token and layer
 TOPK = "topk.parquet"  # diagnose: the engine's top-k at each sampled position, with the trainer's log-probs
 
 # tokens.parquet of a scan: one row per (sequence, response position, engine dtype, trainer dtype)
@@ -68,6 +70,9 @@ ROLLOUT_COLUMNS = (
     "engine_dtype", "seq_id", "prompt_index", "sample_index", "prompt_ids", "response_ids",
     "logp_engine", "finish_reason", "prompt", "response",
 )  # fmt: skip
+# routing.parquet: one row per (pair, sequence, response position, MoE layer); the experts as sorted
+# ids, the trainer router's margin p(k) − p(k+1) (mismatch.routing)
+ROUTING_COLUMNS = ("engine_dtype", "trainer_dtype", "seq_id", "position", "layer", "engine_experts", "trainer_experts", "trainer_margin")
 # tokens.parquet of a diagnose run: every scoring of the same response tokens (diagnose.run.COMPONENTS)
 DIAGNOSE_TOKEN_COLUMNS = (
     "engine_dtype", "seq_id", "prompt_index", "position", "token_id", "token",
@@ -324,6 +329,31 @@ def tokens_frame(rollouts: dict[str, list[Rollout]], scores: dict[tuple[str, str
             )
         )
     return with_token_text(pd.concat(frames, ignore_index=True), tokenizer)[list(TOKEN_COLUMNS)]
+
+
+def routing_frame(rollouts: dict[str, list[Rollout]], routes: dict[tuple[str, str], tuple[list[int], list[np.ndarray], list[np.ndarray]]], samples: int) -> pd.DataFrame:
+    """routing.parquet from the engine's routing (on each rollout, every decoder layer) and the
+    trainer's (`routes[pair]` = `routing.response_routing`'s MoE layers, experts, margins)."""
+    parts = []
+    for (engine_dtype, trainer_dtype), (layers, experts, margins) in routes.items():
+        for rollout, trainer, margin in zip(rollouts[engine_dtype], experts, margins):
+            engine = np.sort(rollout.routed_experts[:, layers], axis=-1)
+            n = len(trainer)
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "engine_dtype": engine_dtype,
+                        "trainer_dtype": trainer_dtype,
+                        "seq_id": seq_id(rollout.prompt_index, rollout.sample_index, samples),
+                        "position": np.repeat(np.arange(n), len(layers)),
+                        "layer": np.tile(layers, n),
+                        "engine_experts": list(engine.reshape(n * len(layers), -1)),
+                        "trainer_experts": list(trainer.reshape(n * len(layers), -1)),
+                        "trainer_margin": margin.reshape(-1),
+                    }
+                )
+            )
+    return pd.concat(parts, ignore_index=True)[list(ROUTING_COLUMNS)] if parts else pd.DataFrame(columns=list(ROUTING_COLUMNS))
 
 
 def with_token_text(tokens: pd.DataFrame, tokenizer) -> pd.DataFrame:

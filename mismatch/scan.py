@@ -25,6 +25,7 @@ from mismatch.models import available_memory, fp32_footprint
 from mismatch.recommend import recommend
 from mismatch.report import write_report
 from mismatch.rescore import load_trainer, rescore
+from mismatch.routing import agreement_rows, is_moe, response_routing
 
 RESUME_KEYS = ("model", "engine", "sampling", "prompts", "num_prompts", "samples", "chat_template", "max_model_len")
 
@@ -68,8 +69,8 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
         requests.append((REFERENCE_DTYPE, prompt_ids[: probe["prompts"]], 1))
     pairs = scan_pairs(config, accepted, list(summary["refused_dtypes"]), REFERENCE_DTYPE in rollouts or any(d == REFERENCE_DTYPE for d, _, _ in requests))
     summary["reference"] = reference_plan(config, model_path)
-    side = Side(model_path, config.lora, out / runs.ROLLOUTS)
-    rollouts, scores = sample_and_rescore(config, side, requests, pairs, tokenizer, log, progress, rollouts)
+    routing = config.engine == "vllm" and is_moe(model_path, config.trust_remote_code)
+    rollouts, scores, routes = sample_and_rescore(config, Side(model_path, config.lora, out / runs.ROLLOUTS, routing=routing), requests, pairs, tokenizer, log, progress, rollouts)
     if config.lora:  # the same scan of the base with the adapter merged in: what the adapter path adds
         with stage("merge_adapter"):
             folder = merge_into(model_path, config.lora, Path(tempfile.mkdtemp(prefix=".merged-model-", dir=out)), config.trust_remote_code)
@@ -87,7 +88,7 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
         runs.write_parquet(out / runs.TOKENS, tokens)
         metrics = pd.DataFrame(pairs_list)
         if config.lora:
-            merged_tokens = runs.tokens_frame(*merged, tokenizer, config.samples)
+            merged_tokens = runs.tokens_frame(*merged[:2], tokenizer, config.samples)
             merged_measures = Measures(seed=config.sampling.seed)
             merged_measures.add(merged_tokens)
             runs.write_parquet(out / runs.MERGED_TOKENS, merged_tokens)
@@ -95,13 +96,19 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
             summary["lora"] = {"adapter": asdict(read_adapter(config.lora)) | {"path": str(config.lora)}, "merged_pairs": merged_pairs, "comparison": adapter_gap(pairs_list, merged_pairs)}
             metrics = pd.concat([metrics.assign(variant="lora"), pd.DataFrame(merged_pairs).assign(variant="merged")])
         runs.write_csv(out / runs.METRICS_CSV, metrics)
+        if routes:
+            routed = runs.routing_frame(rollouts, routes, config.samples)
+            runs.write_parquet(out / runs.ROUTING, routed)
+            summary["routing"] = agreement_rows(routed, tokens)
         summary |= {
             "pairs": pairs_list,
             "corrections": measures.corrections_rows(),
             "health": measures.health_rows(),
             "audit": audit,
             "audit_by_pair": audit_by_pair,
-            "recommendation": recommend(pairs_list, summary.get("fp16_headroom"), summary["refused_dtypes"], summary["semantic_probe"], config.engine, summary.get("lora", {}).get("comparison")),
+            "recommendation": recommend(
+                pairs_list, summary.get("fp16_headroom"), summary["refused_dtypes"], summary["semantic_probe"], config.engine, summary.get("lora", {}).get("comparison"), summary.get("routing", {}).get("gap")
+            ),
         }
         if config.fail_on:
             summary["gate"] = evaluate(config.conditions(), pairs_list)
@@ -120,12 +127,13 @@ class Side:
     lora: Path | None
     rollouts_file: Path
     name: str = ""
+    routing: bool = False  # an MoE model on vLLM: record the engine's and each trainer's experts
 
 
 def sample_and_rescore(config: ScanConfig, side: Side, requests: list, pairs: list[tuple[str, str]], tokenizer, log: runs.RunLog, progress: Progress, rollouts: dict[str, list[Rollout]]):
     """Engine outputs (μ) for each (engine dtype, prompts, samples) request not already in `rollouts`,
-    then the trainer's π for every pair: ({engine dtype: rollouts}, {pair: scores}). The FP16
-    trainer's activation headroom of the scanned model goes into the summary."""
+    then the trainer's π for every pair: ({engine dtype: rollouts}, {pair: scores}, {pair: trainer
+    routing}). The FP16 trainer's activation headroom of the scanned model goes into the summary."""
     stage, prefix = log.stage, f"{side.name}_" if side.name else ""
     label = f"{side.name} " if side.name else ""
     for dtype, prompts_for, samples in requests:
@@ -133,7 +141,8 @@ def sample_and_rescore(config: ScanConfig, side: Side, requests: list, pairs: li
             log.summary["finished"].append(f"{prefix}generate_{dtype} (resumed)")
             continue
         with stage(f"{prefix}engine_start_{dtype}"):
-            engine = start_engine(config.engine, side.model_path, dtype, trust_remote_code=config.trust_remote_code, lora=side.lora, **config.vllm_options())
+            options = config.vllm_options() | ({"record_routing": True} if side.routing else {})
+            engine = start_engine(config.engine, side.model_path, dtype, trust_remote_code=config.trust_remote_code, lora=side.lora, **options)
         with stage(f"{prefix}generate_{dtype}"):
             advance = progress.stage(f"{label}generate {config.engine} {dtype}", len(prompts_for) * samples)
             try:
@@ -144,6 +153,7 @@ def sample_and_rescore(config: ScanConfig, side: Side, requests: list, pairs: li
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
+    routes: dict[tuple[str, str], tuple] = {}
     for trainer_dtype in dict.fromkeys(t for _, t in pairs):
         with stage(f"{prefix}rescore_{trainer_dtype}"):
             model = load_trainer(side.model_path, trainer_dtype, trust_remote_code=config.trust_remote_code, lora=side.lora)
@@ -157,10 +167,12 @@ def sample_and_rescore(config: ScanConfig, side: Side, requests: list, pairs: li
                         text += f" (reference: {len(chosen)} of {len(rollouts[engine_dtype])} sequences, {log.summary['reference']['fp32_gib']:.2f} GiB of FP32 weights)"
                     advance = progress.stage(text, len(chosen))
                     scores[engine_dtype, trainer_dtype] = rescore(model, trainer_dtype, chosen, config.sampling.temperature, config.sampling.top_p, pad_id, advance)
+                    if side.routing and all(r.routed_experts is not None for r in chosen):  # resumed outputs carry none
+                        routes[engine_dtype, trainer_dtype] = response_routing(model, chosen, pad_id)
             if isinstance(watch, ActivationPeak):
                 log.summary["fp16_headroom"] = watch.summary()
             del model
-    return rollouts, {pair: scores[pair] for pair in pairs}  # table rows in the configured order
+    return rollouts, {pair: scores[pair] for pair in pairs}, routes  # table rows in the configured order
 
 
 def scan_pairs(config: ScanConfig, accepted: list[str], refused: list[str], reference_generated: bool) -> list[tuple[str, str]]:

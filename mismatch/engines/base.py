@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
+
 Advance = Callable[[int], None]
 """Called with the number of sequences just finished."""
 
@@ -28,6 +30,7 @@ class Rollout:
     response_ids: list[int]
     logp_engine: list[float]
     finish_reason: str  # "stop" (end-of-sequence token) or "length"
+    routed_experts: np.ndarray | None = None  # an MoE engine's experts at each response token's scoring position, [tokens, decoder layers, k]
 
 
 @dataclass

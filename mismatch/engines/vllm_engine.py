@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -14,6 +15,7 @@ from mismatch.engines.base import Advance, Rollout, Sampling, Scored, request_se
 from mismatch.errors import EngineError
 from mismatch.lora import read_adapter, vllm_max_rank
 from mismatch.precision import VLLM_DTYPE_NAMES
+from mismatch.routing import response_rows, vllm_routing
 
 # Keeps vLLM's engine core in the process that creates the engine (ours runs in its own child,
 # engines.isolated): starts in seconds instead of ~30 s on CPU and takes weight updates in place.
@@ -66,12 +68,13 @@ class VLLMEngine:
         trust_remote_code: bool = False,
         sleep_mode: bool = False,
         lora: Path | None = None,
+        record_routing: bool = False,
     ):
         from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
         self.dtype = dtype
-        self._lora = None
+        self._lora, self.record_routing = None, record_routing
         adapters = {"enable_lora": True, "max_lora_rank": vllm_max_rank(read_adapter(lora).rank), "max_loras": 1} if lora else {}
         memory = {"gpu_memory_utilization": gpu_memory_utilization or 0.85} if on_gpu or gpu_memory_utilization else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
         try:
@@ -111,13 +114,18 @@ class VLLMEngine:
             )
             for p, s in todo
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in todo], params, use_tqdm=progress_bar(progress) if progress else False, lora_request=self._lora)
+        with vllm_routing(self.llm) if self.record_routing else contextlib.nullcontext({}) as routed:
+            outputs = self.llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in todo], params, use_tqdm=progress_bar(progress) if progress else False, lora_request=self._lora)
+        routes = [routed[key] for key in sorted(routed, key=int)]  # request ids count up in submission order
         rollouts: list[Rollout] = []
-        for (p, s), out in zip(todo, outputs):
+        for i, ((p, s), out) in enumerate(zip(todo, outputs)):
             completion = out.outputs[0]
             ids = list(completion.token_ids)
             logps = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-            rollouts.append(Rollout(p, s, list(prompts[p]), ids, logps, "stop" if completion.finish_reason == "stop" else "length"))
+            experts = response_rows(routes[i], len(prompts[p]))[: len(ids)] if routes else None
+            if experts is not None and (len(experts) != len(ids) or (experts[:, routes[i].max(axis=(0, 2)) >= 0] < 0).any()):
+                raise EngineError(f"vLLM's recorded routing of request {i} does not cover its {len(ids)} response positions; run without MoE routing (--engine hf)")
+            rollouts.append(Rollout(p, s, list(prompts[p]), ids, logps, "stop" if completion.finish_reason == "stop" else "length", experts))
         return rollouts
 
     def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:

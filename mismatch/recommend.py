@@ -73,10 +73,10 @@ def recommend(
             f" (Semantic probe skipped: {probe['skipped']}. This verdict rests on the precision pairs alone and cannot rule out "
             "an implementation difference between engine and trainer.)"
         )
-    return _with_router_replay(_with_adapter_path(verdict, lora or []), routing or [])
+    return with_router_replay(_with_adapter_path(verdict, lora or []), routing or [])
 
 
-def _with_router_replay(verdict: dict, gap: list[dict]) -> dict:
+def with_router_replay(verdict: dict, gap: list[dict]) -> dict:
     """An MoE model: name router replay where the tokens routed to other experts by engine and
     trainer carry most of the gap (ROUTING_DOMINATES of Σℓ², on a same-dtype pair)."""
     dominated = [g for g in gap if g["engine_dtype"] == g["trainer_dtype"] != "fp32" and g["share_sq"] >= ROUTING_DOMINATES]

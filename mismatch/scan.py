@@ -27,7 +27,7 @@ from mismatch.report import write_report
 from mismatch.rescore import load_trainer, rescore
 from mismatch.routing import agreement_rows, is_moe, response_routing
 
-RESUME_KEYS = ("model", "engine", "sampling", "prompts", "num_prompts", "samples", "chat_template", "max_model_len")
+RESUME_KEYS = ("model", "engine", "sampling", "prompts", "num_prompts", "samples", "chat_template", "max_model_len", "lora")
 
 
 def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool = False, force: bool = False) -> dict:
@@ -75,7 +75,7 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
         with stage("merge_adapter"):
             folder = merge_into(model_path, config.lora, Path(tempfile.mkdtemp(prefix=".merged-model-", dir=out)), config.trust_remote_code)
         try:
-            merged = sample_and_rescore(config, Side(folder, None, out / runs.MERGED_ROLLOUTS, "merged"), requests, pairs, tokenizer, log, progress, {})
+            merged_rollouts, merged_scores, _ = sample_and_rescore(config, Side(folder, None, out / runs.MERGED_ROLLOUTS, "merged"), requests, pairs, tokenizer, log, progress, {})
         finally:
             shutil.rmtree(folder)
 
@@ -88,7 +88,7 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
         runs.write_parquet(out / runs.TOKENS, tokens)
         metrics = pd.DataFrame(pairs_list)
         if config.lora:
-            merged_tokens = runs.tokens_frame(*merged[:2], tokenizer, config.samples)
+            merged_tokens = runs.tokens_frame(merged_rollouts, merged_scores, tokenizer, config.samples)
             merged_measures = Measures(seed=config.sampling.seed)
             merged_measures.add(merged_tokens)
             runs.write_parquet(out / runs.MERGED_TOKENS, merged_tokens)

@@ -14,7 +14,7 @@ import torch
 from mismatch.engines.base import Advance, Rollout, Sampling, Scored, request_seed, requests
 from mismatch.engines.vllm_routing import response_rows, vllm_routing
 from mismatch.errors import EngineError
-from mismatch.lora import read_adapter, vllm_max_rank
+from mismatch.lora import first_line, read_adapter, vllm_max_rank
 from mismatch.precision import VLLM_DTYPE_NAMES
 
 # Keeps vLLM's engine core in the process that creates the engine (ours runs in its own child,
@@ -114,7 +114,7 @@ class VLLMEngine:
             )
             for p, s in todo
         ]
-        with vllm_routing(self.llm) if self.record_routing else contextlib.nullcontext({}) as routed:
+        with vllm_routing(self.llm) if self.record_routing else contextlib.nullcontext({}) as routed, self._adapter_errors():
             outputs = self.llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in todo], params, use_tqdm=progress_bar(progress) if progress else False, lora_request=self._lora)
         routes = [routed[key] for key in sorted(routed, key=int)]  # request ids count up in submission order
         rollouts: list[Rollout] = []
@@ -156,6 +156,16 @@ class VLLMEngine:
 
     def wake_up(self) -> None:
         self.llm.wake_up()
+
+    @contextlib.contextmanager
+    def _adapter_errors(self):
+        """vLLM loads an adapter when a request first uses it: a failure there is the adapter's."""
+        try:
+            yield
+        except Exception as exc:
+            if self._lora is None:
+                raise
+            raise EngineError(f"vLLM could not serve the LoRA adapter {self._lora.lora_path}: {first_line(exc)}") from exc
 
     def load_adapter(self, path: Path) -> None:
         # a new id per adapter: vLLM caches adapters by id, and with max_loras=1 the old one is evicted

@@ -53,17 +53,19 @@ def render_training(folders: dict[str, Path]) -> str:
     steps = {dtype: run.steps for dtype, run in loaded.items()}
     tokens = pd.concat([run.tokens for run in loaded.values() if len(run.tokens)], ignore_index=True)
     first, last = int(tokens["step"].min()), int(tokens["step"].max())
-    config = next(iter(loaded.values())).summary["config"]
+    summary = next(iter(loaded.values())).summary
+    config = summary["config"]
     table = pd.concat([frame.assign(dtype=dtype) for dtype, frame in steps.items()], ignore_index=True)
     return environment().get_template("training.html.j2").render(
         title=f"mismatch train · {config['model']} · {' vs '.join(folders)}",
         config=config,
+        policy=summary.get("policy"),
         verdict=verdict(steps),
         curves=plots.to_data_uri(curves(steps)),
         scatter_first=plots.to_data_uri(plots.scatter(tokens[tokens["step"] == first])),
         scatter_last=plots.to_data_uri(plots.scatter(tokens[tokens["step"] == last])),
         first=first,
         last=last,
-        columns=["dtype", "step", "reward_mean", "accuracy", "k3", "mean_abs_dp", "max_abs_dp", "max_ratio", "grad_norm", "loss_scale", "skipped", "entropy", "response_len", "step_time"],
+        columns=["dtype", "step", "reward_mean", "accuracy", "k3", "mean_abs_dp", "max_abs_dp", "max_ratio", "grad_norm", "loss_scale", "skipped", "entropy", "response_len", "step_time", "learn_time"],
         rows=table.to_dict("records"),
     )

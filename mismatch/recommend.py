@@ -78,7 +78,8 @@ def recommend(
 
 def with_router_replay(verdict: dict, gap: list[dict]) -> dict:
     """An MoE model: name router replay where the tokens routed to other experts by engine and
-    trainer carry most of the gap (ROUTING_DOMINATES of Σℓ², on a same-dtype pair)."""
+    trainer carry most of the gap (ROUTING_DOMINATES of Σℓ², on a same-dtype pair): a dtype change makes
+    such flips rarer, never absent."""
     dominated = [g for g in gap if g["engine_dtype"] == g["trainer_dtype"] != "fp32" and g["share_sq"] >= ROUTING_DOMINATES]
     if not dominated:
         return verdict
@@ -87,7 +88,7 @@ def with_router_replay(verdict: dict, gap: list[dict]) -> dict:
         for g in dominated
     )
     return verdict | {
-        "summary": verdict["summary"] + f" Routing dominates the gap of this MoE model ({numbers}): no dtype fixes a different choice of experts; replay the engine's routing in the trainer.",
+        "summary": verdict["summary"] + f" Routing dominates the gap of this MoE model ({numbers}): a dtype change makes such flips rarer but cannot remove them; replay the engine's routing in the trainer.",
         "actions": [*verdict["actions"], *ROUTER_REPLAY_ACTIONS],
     }
 

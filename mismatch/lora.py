@@ -66,7 +66,8 @@ def _peft_model(model, adapter: Path):
     try:
         return PeftModel.from_pretrained(model, str(adapter))
     except (RuntimeError, ValueError, KeyError) as exc:  # another base's shapes or module names
-        raise ModelError(f"--lora {adapter}: PEFT cannot apply it to this model: {first_line(exc)}") from None
+        reason = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
+        raise ModelError(f"--lora {adapter}: PEFT cannot apply it to this model: {reason}") from None
 
 
 def first_line(exc: Exception) -> str:

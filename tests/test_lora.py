@@ -212,3 +212,18 @@ def test_train_lora_compare_cli_counts_parameters_by_hand(tiny_model, tmp_path):
 def test_train_lora_bad_target_is_one_line(tiny_model, tmp_path):
     result = runner.invoke(app, ["train", "--model", str(tiny_model), "--lora-rank", "4", "--lora-target-modules", "nope_proj", "--steps", "1", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "nope_proj" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_an_adapter_for_another_model_is_one_line(engine, tiny_model, adapter, tmp_path):
+    """The tiny model's adapter on a narrower model: PEFT (hf engine) or vLLM (its LoRA loader) refuses it."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    narrow = tmp_path / "narrow"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id)
+    Qwen2ForCausalLM(config).save_pretrained(narrow)
+    tokenizer.save_pretrained(narrow)
+    result = runner.invoke(app, ["scan", "--model", str(narrow), "--lora", str(adapter), "--engine", engine, "--dtypes", "bf16", "--num-prompts", "2", "--max-tokens", "4", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert {"hf": "PEFT cannot apply it to this model: size mismatch", "vllm": "vLLM could not serve the LoRA adapter"}[engine] in result.output

@@ -196,6 +196,8 @@ class DiagnoseConfig(ScanConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.lora is not None:
+            raise ConfigError("diagnose does not take a LoRA adapter yet: scan it with mismatch scan --lora")
         if self.engine != "vllm":
             raise ConfigError("diagnose needs --engine vllm: the hf engine's prefill is the trainer's own forward, so there is no engine side to isolate")
         if self.sampling.temperature != 1.0 or self.sampling.top_p != 1.0:

@@ -9,7 +9,7 @@ from browser import open_report
 from typer.testing import CliRunner
 
 from mismatch.cli import app
-from mismatch.report.markdown import LIMIT, render_markdown
+from mismatch.report.markdown import LIMIT, escape, render_markdown
 from mismatch.runs import ScanRun, load_scan
 
 runner = CliRunner()
@@ -148,3 +148,8 @@ def test_malformed_fail_on_is_a_usage_error(condition, message, tmp_path):
     result = scan("--engine", "hf", "--dtypes", "bf16", "--out", tmp_path / "never", "--fail-on", condition)
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "never").exists()
+
+
+def test_markdown_cells_show_control_characters_as_pictures():
+    """A sampled byte token can be NUL or ESC: summary.md stays plain text (no control bytes)."""
+    assert escape("a\x00b\x1bc\x7f\td\n|") == "a␀b␛c␡␉d⏎\\|"

@@ -16,12 +16,16 @@ def number(value, spec: str = ".2e") -> str:
     return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
 
 
+CONTROL_PICTURES = {code: 0x2400 + code for code in range(0x20)} | {0x7F: 0x2421}  # NUL → ␀ … ESC → ␛, DEL → ␡
+
+
 def escape(text: str) -> str:
-    """Generated text inside a table cell: no HTML, no Markdown syntax, no line breaks."""
+    """Generated text inside a table cell: no HTML, no Markdown syntax, no line breaks, no control
+    characters (a sampled byte token can be NUL or ESC: shown as its control picture)."""
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     for char in "\\`*_[]|#~":
         text = text.replace(char, "\\" + char)
-    return text.replace("\r", "").replace("\n", "⏎")
+    return text.replace("\r", "").replace("\n", "⏎").translate(CONTROL_PICTURES)
 
 
 def render_markdown(run: ScanRun, worst: int = 25) -> str:

@@ -123,7 +123,8 @@ class VLLMEngine:
             ids = list(completion.token_ids)
             logps = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
             experts = response_rows(routes[i], len(prompts[p]))[: len(ids)] if routes else None
-            if experts is not None and (len(experts) != len(ids) or (experts[:, routes[i].max(axis=(0, 2)) >= 0] < 0).any()):
+            moe_layers = routes[i].max(axis=(0, 2)) >= 0 if routes else None  # dense layers are never routed
+            if experts is not None and (len(experts) != len(ids) or (experts[:, moe_layers] < 0).any()):
                 raise EngineError(f"vLLM's recorded routing of request {i} does not cover its {len(ids)} response positions; run without MoE routing (--engine hf)")
             rollouts.append(Rollout(p, s, list(prompts[p]), ids, logps, "stop" if completion.finish_reason == "stop" else "length", experts))
         return rollouts

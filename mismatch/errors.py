@@ -49,3 +49,8 @@ class NotComparable(MismatchError):
 
 class DumpError(MismatchError):
     """A training dump `analyze` cannot read: the message names the fields it expected."""
+
+
+def first_line(exc: Exception) -> str:
+    """A library exception's first non-empty line (its class name when it has none): what a one-line error quotes."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)

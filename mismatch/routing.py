@@ -190,7 +190,7 @@ def agreement_rows(frame, tokens) -> dict[str, list[dict]]:
     - `gap`: per pair, `routing_and_gap` over its tokens (routing differs in any layer), with the
       median router margin of the positions whose routing differs and of those whose does not.
     """
-    frame = frame.assign(same=[np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(frame["engine_experts"], frame["trainer_experts"])])
+    frame = frame.assign(same=_same_rows(frame["engine_experts"], frame["trainer_experts"]))
     by_layer, versus_fp32, gap = [], [], []
     for (e, t), rows in frame.groupby(["engine_dtype", "trainer_dtype"], sort=False):
         pivot = rows.pivot_table(index=["seq_id", "position"], columns="layer", values="same", aggfunc="first")
@@ -210,10 +210,15 @@ def agreement_rows(frame, tokens) -> dict[str, list[dict]]:
         reference = frame[(frame["engine_dtype"] == e) & (frame["trainer_dtype"] == "fp32")]
         if t != "fp32" and len(reference):
             both = rows.merge(reference, on=["seq_id", "position", "layer"], suffixes=("", "_fp32"))
-            both = both.assign(same_fp32=[np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(both["trainer_experts"], both["trainer_experts_fp32"])])
+            both = both.assign(same_fp32=_same_rows(both["trainer_experts"], both["trainer_experts_fp32"]))
             table = both.pivot_table(index=["seq_id", "position"], columns="layer", values="same_fp32", aggfunc="first")
             versus_fp32 += [{"engine_dtype": e, "trainer_dtype": t} | row for row in agreement_by_layer(table.to_numpy(dtype=bool), list(table.columns))]
     return {"by_layer": by_layer, "trainer_vs_fp32": versus_fp32, "gap": gap}
+
+
+def _same_rows(a, b) -> np.ndarray:
+    """`same_experts` over two columns of routing.parquet (one expert list per row)."""
+    return same_experts(np.stack(a.to_numpy()), np.stack(b.to_numpy())) if len(a) else np.zeros(0, dtype=bool)
 
 
 def _median(values: np.ndarray) -> float:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mismatch.engines.base import Advance, Rollout, Sampling, Scored, request_seed, requests
-from mismatch.engines.vllm_routing import response_rows, vllm_routing
+from mismatch.engines.vllm_routing import scoring_rows, vllm_routing
 from mismatch.errors import EngineError, first_line
 from mismatch.lora import read_adapter, vllm_max_rank
 from mismatch.precision import VLLM_DTYPE_NAMES
@@ -122,10 +122,7 @@ class VLLMEngine:
             completion = out.outputs[0]
             ids = list(completion.token_ids)
             logps = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-            experts = response_rows(routes[i], len(prompts[p]))[: len(ids)] if routes else None
-            moe_layers = routes[i].max(axis=(0, 2)) >= 0 if routes else None  # dense layers are never routed
-            if experts is not None and (len(experts) != len(ids) or (experts[:, moe_layers] < 0).any()):
-                raise EngineError(f"vLLM's recorded routing of request {i} does not cover its {len(ids)} response positions; run without MoE routing (--engine hf)")
+            experts = scoring_rows(routes[i], len(prompts[p]), len(ids)) if routes else None
             rollouts.append(Rollout(p, s, list(prompts[p]), ids, logps, "stop" if completion.finish_reason == "stop" else "length", experts))
         return rollouts
 

@@ -84,6 +84,16 @@ def vllm_routing(llm) -> Iterator[dict[str, np.ndarray]]:
             m.router.set_capture_fn(fn)
 
 
+def scoring_rows(table: np.ndarray, prompt_len: int, response_len: int) -> np.ndarray:
+    """A recorded request's rows at its response tokens' scoring positions, every MoE layer routed
+    at each (a dense layer, never routed anywhere in `table`, stays NOT_ROUTED); EngineError else."""
+    rows = response_rows(table, prompt_len)[:response_len]
+    moe_layers = table.max(axis=(0, 2)) != NOT_ROUTED
+    if len(rows) != response_len or (rows[:, moe_layers] == NOT_ROUTED).any():
+        raise EngineError(f"vLLM's recorded routing does not cover the {response_len} response positions of a request; run without MoE routing (--engine hf)")
+    return rows
+
+
 def response_rows(rows: np.ndarray, prompt_len: int) -> np.ndarray:
     """The rows at the response tokens' scoring positions: row i scores response token i, at input
     position prompt_len + i − 1. `rows` in `routed_experts`' layout ([prompt_len + n − 1, …])."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from mismatch.corrections import with_thresholds
 from mismatch.engines import ENGINES, Sampling
 from mismatch.errors import ConfigError
-from mismatch.lora import VLLM_MAX_LORA_RANKS, read_adapter
+from mismatch.lora import read_adapter, vllm_max_rank
 from mismatch.gate import Condition, check_pairs, parse_condition
 from mismatch.precision import parse_dtypes
 
@@ -163,8 +163,7 @@ class TrainConfig:
         self.dtypes = _dtypes(self.dtypes)
         _check_engine(self.engine)
         _at_least("--lora-rank", self.lora_rank, 0)
-        if self.lora_rank > VLLM_MAX_LORA_RANKS[-1]:
-            raise ConfigError(f"--lora-rank {self.lora_rank} is above vLLM's largest max_lora_rank ({VLLM_MAX_LORA_RANKS[-1]})")
+        vllm_max_rank(self.lora_rank, f"--lora-rank {self.lora_rank}")
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
         if self.lora_alpha is None:

@@ -43,14 +43,15 @@ def read_adapter(path: Path) -> Adapter:
     if config.get("modules_to_save"):
         raise ConfigError(f"--lora {path}: modules_to_save {config['modules_to_save']} (fully trained modules) is not supported; merge them into the base model first")
     rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
-    if rank > VLLM_MAX_LORA_RANKS[-1]:
-        raise ConfigError(f"--lora {path}: rank {rank} is above vLLM's largest max_lora_rank ({VLLM_MAX_LORA_RANKS[-1]})")
+    vllm_max_rank(rank, f"--lora {path}: rank {rank}")
     targets = config.get("target_modules") or []
     return Adapter(Path(path), rank, float(config.get("lora_alpha", 8)), sorted(targets) if isinstance(targets, list) else [targets])
 
 
-def vllm_max_rank(rank: int) -> int:
-    """The smallest `max_lora_rank` vLLM accepts that holds `rank`."""
+def vllm_max_rank(rank: int, what: str = "the LoRA rank") -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds `rank`; ConfigError naming `what` if none does."""
+    if rank > VLLM_MAX_LORA_RANKS[-1]:
+        raise ConfigError(f"{what} is above vLLM's largest max_lora_rank ({VLLM_MAX_LORA_RANKS[-1]})")
     return next(allowed for allowed in VLLM_MAX_LORA_RANKS if allowed >= rank)
 
 

@@ -80,17 +80,13 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
             shutil.rmtree(folder)
 
     with stage("metrics"):
-        tokens = runs.tokens_frame(rollouts, scores, tokenizer, config.samples)
-        measures = Measures(seed=config.sampling.seed)
-        measures.add(tokens)
+        tokens, measures = measured(rollouts, scores, tokenizer, config)
         pairs_list = measures.pair_rows()
         audit, audit_by_pair = measures.audit_rows(config.sampling.temperature)
         runs.write_parquet(out / runs.TOKENS, tokens)
         metrics = pd.DataFrame(pairs_list)
         if config.lora:
-            merged_tokens = runs.tokens_frame(merged_rollouts, merged_scores, tokenizer, config.samples)
-            merged_measures = Measures(seed=config.sampling.seed)
-            merged_measures.add(merged_tokens)
+            merged_tokens, merged_measures = measured(merged_rollouts, merged_scores, tokenizer, config)
             runs.write_parquet(out / runs.MERGED_TOKENS, merged_tokens)
             merged_pairs = merged_measures.pair_rows()
             summary["lora"] = {"adapter": asdict(read_adapter(config.lora)) | {"path": str(config.lora)}, "merged_pairs": merged_pairs, "comparison": adapter_gap(pairs_list, merged_pairs)}
@@ -116,6 +112,14 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
     with stage("report"):
         write_report(out)
     return summary
+
+
+def measured(rollouts: dict[str, list[Rollout]], scores: dict, tokenizer, config: ScanConfig) -> tuple[pd.DataFrame, Measures]:
+    """The token rows of a scanned model and everything measured on them."""
+    tokens = runs.tokens_frame(rollouts, scores, tokenizer, config.samples)
+    measures = Measures(seed=config.sampling.seed)
+    measures.add(tokens)
+    return tokens, measures
 
 
 @dataclass

@@ -35,6 +35,9 @@ def differences(before: ScanRun, after: ScanRun) -> list[tuple[str, str, str]]:
     rows = [(name, str(a_config.get(name)), str(b_config.get(name))) for name in SETTINGS if a_config.get(name) != b_config.get(name)]
     if a_config["sampling"]["max_tokens"] != b_config["sampling"]["max_tokens"]:
         rows.append(("max_tokens", str(a_config["sampling"]["max_tokens"]), str(b_config["sampling"]["max_tokens"])))
+    a_class, b_class = (run.summary.get("machine", {}).get("cpu_class") for run in (before, after))
+    if a_class != b_class:
+        rows.append(("CPU class (16-bit kernels differ)", str(a_class), str(b_class)))
     a_versions, b_versions = before.summary.get("versions", {}), after.summary.get("versions", {})
     rows += [(f"{name} version", str(a_versions.get(name)), str(b_versions.get(name))) for name in sorted(set(a_versions) | set(b_versions)) if a_versions.get(name) != b_versions.get(name)]
     return rows

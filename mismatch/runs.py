@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mismatch import precision
 from mismatch.engines.base import Rollout, seq_id
 from mismatch.errors import OutputExists, RunFolderError
 
@@ -219,6 +220,7 @@ class RunLog:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": config,
             "versions": versions(),
+            "machine": precision.machine(),
             "finished": [],
             "timings": {},
         }

@@ -15,6 +15,20 @@ CHAT_TEMPLATE = (
 )
 
 
+AVX2_ONLY = {"avx2": True, "avx512_f": False, "avx512_bf16": False, "avx512_fp16": False, "amx_bf16": False, "amx_fp16": False}
+
+
+@pytest.fixture(params=["this cpu", "avx2 only"])
+def cpu_class(request, monkeypatch):
+    """Run a test on this CPU's kernel choice, then as a CPU without native 16-bit arithmetic would
+    choose (`precision.cpu_flags` answered as on an AVX2-only machine): both paths are tested anywhere."""
+    if request.param == "avx2 only":
+        from mismatch import precision
+
+        monkeypatch.setattr(precision, "cpu_flags", lambda: AVX2_ONLY)
+    return request.param
+
+
 def _corpus() -> list[str]:
     words = "the model answers what is plus minus times step think final number equals sum of".split()
     lines = [f"What is {a} + {b}? {a + b}" for a in range(0, 100, 7) for b in range(0, 100, 11)]

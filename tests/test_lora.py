@@ -15,6 +15,7 @@ from mismatch.config import TrainConfig
 from mismatch.engines import Sampling, start_engine
 from mismatch.errors import ConfigError
 from mismatch.lora import adapter_gap, merge_into, read_adapter, vllm_max_rank
+from mismatch.precision import compute_context
 from mismatch.recommend import recommend
 from mismatch.rescore import load_trainer, pad_batch, rescore, response_logprobs
 from mismatch.train.loop import Trainer
@@ -68,7 +69,7 @@ def test_scan_lora_bad_folder_is_one_line_and_exit_2(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_trainer_with_adapter_is_pefts_own_forward(tiny_model, adapter, dtype):
+def test_trainer_with_adapter_is_pefts_own_forward(tiny_model, adapter, dtype, cpu_class):
     """Our rescoring through the adapter against PeftModel's forward on the same ids."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -78,12 +79,14 @@ def test_trainer_with_adapter_is_pefts_own_forward(tiny_model, adapter, dtype):
     assert ours.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32  # PEFT's FP32 adapter under any base
     prompt, response = [5, 9, 14, 30], [40, 41, 7, 99, 120, 3]
     batch = pad_batch([prompt], [response], 0, torch.device("cpu"))
-    with torch.no_grad():
+    rows = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    # both under the rescoring's compute context, and PEFT's head on the response rows only
+    # (logits_to_keep): the same kernels on the same shapes, so equal bit for bit on any CPU
+    with torch.no_grad(), compute_context(dtype, torch.device("cpu")):
         logp = response_logprobs(ours, batch, 1.0).logp
-        logits = theirs(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0].float().log_softmax(-1)
-    expected = logits[len(prompt) - 1 : -1].gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
-    # our head runs on the response rows only: a GEMM of another shape, which FP32 BLAS may block (round) differently
-    assert (logp - expected).abs().max() <= (0 if dtype == "bf16" else 2e-6)
+        logits = theirs(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=rows).logits[0].float()
+    expected = logits.gather(-1, torch.tensor(response)[:, None]).squeeze(-1) - logits.logsumexp(-1)  # rescoring's formula
+    assert torch.equal(logp, expected)
 
 
 def test_merged_model_is_the_adapted_function(tiny_model, adapter, tmp_path):

@@ -36,6 +36,11 @@ def test_scan_writes_report_and_summary_md(hostile_run):
     assert (hostile_run / "report.html").stat().st_size > 10_000
     text = (hostile_run / "summary.md").read_text()
     assert "**Verdict:**" in text and "| bf16 → bf16 |" in text
+    machine = json.loads((hostile_run / "summary.json").read_text())["machine"]
+    kernels = machine["trainer_kernels"]["bf16"]  # the BF16 numbers depend on how the trainer multiplied
+    native = machine["cpu_flags"]["avx512_bf16"] or machine["cpu_flags"]["amx_bf16"]
+    assert machine["cpu_class"] in ("AMX", "AVX512-BF16", "AVX512", "AVX2") and ("native bf16" in kernels) is native
+    assert f"{machine['cpu_class']} CPU · trainer bf16: {kernels}" in (hostile_run / "report.html").read_text()
 
 
 def test_generated_text_is_escaped(hostile_run):

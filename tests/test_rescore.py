@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from mismatch.engines.base import Rollout
-from mismatch.precision import EmulatedFP16Matmuls, parse_dtypes
+from mismatch import metrics, precision
+from mismatch.precision import GPUNumerics, compute_context, parse_dtypes
 from mismatch.rescore import load_trainer, pad_batch, rescore, response_logprobs, top_p_filter
 
 
@@ -67,14 +68,23 @@ def test_top_p_keeps_both_distributions_and_the_kept_mass(tiny_model):
     torch.testing.assert_close(nucleus.logp[inside], (nucleus.logp_full - nucleus.log_kept_mass)[inside])
 
 
-def test_emulated_fp16_matmul_is_fp32_accumulation_rounded_to_fp16():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_matmul_is_fp32_accumulation_rounded_to_the_16_bit_type(dtype):
     torch.manual_seed(0)
-    x, w = torch.randn(8, 64).half(), torch.randn(32, 64).half()
-    with EmulatedFP16Matmuls():
+    x, w = torch.randn(8, 64).to(dtype), torch.randn(32, 64).to(dtype)
+    with GPUNumerics(dtype, emulate_matmuls=True):
         got = F.linear(x, w)
         scores = x @ w.T
-    want = F.linear(x.float(), w.float()).half()
-    assert got.dtype == torch.float16 and torch.equal(got, want) and torch.equal(scores, want)
+    want = F.linear(x.float(), w.float()).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want) and torch.equal(scores, want)
+
+
+def test_native_matmuls_stay_the_cpus_own():
+    torch.manual_seed(0)
+    x, w = torch.randn(8, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+    with GPUNumerics(torch.bfloat16, emulate_matmuls=False):
+        got = F.linear(x, w)
+    assert torch.equal(got, F.linear(x, w))
 
 
 def test_every_matmul_like_op_is_emulated_and_goes_through_fp32():
@@ -82,7 +92,7 @@ def test_every_matmul_like_op_is_emulated_and_goes_through_fp32():
     torch.manual_seed(0)
     a, b, bias = torch.randn(16, 32).half(), torch.randn(32, 24).half(), torch.randn(24).half()
     experts, offsets = torch.randn(3, 32, 24).half(), torch.tensor([5, 11, 16], dtype=torch.int32)
-    with EmulatedFP16Matmuls():
+    with GPUNumerics(torch.float16, emulate_matmuls=True):
         got = {
             "addmm": torch.addmm(bias, a, b), "mm": torch.mm(a, b), "Tensor.addmm": bias.expand(16, 24).addmm(a, b),
             "einsum": torch.einsum("ij,jk->ik", a, b), "einsum list": torch.einsum("ij,jk->ik", [a, b]),
@@ -98,25 +108,55 @@ def test_every_matmul_like_op_is_emulated_and_goes_through_fp32():
         assert grouped.dtype == torch.float16 and torch.allclose(grouped.float(), torch.cat(rows).half().float(), rtol=0, atol=1e-2)
 
 
-def test_emulated_fp16_attention_rounds_the_probabilities_like_flash_attention():
+@pytest.mark.parametrize(("dtype", "emulate_matmuls"), [(torch.float16, True), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_attention_rounds_the_probabilities_like_flash_attention(dtype, emulate_matmuls):
     torch.manual_seed(1)
-    q, k, v = (torch.randn(2, 4, 9, 16).half() for _ in range(3))
-    with EmulatedFP16Matmuls():
+    q, k, v = (torch.randn(2, 4, 9, 16).to(dtype) for _ in range(3))
+    with GPUNumerics(dtype, emulate_matmuls=emulate_matmuls):
         got = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    # by hand: FP32 scores and softmax statistics; exp(s − max) rounded to FP16 before P·V; unrounded row sum
+    # by hand: FP32 scores and softmax statistics; exp(s − max) rounded to the 16-bit type before P·V; unrounded row sum
     scores = (q.float() @ k.float().transpose(-2, -1)) / 4 + torch.full((9, 9), float("-inf")).triu(1)
     unnormalised = torch.exp(scores - scores.amax(-1, keepdim=True))
-    want = ((unnormalised.half().float() @ v.float()) / unnormalised.sum(-1, keepdim=True)).half()
-    unrounded = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).half()
-    assert got.dtype == torch.float16 and torch.equal(got, want)
-    assert not torch.equal(got, unrounded)  # keeping the probabilities in FP32 would flatter FP16
+    want = ((unnormalised.to(dtype).float() @ v.float()) / unnormalised.sum(-1, keepdim=True)).to(dtype)
+    unrounded = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert not torch.equal(got, unrounded)  # keeping the probabilities in FP32 would flatter the 16-bit type
     mask = torch.ones(9, 9, dtype=torch.bool).tril()
-    with EmulatedFP16Matmuls():
+    with GPUNumerics(dtype, emulate_matmuls=emulate_matmuls):
         masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         grouped = F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], is_causal=True, enable_gqa=True)
         repeated = F.scaled_dot_product_attention(q, k[:, :2].repeat_interleave(2, 1), v[:, :2].repeat_interleave(2, 1), is_causal=True)
     assert torch.equal(masked, got)  # a boolean mask is the causal mask here
     assert torch.equal(grouped, repeated)  # grouped-query heads share their key/value head
+
+
+def test_bf16_matmuls_are_native_only_where_the_cpu_multiplies_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    for flags, native in (({"avx512_bf16": True, "amx_bf16": False}, True), ({"avx512_bf16": False, "amx_bf16": True}, True), ({"avx512_bf16": False, "amx_bf16": False}, False)):
+        monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: flags)
+        assert compute_context("bf16", cpu).emulate_matmuls is not native
+        assert compute_context("fp16", cpu).emulate_matmuls  # no CPU path here multiplies FP16 natively
+        assert ("native bf16 GEMMs" in precision.trainer_kernels("bf16", cpu)) is native
+    assert not isinstance(compute_context("fp32", cpu), GPUNumerics)
+
+
+def test_trainer_bf16_gap_is_the_same_on_both_cpu_paths(tiny_model, monkeypatch):
+    """The trainer's BF16-against-FP32 k3 on the same tokens, with native BF16 GEMMs (AVX512-BF16, AMX)
+    and with FP32 GEMMs over BF16 values (elsewhere): each inside the other's bootstrap interval."""
+    rng = np.random.default_rng(5)
+    rollouts = [Rollout(i, 0, rng.integers(3, 300, size=6).tolist(), rng.integers(3, 300, size=40).tolist(), [0.0] * 40, "length") for i in range(48)]
+    reference = np.concatenate(rescore(load_trainer(tiny_model, "fp32"), "fp32", rollouts, 1.0)["logp_trainer"])
+    bf16 = load_trainer(tiny_model, "bf16")
+    clusters = np.repeat(np.arange(len(rollouts)), 40)
+    gaps = {}
+    for native in (True, False):
+        monkeypatch.setattr(precision, "cpu_flags", lambda native=native: {"avx512_bf16": native, "amx_bf16": False})
+        logp = np.concatenate(rescore(bf16, "bf16", rollouts, 1.0)["logp_trainer"])
+        terms = metrics.k3_terms(reference, logp)
+        gaps[native] = (terms.mean(), *metrics.bootstrap_mean_ci(terms, clusters))
+    (native_k3, native_low, native_high), (emulated_k3, emulated_low, emulated_high) = gaps[True], gaps[False]
+    assert native_low <= emulated_k3 <= native_high and emulated_low <= native_k3 <= emulated_high
+    assert min(native_k3, emulated_k3) > 1e-6  # a BF16 gap, far above FP32 rounding
 
 
 def test_emulated_fp16_forward_matches_native_fp16(tiny_model):

@@ -23,6 +23,8 @@ def header_facts(run: ScanRun) -> list[tuple[str, str]]:
         ("date", run.summary.get("created", "")),
         ("mismatch", str(versions.get("mismatch"))),
     ]
+    if machine := run.summary.get("machine"):
+        facts.append(("machine", machine_text(machine, [p["trainer_dtype"] for p in run.pairs])))
     if headroom:
         facts.append(("FP16 headroom", headroom_text(headroom)))
     if sampling["top_p"] < 1:
@@ -30,6 +32,12 @@ def header_facts(run: ScanRun) -> list[tuple[str, str]]:
     if run.summary.get("skipped_prompts"):
         facts.append(("skipped", f"{len(run.summary['skipped_prompts'])} prompt(s) too long for the context"))
     return facts
+
+
+def machine_text(machine: dict, trainer_dtypes: list[str]) -> str:
+    """The CPU class and how the trainer computed each of its dtypes: BF16 numbers differ by class."""
+    kernels = machine["trainer_kernels"]
+    return f"{machine['cpu_class']} CPU · " + " · ".join(f"trainer {d}: {kernels[d]}" for d in dict.fromkeys(trainer_dtypes) if d in kernels)
 
 
 def analyze_facts(run: AnalyzeRun) -> list[tuple[str, str]]:

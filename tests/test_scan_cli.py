@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from mismatch import metrics
 from mismatch.cli import app
+from mismatch.engines import isolated
 
 runner = CliRunner()
 TOKEN_COLUMNS = {"seq_id", "position", "token_id", "token", "engine_dtype", "trainer_dtype", "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "response_len"}
@@ -20,20 +21,32 @@ def scan(*args):
 
 @pytest.fixture(scope="module", params=["vllm", "hf"])
 def run(request, tiny_model, tmp_path_factory):
+    """(run folder, terminal output, engine processes started)."""
     out = tmp_path_factory.mktemp(f"run-{request.param}")
-    result = scan("--model", tiny_model, "--engine", request.param, "--dtypes", "bf16,fp16", "--num-prompts", 8, "--max-tokens", 32, "--out", out, "--force")
+    started = []
+    spawn = isolated._Child.__init__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(isolated._Child, "__init__", lambda self: started.append(self) or spawn(self))
+        result = scan("--model", tiny_model, "--engine", request.param, "--dtypes", "bf16,fp16", "--num-prompts", 8, "--max-tokens", 32, "--out", out, "--force")
     assert result.exit_code == 0, result.output
-    return out, result.output
+    return out, result.output, len(started)
+
+
+def test_one_engine_process_per_engine_dtype(run):
+    """bf16, fp16 and the FP32 probe: three vLLM processes, the dtype check inside the first; none for hf."""
+    out, _, processes = run
+    summary = json.loads((out / "summary.json").read_text())
+    assert processes == (3 if summary["config"]["engine"] == "vllm" else 0)
 
 
 def test_outputs_exist_and_terminal_shows_the_table(run):
-    out, output = run
+    out, output, _ = run
     assert {p.name for p in out.iterdir()} >= {"tokens.parquet", "summary.json", "metrics.csv", "rollouts.parquet"}
     assert "bf16→bf16" in output and "fp16→fp32" in output and "Verdict:" in output
 
 
 def test_token_frame_contract(run):
-    out, _ = run
+    out, _, _ = run
     tokens = pd.read_parquet(out / "tokens.parquet")
     assert TOKEN_COLUMNS <= set(tokens.columns)
     assert tokens["logp_engine"].dtype == np.float64 and tokens["logp_trainer"].dtype == np.float64
@@ -46,7 +59,7 @@ def test_token_frame_contract(run):
 
 
 def test_same_tokens_rescored_for_every_trainer_dtype(run):
-    out, _ = run
+    out, _, _ = run
     tokens = pd.read_parquet(out / "tokens.parquet")
     for engine_dtype, group in tokens.groupby("engine_dtype"):
         ids = [g["token_id"].tolist() for _, g in group.groupby("trainer_dtype")]
@@ -56,7 +69,7 @@ def test_same_tokens_rescored_for_every_trainer_dtype(run):
 
 
 def test_every_summary_number_recomputes_from_tokens(run):
-    out, _ = run
+    out, _, _ = run
     summary = json.loads((out / "summary.json").read_text())
     tokens = pd.read_parquet(out / "tokens.parquet")
     assert summary["complete"] is True
@@ -81,7 +94,7 @@ def test_every_summary_number_recomputes_from_tokens(run):
 
 
 def test_fp16_gap_is_below_bf16_gap(run):
-    out, _ = run
+    out, _, _ = run
     pairs = {(p["engine_dtype"], p["trainer_dtype"]): p for p in json.loads((out / "summary.json").read_text())["pairs"]}
     assert pairs["fp16", "fp16"]["k3"] < pairs["bf16", "bf16"]["k3"]
 

@@ -48,6 +48,13 @@ COMPONENTS = {  # name: (reference scoring, compared scoring)
 PRECISION_ONLY = ("engine_precision", "trainer_precision")  # identically 0 for the FP32 engine dtype
 
 
+def _reference_scores(engine, dtypes: list[str], rollouts: dict[str, list[Rollout]]) -> dict[str, list]:
+    """The FP32 engine's prefill scores of every dtype's sequences, in one batch: {dtype: scores}."""
+    everything = [(r.prompt_ids, r.response_ids) for d in dtypes for r in rollouts[d]]
+    scored = iter(engine.score(everything))
+    return {d: [next(scored) for _ in rollouts[d]] for d in dtypes}
+
+
 def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, force: bool = False) -> dict:
     """Diagnose into `config.out`; returns the summary (also written as summary.json)."""
     stage_bar = (progress or Silent()).stage
@@ -67,7 +74,8 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, force
     rollouts: dict[str, list[Rollout]] = {}
     engine_side: dict[str, dict] = {}
     routing = is_moe(inputs.model_path, config.trust_remote_code)  # the engine records its experts as it samples
-    for dtype in dtypes:  # one engine per dtype: sample (or reuse), then score the same sequences in prefill
+    fp32_scored = None
+    for dtype in sorted(dtypes, key=lambda d: d == REFERENCE_DTYPE):  # one engine per dtype; FP32's last, as it scores every dtype's sequences
         with stage(f"engine_{dtype}"):
             engine = start_engine("vllm", inputs.model_path, dtype, trust_remote_code=config.trust_remote_code, record_routing=routing, **config.vllm_options())
             try:
@@ -79,20 +87,23 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, force
                 sequences = [(r.prompt_ids, r.response_ids) for r in rollouts[dtype]]
                 batched = engine.score(sequences, topk=config.topk)
                 alone = engine.score(sequences[: config.alone_sequences], alone=True)
+                if dtype == REFERENCE_DTYPE:
+                    fp32_scored = _reference_scores(engine, dtypes, rollouts)
             finally:
                 engine.close()
             engine_side[dtype] = {"prefill": batched, "alone": alone}
+    rollouts = {d: rollouts[d] for d in dtypes}  # the configured order
     runs.write_parquet(config.out / runs.ROLLOUTS, runs.rollouts_frame(rollouts, inputs.tokenizer, config.samples))
 
-    with stage(f"engine_{REFERENCE_DTYPE}"):  # the FP32 engine scores every dtype's sequences once
-        everything = [(r.prompt_ids, r.response_ids) for d in dtypes for r in rollouts[d]]
-        engine = start_engine("vllm", inputs.model_path, REFERENCE_DTYPE, trust_remote_code=config.trust_remote_code, **config.vllm_options())
-        try:
-            fp32_scored = iter(engine.score(everything))
-        finally:
-            engine.close()
-        for dtype in dtypes:
-            engine_side[dtype]["fp32"] = [next(fp32_scored) for _ in rollouts[dtype]]
+    if fp32_scored is None:
+        with stage(f"engine_{REFERENCE_DTYPE}"):
+            engine = start_engine("vllm", inputs.model_path, REFERENCE_DTYPE, trust_remote_code=config.trust_remote_code, **config.vllm_options())
+            try:
+                fp32_scored = _reference_scores(engine, dtypes, rollouts)
+            finally:
+                engine.close()
+    for dtype in dtypes:
+        engine_side[dtype]["fp32"] = fp32_scored[dtype]
 
     trainer_side, layers, topk_frames, routes = _trainer_side(config, inputs, dtypes, rollouts, engine_side, stage, stage_bar, routing)
 

@@ -52,6 +52,9 @@ class _Child:
             else:  # "crash": a bug, with the child's traceback
                 raise RuntimeError(f"the vllm engine process failed:\n{payload}")
 
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
     def stop(self) -> None:
         atexit.unregister(self.stop)
         if self._process.is_alive():
@@ -66,6 +69,18 @@ class _Child:
         self._pipe.close()
 
 
+_spare: _Child | None = None
+"""The process that answered `refused_dtypes`: vLLM imported, no engine yet; the next engine starts in it."""
+
+
+def _engine_process() -> _Child:
+    """The spare process if there is one (its start and vLLM's import are already paid), else a new one."""
+    global _spare
+    child = _spare if _spare is not None and _spare.alive() else _Child()
+    _spare = None
+    return child
+
+
 class IsolatedEngine:
     """The `Engine` protocol, served by a `VLLMEngine` in a spawned child process."""
 
@@ -73,7 +88,7 @@ class IsolatedEngine:
 
     def __init__(self, model: Path, dtype: str, **options):
         self.dtype = dtype
-        self._child = _Child()
+        self._child = _engine_process()
         try:
             self._child.call("start", model, dtype, options)
         except BaseException:
@@ -103,12 +118,17 @@ class IsolatedEngine:
 
 
 def refused_dtypes(model: Path, dtypes: list[str], trust_remote_code: bool) -> dict[str, str]:
-    """`vllm_engine.refused_dtypes`, run in a child process: importing vLLM stays out of this one."""
-    child = _Child()
+    """`vllm_engine.refused_dtypes`, run in a child process (importing vLLM stays out of this one),
+    which then stays up as the spare that the first engine starts in: the check adds no process start."""
+    global _spare
+    child = _engine_process()
     try:
-        return child.call("refused", model, dtypes, trust_remote_code)
-    finally:
+        refused = child.call("refused", model, dtypes, trust_remote_code)
+    except BaseException:
         child.stop()
+        raise
+    _spare = child
+    return refused
 
 
 def _serve(pipe) -> None:

@@ -55,5 +55,6 @@ $(BENCH_VENV)/.setup-done:
 	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0 trl
 	touch $@
 
-bench: setup $(BENCH_VENV)/.setup-done
-	$(PY) bench/run.py
+# ONLY=group,group runs some goal groups (bench/run.py GOALS); wall_times runs the test suite too
+bench: setup-test $(BENCH_VENV)/.setup-done
+	$(PY) bench/run.py $(if $(ONLY),--only $(ONLY))

@@ -69,3 +69,32 @@ def tiny_model(tmp_path_factory):
     Qwen2ForCausalLM(config).save_pretrained(folder)
     GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
     return folder
+
+
+SHARED_SCAN = ("--dtypes", "bf16,fp16", "--num-prompts", "8", "--max-tokens", "32")
+
+
+@pytest.fixture(scope="session")
+def shared_scan(tiny_model, tmp_path_factory):
+    """`shared_scan(engine)`: (run folder, terminal output, vLLM engine processes used) of the tiny
+    model's bf16,fp16 scan (SHARED_SCAN), run once a session per engine for every test that reads it."""
+    from typer.testing import CliRunner
+
+    from mismatch.cli import app
+    from mismatch.engines import isolated
+
+    done = {}
+
+    def scan(engine: str):
+        if engine not in done:
+            out = tmp_path_factory.mktemp(f"run-{engine}")
+            used = set()  # the engine processes the scan called (a spare left by an earlier test counts once)
+            call = isolated._Child.call
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(isolated._Child, "call", lambda self, *args, **kwargs: used.add(id(self)) or call(self, *args, **kwargs))
+                result = CliRunner().invoke(app, ["scan", "--model", str(tiny_model), "--engine", engine, *SHARED_SCAN, "--out", str(out), "--force"])
+            assert result.exit_code == 0, result.output
+            done[engine] = (out, result.output, len(used))
+        return done[engine]
+
+    return scan

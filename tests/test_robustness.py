@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from conftest import SHARED_SCAN
 from transformers import AutoModelForCausalLM, AutoTokenizer, OpenAIGPTConfig, OpenAIGPTLMHeadModel
 from typer.testing import CliRunner
 
@@ -158,11 +159,13 @@ def test_headroom_is_measured_on_a_healthy_model(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ["vllm", "hf"])
-def test_same_seed_same_numbers(tiny_model, engine, tmp_path):
+def test_same_seed_same_numbers(tiny_model, engine, tmp_path, shared_scan):
+    """The session's shared scan, run again with the same settings: the same pairs and verdict."""
+
     def numbers(out):
-        result = scan("--model", tiny_model, "--engine", engine, "--dtypes", "bf16,fp16", "--num-prompts", 4, "--max-tokens", 12, "--seed", 7, "--out", out)
-        assert result.exit_code == 0, result.output
         summary = json.loads((out / "summary.json").read_text())
         return summary["pairs"], summary["recommendation"]
 
-    assert numbers(tmp_path / "a") == numbers(tmp_path / "b")
+    result = scan("--model", tiny_model, "--engine", engine, *SHARED_SCAN, "--out", tmp_path / "again")
+    assert result.exit_code == 0, result.output
+    assert numbers(shared_scan(engine)[0]) == numbers(tmp_path / "again")

@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from mismatch import metrics
 from mismatch.cli import app
-from mismatch.engines import isolated
 
 runner = CliRunner()
 TOKEN_COLUMNS = {"seq_id", "position", "token_id", "token", "engine_dtype", "trainer_dtype", "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "response_len"}
@@ -19,17 +18,10 @@ def scan(*args):
     return runner.invoke(app, ["scan", *map(str, args)])
 
 
-@pytest.fixture(scope="module", params=["vllm", "hf"])
-def run(request, tiny_model, tmp_path_factory):
-    """(run folder, terminal output, engine processes started)."""
-    out = tmp_path_factory.mktemp(f"run-{request.param}")
-    started = []
-    spawn = isolated._Child.__init__
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(isolated._Child, "__init__", lambda self: started.append(self) or spawn(self))
-        result = scan("--model", tiny_model, "--engine", request.param, "--dtypes", "bf16,fp16", "--num-prompts", 8, "--max-tokens", 32, "--out", out, "--force")
-    assert result.exit_code == 0, result.output
-    return out, result.output, len(started)
+@pytest.fixture(params=["vllm", "hf"])
+def run(request, shared_scan):
+    """(run folder, terminal output, engine processes used)."""
+    return shared_scan(request.param)
 
 
 def test_one_engine_process_per_engine_dtype(run):

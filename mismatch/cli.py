@@ -16,9 +16,10 @@ from rich.table import Table
 
 from mismatch import quiet  # first: it sets switches read when torch and tqdm load
 from mismatch.config import AnalyzeConfig, DiagnoseConfig, ScanConfig, TrainConfig, pairs_mode
-from mismatch.engines import Sampling, default_engine
+from mismatch.engines import default_engine
 from mismatch.errors import ConfigError, MismatchError
-from mismatch.models import DEFAULT_MODEL
+from mismatch.model.loading import DEFAULT_MODEL
+from mismatch.records import Sampling
 from mismatch.report.content import headroom_text
 from mismatch.runs import default_run_dir
 
@@ -119,7 +120,7 @@ def scan(
         fail_on=list(fail_on),
         lora=lora,
     )
-    from mismatch.scan import run_scan  # heavy imports after the arguments are known to be good
+    from mismatch.commands.scan import run_scan  # heavy imports after the arguments are known to be good
 
     try:
         with RichProgress() as progress:
@@ -186,7 +187,7 @@ def diagnose(
         alone_sequences=alone_sequences,
         **settings,
     )
-    from mismatch.diagnose.run import run_diagnose
+    from mismatch.commands.diagnose import run_diagnose
 
     with RichProgress() as progress:
         summary = run_diagnose(config, progress, force=force)
@@ -222,7 +223,7 @@ def analyze(
         seed=seed,
         trust_remote_code=trust_remote_code,
     )
-    from mismatch.analyze import run_analyze
+    from mismatch.commands.analyze import run_analyze
 
     with RichProgress() as progress:
         summary = run_analyze(config, progress, force=force)
@@ -307,7 +308,7 @@ def train(
         lora_alpha=lora_alpha,
         lora_target_modules=lora_target_modules,
     )
-    from mismatch.train.loop import run_training
+    from mismatch.commands.train import run_training
 
     summaries = run_training(config, on_step=lambda dtype, row: console.print(step_line(dtype, row), highlight=False), force=force)
     if summaries[-1]["interrupted"]:

@@ -10,17 +10,17 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mismatch.corrections import with_thresholds
-from mismatch.engines import ENGINES, Sampling
+from mismatch.engines import ENGINES
 from mismatch.errors import ConfigError
-from mismatch.lora import read_adapter, vllm_max_rank
-from mismatch.gate import Condition, check_pairs, parse_condition
-from mismatch.precision import parse_dtypes
+from mismatch.model.lora import read_adapter, vllm_max_rank
+from mismatch.records import Sampling, parse_dtypes
+from mismatch.stats.corrections import with_thresholds
+from mismatch.verdict.gate import Condition, check_pairs, parse_condition
 
 REFERENCE_DTYPE = "fp32"
 DEFAULT_NUM_PROMPTS = 64  # for the built-in arithmetic set; a prompt file is used whole
 PAIR_MODES = ("default", "all")
-ALGOS = ("grpo", "gspo", "token-tis", "seq-mis", "pg-seq-is")  # mismatch.train.losses.LOSSES
+ALGOS = ("grpo", "gspo", "token-tis", "seq-mis", "pg-seq-is")  # mismatch.learner.losses.LOSSES
 
 
 def _at_least(name: str, value: int | None, least: int = 1) -> None:
@@ -78,7 +78,7 @@ class ScanConfig:
     pipeline_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
     trust_remote_code: bool = False
-    fail_on: list[str] = field(default_factory=list)  # CI gate conditions (mismatch.gate)
+    fail_on: list[str] = field(default_factory=list)  # CI gate conditions (mismatch.verdict.gate)
     strict: bool = False  # fail, instead of skipping, on prompts that do not fit the context
     semantic_probe: int = 4  # prompts the FP32 engine generates for the FP32-vs-FP32 probe (0: skip)
     reference: str = "all"  # the FP32 trainer reference: "all" sequences, "none", or the first N per engine dtype

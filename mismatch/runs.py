@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mismatch import precision
-from mismatch.engines.base import Rollout, seq_id
 from mismatch.errors import OutputExists, RunFolderError
+from mismatch.model import precision
+from mismatch.records import Rollout, seq_id
 
 FORMAT_VERSION = 2  # bump when a file's name or schema changes; readers refuse other versions
 # 1: mismatch 0.1 (no format_version field). 2: tokens.parquet gains logp_trainer_full and
@@ -72,7 +72,7 @@ ROLLOUT_COLUMNS = (
     "logp_engine", "finish_reason", "prompt", "response",
 )  # fmt: skip
 # routing.parquet: one row per (pair, sequence, response position, MoE layer); the experts as sorted
-# ids, the trainer router's margin p(k) − p(k+1) (mismatch.routing)
+# ids, the trainer router's margin p(k) − p(k+1) (mismatch.model.routing)
 ROUTING_COLUMNS = ("engine_dtype", "trainer_dtype", "seq_id", "position", "layer", "engine_experts", "trainer_experts", "trainer_margin")
 # tokens.parquet of a diagnose run: every scoring of the same response tokens (diagnose.run.COMPONENTS)
 DIAGNOSE_TOKEN_COLUMNS = (

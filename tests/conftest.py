@@ -23,7 +23,7 @@ def cpu_class(request, monkeypatch):
     """Run a test on this CPU's kernel choice, then as a CPU without native 16-bit arithmetic would
     choose (`precision.cpu_flags` answered as on an AVX2-only machine): both paths are tested anywhere."""
     if request.param == "avx2 only":
-        from mismatch import precision
+        from mismatch.model import precision
 
         monkeypatch.setattr(precision, "cpu_flags", lambda: AVX2_ONLY)
     return request.param

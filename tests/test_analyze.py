@@ -9,12 +9,12 @@ import pytest
 from browser import open_report
 from typer.testing import CliRunner
 
-from mismatch import health
-from mismatch.audit import Audit
 from mismatch.cli import app
-from mismatch.corrections import CORRECTIONS, Replay, with_thresholds
 from mismatch.dumps.writer import StepWriter
 from mismatch.errors import ConfigError
+from mismatch.stats import health
+from mismatch.stats.audit import Audit
+from mismatch.stats.corrections import CORRECTIONS, Replay, with_thresholds
 
 runner = CliRunner()
 
@@ -323,7 +323,7 @@ def test_the_same_top_p_on_both_sides_is_no_setup_bug(tiny_model, tmp_path):
 
 
 def test_drift_by_hand():
-    from mismatch.drift import drift
+    from mismatch.stats.drift import drift
 
     steps = np.arange(1, 13)
     k3 = np.array([1e-3] * 6 + [4e-3] * 6)

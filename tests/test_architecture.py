@@ -1,4 +1,5 @@
-"""The package's imports run one way: no cycles, and nothing below them imports the pipelines or the CLI."""
+"""The package's imports run one way, along the flow: no cycles, each room imports only the rooms
+below it, statistics import no torch, and only the CLI imports the commands."""
 
 import ast
 from pathlib import Path
@@ -6,7 +7,6 @@ from pathlib import Path
 import mismatch
 
 PACKAGE = Path(mismatch.__file__).parent
-PIPELINES = ("mismatch.scan", "mismatch.train")  # (with the CLI) the top of the import graph
 
 
 def module_name(path: Path) -> str:
@@ -66,24 +66,65 @@ def assert_acyclic(graph: dict[str, set[str]]) -> None:
         visit(name)
 
 
+ROOMS: dict[str, set[str]] = {
+    # component: the components it may import (the flow of docs/architecture.md, top to bottom)
+    "mismatch.errors": set(),
+    "mismatch.quiet": set(),
+    "mismatch.records": {"mismatch.errors"},
+    "mismatch.stats": {"mismatch.errors"},
+    "mismatch.verdict": {"mismatch.errors", "mismatch.records", "mismatch.stats"},
+    "mismatch.model": {"mismatch.errors", "mismatch.records"},
+    "mismatch.engines": {"mismatch.errors", "mismatch.records", "mismatch.model", "mismatch.quiet"},
+    "mismatch.learner": {"mismatch.errors", "mismatch.records", "mismatch.model"},
+    "mismatch.runs": {"mismatch.errors", "mismatch.records", "mismatch.model"},
+    "mismatch.dumps": {"mismatch.errors", "mismatch.runs"},
+    "mismatch.hooks": {"mismatch.errors", "mismatch.dumps"},
+    "mismatch.report": {"mismatch.errors", "mismatch.runs", "mismatch.stats"},
+    "mismatch.config": {"mismatch.errors", "mismatch.records", "mismatch.engines", "mismatch.model", "mismatch.stats", "mismatch.verdict"},
+    "mismatch.inputs": {"mismatch.errors", "mismatch.config", "mismatch.model"},
+}
+TOP = {"mismatch", "mismatch.cli", "mismatch.commands"}  # the CLI and the commands may import any room below
+PURE = ("mismatch.stats", "mismatch.verdict")  # statistics and rules: numpy and pandas only
+HEAVY = {"torch", "transformers", "vllm", "peft", "matplotlib", "typer", "rich"}
+
+
+def test_each_room_imports_only_the_rooms_below_it():
+    assert set(COMPONENTS) == set(ROOMS) | TOP, "a new room: place it in ROOMS"
+    upward = {(room, dep) for room, deps in COMPONENTS.items() if room not in TOP for dep in deps - ROOMS[room]}
+    assert upward == set()
+
+
+def test_statistics_and_verdict_import_no_torch_nor_model_code():
+    def third_party(name: str) -> set[str]:
+        found = set()
+        for node in ast.walk(ast.parse(MODULES[name].read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+        return found & HEAVY
+
+    heavy = {name: third_party(name) for name in MODULES if component(name) in PURE}
+    assert heavy and {name: found for name, found in heavy.items() if found} == {}
+
+
 def test_nothing_imports_the_cli():
     assert [name for name, deps in GRAPH.items() if "mismatch.cli" in deps] == []
 
 
-def test_only_the_cli_and_their_own_package_import_the_pipelines():
-    def inside(module, pipeline):
-        return module == pipeline or module.startswith(pipeline + ".")
-
-    upward = {
+def test_only_the_cli_imports_the_commands_and_no_command_another():
+    """Each command is its own top: what two commands share lives in a room below them."""
+    importers = {
         (name, dep)
         for name, deps in GRAPH.items()
         for dep in deps
-        for pipeline in PIPELINES
-        if inside(dep, pipeline) and not inside(name, pipeline) and name != "mismatch.cli"
+        if dep.startswith("mismatch.commands.") and dep != "mismatch.commands.progress"
     }
-    assert upward == set()
+    assert {(name, dep) for name, dep in importers if name != "mismatch.cli"} == set()
 
 
 def test_the_graph_is_read():
     """Guards the checks above against an empty graph."""
-    assert "mismatch.runs" in GRAPH["mismatch.scan"] and "mismatch.errors" in GRAPH["mismatch.runs"]
+    assert "mismatch.runs" in GRAPH["mismatch.commands.scan"]
+    assert "mismatch.errors" in GRAPH["mismatch.runs"]
+    assert COMPONENTS["mismatch.cli"] >= {"mismatch.commands", "mismatch.config"}

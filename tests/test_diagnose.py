@@ -10,9 +10,9 @@ from families import build_family
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from mismatch import metrics
 from mismatch.cli import app
-from mismatch.diagnose.run import COMPONENTS
+from mismatch.commands.diagnose import COMPONENTS
+from mismatch.stats import metrics
 
 runner = CliRunner()
 
@@ -99,7 +99,7 @@ def test_a_planted_semantic_difference_dominates(tiny_model, tmp_path, monkeypat
     """Gemma-2 with the trainer forced onto SDPA (which drops its attention softcap; vLLM applies it)."""
     folder = tmp_path / "gemma2"
     build_family("gemma2-both-softcaps", folder, AutoTokenizer.from_pretrained(tiny_model))
-    monkeypatch.setattr("mismatch.models.attention_implementation", lambda config: "sdpa")
+    monkeypatch.setattr("mismatch.model.loading.attention_implementation", lambda config: "sdpa")
     result = diagnose("--model", folder, "--dtypes", "bf16", "--num-prompts", 4, "--max-tokens", 12, "--layer-sequences", 2, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from mismatch.engines import Sampling, start_engine
-from mismatch.rescore import load_trainer, rescore
+from mismatch.engines import start_engine
+from mismatch.model.rescore import load_trainer, rescore
+from mismatch.records import Sampling
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
 SAMPLING = Sampling(temperature=0.8, top_p=1.0, max_tokens=12, seed=3)

@@ -1,6 +1,6 @@
 import pytest
 
-from mismatch.gate import Condition, check_pairs, evaluate, parse_condition
+from mismatch.verdict.gate import Condition, check_pairs, evaluate, parse_condition
 
 PAIRS = [
     {"engine_dtype": "bf16", "trainer_dtype": "bf16", "k3": 2e-3, "max_abs_dp": 0.1, "seq_slope_per_1k": None},

@@ -9,16 +9,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mismatch import metrics, runs
+from mismatch import runs
 from mismatch.cli import app
+from mismatch.commands.train import Trainer
 from mismatch.config import TrainConfig
-from mismatch.engines import Sampling, start_engine
+from mismatch.engines import start_engine
 from mismatch.errors import ConfigError
-from mismatch.lora import adapter_gap, merge_into, read_adapter, vllm_max_rank
-from mismatch.precision import compute_context
-from mismatch.recommend import recommend
-from mismatch.rescore import load_trainer, pad_batch, rescore, response_logprobs
-from mismatch.train.loop import Trainer
+from mismatch.model.lora import adapter_gap, merge_into, read_adapter, vllm_max_rank
+from mismatch.model.precision import compute_context
+from mismatch.model.rescore import load_trainer, pad_batch, rescore, response_logprobs
+from mismatch.records import Sampling
+from mismatch.stats import metrics
+from mismatch.verdict.recommend import recommend
 
 runner = CliRunner()
 RANK = 8

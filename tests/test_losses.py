@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from mismatch.train import losses
-from mismatch.train.rewards import final_number, reward
+from mismatch.learner import losses
+from mismatch.learner.rewards import final_number, reward
 
 # Two sequences: lengths 2 and 1 (mask), advantages +1 and −1.
 MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0]])

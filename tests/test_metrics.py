@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mismatch import metrics as m
-from mismatch.measures import Measures
+from mismatch.stats import metrics as m
+from mismatch.stats.measures import Measures
 
 # Three tokens in two sequences: ℓ = log π − log μ = [log 2, 0, −log 2]; sequence 0 holds the first two.
 MU = np.log([0.25, 0.5, 0.8])

@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mismatch.models import ModelNotFound, resolve_model
+from mismatch.model.loading import ModelNotFound, resolve_model
 
 
 def test_local_folder_is_used_as_is(tiny_model):

@@ -8,9 +8,9 @@ process, then the trainer loads here — for OLMo-2 that order failed before the
 import pytest
 from families import FAMILIES, build_family
 
+from mismatch.commands.scan import run_scan
 from mismatch.config import ScanConfig
-from mismatch.engines import Sampling
-from mismatch.scan import run_scan
+from mismatch.records import Sampling
 
 K3_FLOOR = 1e-6  # measured at 1e-13 … 1e-11 (see the table in the README)
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from mismatch.prompts import Prompt, PromptError, arithmetic_prompts, encode_prompts, load_prompts
+from mismatch.inputs.prompts import Prompt, PromptError, arithmetic_prompts, encode_prompts, load_prompts
 
 
 def test_arithmetic_set_is_seeded_and_answers_are_right():

@@ -3,10 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mismatch.engines.base import Rollout
-from mismatch import metrics, precision
-from mismatch.precision import GPUNumerics, compute_context, parse_dtypes
-from mismatch.rescore import load_trainer, pad_batch, rescore, response_logprobs, top_p_filter
+from mismatch.model import precision
+from mismatch.model.precision import GPUNumerics, compute_context
+from mismatch.model.rescore import load_trainer, pad_batch, rescore, response_logprobs, top_p_filter
+from mismatch.records import Rollout, parse_dtypes
+from mismatch.stats import metrics
 
 
 def _rollouts(n=5):
@@ -180,7 +181,7 @@ def test_parse_dtypes():
 def test_a_device_map_placed_trainer_scores_as_the_plain_one(tiny_model):
     """accelerate's placement (here a decoder layer offloaded to disk, the rest on
     the CPU: its hooks bring weights in per forward, the sharding code path) changes no number."""
-    from mismatch.rescore import input_device, load_trainer, rescore
+    from mismatch.model.rescore import input_device, load_trainer, rescore
 
     plain = load_trainer(tiny_model, "fp32", device=torch.device("cpu"))
     placed = load_trainer(tiny_model, "fp32", device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})

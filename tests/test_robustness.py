@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from mismatch import runs
 from mismatch.cli import app
+from mismatch.commands.scan import run_scan
 from mismatch.config import ScanConfig
-from mismatch.engines import Sampling
-from mismatch.scan import run_scan
+from mismatch.records import Sampling
 
 runner = CliRunner()
 

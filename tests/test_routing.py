@@ -11,12 +11,12 @@ import torch
 from families import build_family
 
 from mismatch import runs
-from mismatch.engines import Sampling
+from mismatch.engines.vllm_routing import NOT_ROUTED, vllm_routing
 from mismatch.errors import ModelError
-from mismatch.recommend import with_router_replay
-from mismatch.rescore import load_trainer, pad_batch
-from mismatch.engines.vllm_routing import NOT_ROUTED, response_rows, vllm_routing
-from mismatch.routing import agreement_by_layer, is_moe, routers, routing_and_gap, same_experts, trainer_routing
+from mismatch.model.rescore import load_trainer, pad_batch
+from mismatch.model.routing import agreement_by_layer, is_moe, routers, routing_and_gap, same_experts, trainer_routing
+from mismatch.records import Sampling, response_rows
+from mismatch.verdict.recommend import with_router_replay
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14], [20, 21, 22, 23]]
 
@@ -211,8 +211,8 @@ def test_a_dense_scan_records_no_routing(tiny_model):
 
 
 def test_diagnose_of_an_moe_model_shows_routing(moe_models, tmp_path):
+    from mismatch.commands.diagnose import run_diagnose
     from mismatch.config import DiagnoseConfig
-    from mismatch.diagnose.run import run_diagnose
 
     config = DiagnoseConfig(model=str(moe_models["mixtral"]), engine="vllm", dtypes="bf16", out=tmp_path / "run", num_prompts=6, sampling=Sampling(max_tokens=16), layer_sequences=2, alone_sequences=2)
     summary = run_diagnose(config)

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 from mismatch import runs
 from mismatch.cli import app
 from mismatch.config import ALGOS, ScanConfig, TrainConfig
-from mismatch.engines import Sampling
 from mismatch.errors import ConfigError, MismatchError, RunFolderError
-from mismatch.train.losses import LOSSES
+from mismatch.learner.losses import LOSSES
+from mismatch.records import Sampling
 
 runner = CliRunner()
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from mismatch import metrics
 from mismatch.cli import app
+from mismatch.stats import metrics
 
 runner = CliRunner()
 TOKEN_COLUMNS = {"seq_id", "position", "token_id", "token", "engine_dtype", "trainer_dtype", "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "response_len"}

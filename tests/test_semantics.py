@@ -11,8 +11,9 @@ from transformers import AutoTokenizer, GenerationConfig
 from typer.testing import CliRunner
 
 from mismatch.cli import app
-from mismatch.engines import Sampling, start_engine
-from mismatch.rescore import load_trainer, rescore
+from mismatch.engines import start_engine
+from mismatch.model.rescore import load_trainer, rescore
+from mismatch.records import Sampling
 
 runner = CliRunner()
 
@@ -47,7 +48,7 @@ def test_a_refused_engine_dtype_is_one_line_and_the_scan_goes_on(gemma2, tmp_pat
 def test_the_semantic_probe_names_an_implementation_difference(gemma2, tmp_path, monkeypatch):
     """transformers' SDPA silently drops Gemma-2's attention softcap; vLLM applies it. With the
     trainer forced onto SDPA the two disagree in FP32, and the verdict must say so."""
-    monkeypatch.setattr("mismatch.models.attention_implementation", lambda config: "sdpa")
+    monkeypatch.setattr("mismatch.model.loading.attention_implementation", lambda config: "sdpa")
     result = scan("--model", gemma2, "--engine", "vllm", "--dtypes", "bf16", "--num-prompts", 4, "--max-tokens", 16, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from mismatch.cli import app
-from mismatch.rescore import load_trainer, rescore
+from mismatch.commands.train import Trainer, train_one
 from mismatch.config import TrainConfig
-from mismatch.train.loop import Trainer, train_one
-from mismatch.train.scaling import DynamicLossScaler
+from mismatch.learner.scaling import DynamicLossScaler
+from mismatch.model.rescore import load_trainer, rescore
 
 TOLERANCE = {"fp16": 2e-2, "bf16": 1.5e-1}  # engine in dtype vs FP32 rescoring of the same weights
 
@@ -37,7 +37,7 @@ def engine_vs_fp32(trainer, tiny_model, tmp_path):
 
 
 def trainer_sampling():
-    from mismatch.engines import Sampling
+    from mismatch.records import Sampling
 
     return Sampling(temperature=1.0, max_tokens=12, seed=5)
 

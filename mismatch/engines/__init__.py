@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mismatch.engines.base import Engine, Rollout, Sampling
+from mismatch.engines.base import Engine
 from mismatch.errors import ConfigError, EngineError
 
 ENGINES = ("vllm", "hf")
@@ -51,4 +51,4 @@ def default_engine() -> str:
     return "vllm" if vllm_available() else "hf"
 
 
-__all__ = ["ENGINES", "Engine", "Rollout", "Sampling", "default_engine", "refused_dtypes", "start_engine"]
+__all__ = ["ENGINES", "Engine", "default_engine", "refused_dtypes", "start_engine"]

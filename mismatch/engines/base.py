@@ -2,45 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
-import numpy as np
-
-Advance = Callable[[int], None]
-"""Called with the number of sequences just finished."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 128
-    seed: int = 0
-
-
-@dataclass
-class Rollout:
-    """One sampled response: `logp_engine[i]` is log μ(response_ids[i]) under the sampled distribution."""
-
-    prompt_index: int
-    sample_index: int
-    prompt_ids: list[int]
-    response_ids: list[int]
-    logp_engine: list[float]
-    finish_reason: str  # "stop" (end-of-sequence token) or "length"
-    routed_experts: np.ndarray | None = None  # an MoE engine's experts at each response token's scoring position, [tokens, decoder layers, k]
-
-
-@dataclass
-class Scored:
-    """The engine scoring a given sequence in prefill (its prompt log-probs), at temperature 1:
-    `logp[i]` is log p(response_ids[i]) and `topk[i]` the engine's k most likely (token id,
-    log-prob) at that position."""
-
-    logp: list[float]
-    topk: list[list[tuple[int, float]]]
+from mismatch.records import Advance, Rollout, Sampling, Scored
 
 
 class Engine(Protocol):
@@ -73,18 +38,3 @@ class Engine(Protocol):
     def wake_up(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-def requests(n_prompts: int, samples: int) -> list[tuple[int, int]]:
-    """(prompt index, sample index) of every request, prompt-major: the order engines return."""
-    return [(p, s) for p in range(n_prompts) for s in range(samples)]
-
-
-def seq_id(prompt_index: int, sample_index: int, samples: int) -> int:
-    """A sequence's position in that order: the `seq_id` of the run files."""
-    return prompt_index * samples + sample_index
-
-
-def request_seed(sampling: Sampling, prompt_index: int, sample_index: int, samples: int) -> int:
-    """Per-request seed, so a sample does not depend on how requests are batched."""
-    return sampling.seed * 1_000_003 + seq_id(prompt_index, sample_index, samples)

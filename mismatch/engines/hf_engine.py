@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from mismatch.engines.base import Advance, Rollout, Sampling, request_seed, requests
 from mismatch.errors import EngineError
-from mismatch.lora import adapter_weights, with_adapter
-from mismatch.models import load_causal_lm
-from mismatch.precision import DTYPES, compute_context, default_device
+from mismatch.model.loading import load_causal_lm
+from mismatch.model.lora import adapter_weights, with_adapter
+from mismatch.model.precision import DTYPES, compute_context, default_device
+from mismatch.records import Advance, Rollout, Sampling, request_seed, requests
 
 BATCH = 16
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from mismatch import errors
-from mismatch.engines.base import Advance, Rollout, Sampling, Scored
+from mismatch.records import Advance, Rollout, Sampling, Scored
 
 
 class _Child:

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mismatch.engines.base import Advance, Rollout, Sampling, Scored, request_seed, requests
 from mismatch.engines.vllm_routing import scoring_rows, vllm_routing
 from mismatch.errors import EngineError, first_line
-from mismatch.lora import read_adapter, vllm_max_rank
-from mismatch.precision import VLLM_DTYPE_NAMES
+from mismatch.model.lora import read_adapter, vllm_max_rank
+from mismatch.model.precision import VLLM_DTYPE_NAMES
+from mismatch.records import Advance, Rollout, Sampling, Scored, request_seed, requests
 
 # Keeps vLLM's engine core in the process that creates the engine (ours runs in its own child,
 # engines.isolated): starts in seconds instead of ~30 s on CPU and takes weight updates in place.

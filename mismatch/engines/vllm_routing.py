@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from mismatch.errors import EngineError
+from mismatch.records import response_rows
 
 NOT_ROUTED = -1  # rows the engine did not compute in the recorded call (prefix-cache hits), dense layers
 
@@ -92,9 +93,3 @@ def scoring_rows(table: np.ndarray, prompt_len: int, response_len: int) -> np.nd
     if len(rows) != response_len or (rows[:, moe_layers] == NOT_ROUTED).any():
         raise EngineError(f"vLLM's recorded routing does not cover the {response_len} response positions of a request; run without MoE routing (--engine hf)")
     return rows
-
-
-def response_rows(rows: np.ndarray, prompt_len: int) -> np.ndarray:
-    """The rows at the response tokens' scoring positions: row i scores response token i, at input
-    position prompt_len + i − 1. `rows` in `routed_experts`' layout ([prompt_len + n − 1, …])."""
-    return rows[prompt_len - 1 :]

@@ -32,7 +32,7 @@ def write_report(run_dir: Path) -> list[Path]:
 
 def write_compare(before_dir: Path, after_dir: Path, out: Path, force: bool = False) -> list[Path]:
     """compare.html and compare.md (and the folder's summary.json) for two comparable scans."""
-    from mismatch.compare import check_comparable
+    from mismatch.report.compare import check_comparable
     from mismatch.report.html import render_compare
     from mismatch.report.markdown import render_compare_markdown
 

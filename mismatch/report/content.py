@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mismatch import measures
 from mismatch.runs import AnalyzeRun, ScanRun
+from mismatch.stats import measures
 
 
 def header_facts(run: ScanRun) -> list[tuple[str, str]]:

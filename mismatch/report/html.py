@@ -7,12 +7,12 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from mismatch.compare import differences, side_by_side
-from mismatch.metrics import BOOTSTRAP_DRAWS
 from mismatch.report import plots
+from mismatch.report.compare import differences, side_by_side
 from mismatch.report.content import analyze_facts, header_facts, worst_tokens
 from mismatch.report.frameworks import METRIC_NOTES, settings_for
 from mismatch.runs import AnalyzeRun, ScanRun
+from mismatch.stats.metrics import BOOTSTRAP_DRAWS
 
 WORST_TOKENS = 25
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from mismatch.compare import differences, side_by_side
+from mismatch.report.compare import differences, side_by_side
 from mismatch.report.content import analyze_facts, header_facts, worst_tokens
 from mismatch.runs import AnalyzeRun, ScanRun
 

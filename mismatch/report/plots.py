@@ -13,8 +13,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from mismatch.measures import pair_name  # noqa: E402
-from mismatch.metrics import log_ratio  # noqa: E402
+from mismatch.stats.measures import pair_name  # noqa: E402
+from mismatch.stats.metrics import log_ratio  # noqa: E402
 
 PANEL = 3.6  # inches per panel
 COLORS = {"bf16": "#d1495b", "fp16": "#00798c", "fp32": "#30638e"}

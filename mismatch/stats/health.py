@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from mismatch import metrics
-from mismatch.corrections import SAFETY_BOUND
+from mismatch.stats import metrics
+from mismatch.stats.corrections import SAFETY_BOUND
 
 
 @dataclass(frozen=True)

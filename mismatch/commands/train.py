@@ -19,18 +19,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mismatch import metrics, runs
+from mismatch import runs
 from mismatch.config import TrainConfig
-from mismatch.engines import Sampling, start_engine
+from mismatch.engines import start_engine
 from mismatch.errors import PromptError
-from mismatch.models import load_tokenizer, resolve_model
-from mismatch.precision import compute_context, default_device
-from mismatch.prompts import Prompt, arithmetic_prompts, encode_prompts, load_prompts
-from mismatch.rescore import pad_batch, response_logprobs, token_batches
-from mismatch.train.losses import LOSSES, group_advantages
-from mismatch.train.policy import FullPolicy, LoraPolicy, parameter_counts
-from mismatch.train.rewards import reward
-from mismatch.train.scaling import DynamicLossScaler
+from mismatch.inputs.prompts import Prompt, arithmetic_prompts, encode_prompts, load_prompts
+from mismatch.learner.losses import LOSSES, group_advantages
+from mismatch.learner.policy import FullPolicy, LoraPolicy, parameter_counts
+from mismatch.learner.rewards import reward
+from mismatch.learner.scaling import DynamicLossScaler
+from mismatch.model.loading import load_tokenizer, resolve_model
+from mismatch.model.precision import compute_context, default_device
+from mismatch.model.rescore import pad_batch, response_logprobs, token_batches
+from mismatch.records import Sampling
+from mismatch.stats import metrics
 
 MICRO_BATCH_TOKENS = 2048  # padded tokens per forward/backward in the learner
 STEP_METRICS = (metrics.k1, metrics.k3, metrics.mean_abs_dp, metrics.max_abs_dp, metrics.min_ratio, metrics.max_ratio)

@@ -13,16 +13,16 @@ import numpy as np
 import pandas as pd
 
 from mismatch import runs
-from mismatch.progress import Progress, Silent
+from mismatch.commands.progress import Progress, Silent
 from mismatch.config import AnalyzeConfig
-from mismatch.corrections import with_thresholds
-from mismatch.drift import DRIFT_METRICS, drift
 from mismatch.dumps import Chunk, find_reader
-from mismatch.engines import Rollout
 from mismatch.errors import DumpError, RunFolderError
-from mismatch.measures import Measures, pair_name, worst_tokens
-from mismatch.recommend import recommend_run
+from mismatch.records import Rollout
 from mismatch.report import write_report
+from mismatch.stats.corrections import with_thresholds
+from mismatch.stats.drift import DRIFT_METRICS, drift
+from mismatch.stats.measures import Measures, pair_name, worst_tokens
+from mismatch.verdict.recommend import recommend_run
 
 ENGINE, TRAINER = "engine", "trainer"  # pair names where the dump does not give its dtypes
 WORST = 25
@@ -33,7 +33,7 @@ class _Rescorer:
     """The user's model as trainer, in each requested dtype, over the dump's token ids."""
 
     def __init__(self, config: AnalyzeConfig):
-        from mismatch.models import load_tokenizer, resolve_model
+        from mismatch.model.loading import load_tokenizer, resolve_model
 
         self.config = config
         self.path = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
@@ -42,14 +42,14 @@ class _Rescorer:
         self.model = None
 
     def load(self, dtype: str) -> None:
-        from mismatch.rescore import load_trainer
+        from mismatch.model.rescore import load_trainer
 
         self.model = None  # free the previous dtype's weights first
         self.dtype, self.model = dtype, load_trainer(self.path, dtype, trust_remote_code=self.config.trust_remote_code)
 
     def score(self, chunk: Chunk, temperature: float) -> pd.DataFrame:
         """The chunk's rows with `logp_trainer` (and the nucleus columns) from our forward."""
-        from mismatch.rescore import rescore
+        from mismatch.model.rescore import rescore
 
         tokens = chunk.tokens
         seqs = list(dict.fromkeys(tokens["seq_id"]))

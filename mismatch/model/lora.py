@@ -131,7 +131,7 @@ def merge_into(base: Path, adapter: Path, folder: Path, trust_remote_code: bool 
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
-    from mismatch.models import load_causal_lm
+    from mismatch.model.loading import load_causal_lm
 
     merged = _peft_model(load_causal_lm(base, torch.float32, trust_remote_code=trust_remote_code), adapter).merge_and_unload()
     merged.save_pretrained(folder)

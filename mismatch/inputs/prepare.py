@@ -7,8 +7,8 @@ from pathlib import Path
 
 from mismatch.config import DEFAULT_NUM_PROMPTS, ScanConfig
 from mismatch.errors import PromptError
-from mismatch.models import load_tokenizer, resolve_model
-from mismatch.prompts import arithmetic_prompts, encode_prompts, load_prompts
+from mismatch.inputs.prompts import arithmetic_prompts, encode_prompts, load_prompts
+from mismatch.model.loading import load_tokenizer, resolve_model
 
 
 @dataclass

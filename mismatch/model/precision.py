@@ -22,19 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from mismatch.errors import ConfigError
+from mismatch.records import DTYPE_NAMES
 
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES: dict[str, torch.dtype] = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32)))
 VLLM_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def parse_dtypes(text: str) -> list[str]:
-    """`"bf16,fp16"` -> `["bf16", "fp16"]`; raises ConfigError naming the accepted names."""
-    names = [part.strip().lower() for part in text.split(",") if part.strip()]
-    bad = [name for name in names if name not in DTYPES]
-    if bad or not names:
-        raise ConfigError(f"unknown dtype {', '.join(bad) or repr(text)}; use a comma-separated list of {', '.join(DTYPES)}")
-    return list(dict.fromkeys(names))
 
 
 _MATMUL_OPS = {

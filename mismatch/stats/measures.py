@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from mismatch import health
-from mismatch.audit import Audit
-from mismatch.corrections import CORRECTIONS, Correction, Replay
-from mismatch.metrics import PairStats, log_ratio
+from mismatch.stats import health
+from mismatch.stats.audit import Audit
+from mismatch.stats.corrections import CORRECTIONS, Correction, Replay
+from mismatch.stats.metrics import PairStats, log_ratio
 
 PAIR = ["engine_dtype", "trainer_dtype"]
 STATUS_ORDER = {"not_measured": 0, "ok": 1, "warn": 2, "fail": 3}

@@ -15,11 +15,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from mismatch.engines.base import Rollout
 from mismatch.errors import ModelError
-from mismatch.lora import with_adapter
-from mismatch.models import load_causal_lm
-from mismatch.precision import DTYPES, compute_context, default_device
+from mismatch.model.loading import load_causal_lm
+from mismatch.model.lora import with_adapter
+from mismatch.model.precision import DTYPES, compute_context, default_device
+from mismatch.records import Rollout
 
 SCORE_COLUMNS = {"logp_trainer": "logp", "logp_trainer_full": "logp_full", "log_kept_mass": "log_kept_mass"}  # tokens.parquet ← TokenScores
 LOGIT_ROWS = 256  # response positions turned into logits at once
@@ -166,7 +166,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def load_trainer(model: Path, dtype: str, device: torch.device | None = None, trust_remote_code: bool = False, device_map=None, lora: Path | None = None):
     """The HF model in `dtype`, with attention that honours its semantics, its output path checked;
-    with the LoRA adapter folder `lora` applied as PEFT applies it in training (`mismatch.lora`).
+    with the LoRA adapter folder `lora` applied as PEFT applies it in training (`mismatch.model.lora`).
 
     With several GPUs visible (or a `device_map` given) accelerate places it: its layers sharded
     across the devices ("auto"), or as the map says (a dict may offload modules to "cpu" or "disk").

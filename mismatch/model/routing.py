@@ -19,10 +19,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mismatch.engines.vllm_routing import response_rows
 from mismatch.errors import ModelError
-from mismatch.precision import DTYPES, compute_context
-from mismatch.rescore import PaddedBatch
+from mismatch.model.precision import DTYPES, compute_context
+from mismatch.model.rescore import PaddedBatch
+from mismatch.records import response_rows
 
 
 @dataclass
@@ -164,7 +164,7 @@ def response_routing(model, rollouts, pad_id: int = 0) -> tuple[list[int], list[
     """The trainer's routing at each rollout's response-token scoring positions: (MoE decoder-layer
     indices, per rollout experts [response tokens, MoE layers, k] and margins [response tokens,
     MoE layers]), the sequences batched as `rescore` batches them."""
-    from mismatch.rescore import BATCH_TOKENS, input_device, pad_batch, token_batches
+    from mismatch.model.rescore import BATCH_TOKENS, input_device, pad_batch, token_batches
 
     device = input_device(model)
     order = sorted(range(len(rollouts)), key=lambda i: len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids))

@@ -23,18 +23,18 @@ import numpy as np
 import pandas as pd
 
 from mismatch import runs
+from mismatch.commands.progress import Progress, Silent
 from mismatch.config import REFERENCE_DTYPE, DiagnoseConfig
-from mismatch.progress import Progress, Silent
-from mismatch.diagnose.probes import FP16_MAX, ActivationPeak
-from mismatch.diagnose.trainer_views import layer_errors, layer_states, score_alone, topk_rows
-from mismatch.engines import Rollout, refused_dtypes, start_engine
-from mismatch.engines.base import seq_id
+from mismatch.engines import refused_dtypes, start_engine
 from mismatch.errors import EngineError
-from mismatch.inputs import prepare_inputs
-from mismatch.metrics import pair_metrics
-from mismatch.recommend import with_router_replay
-from mismatch.rescore import load_trainer, rescore
-from mismatch.routing import agreement_rows, is_moe, response_routing
+from mismatch.inputs.prepare import prepare_inputs
+from mismatch.model.probes import FP16_MAX, ActivationPeak
+from mismatch.model.rescore import load_trainer, rescore
+from mismatch.model.routing import agreement_rows, is_moe, response_routing
+from mismatch.model.views import layer_errors, layer_states, score_alone, topk_rows
+from mismatch.records import Rollout, seq_id
+from mismatch.stats.metrics import pair_metrics
+from mismatch.verdict.recommend import with_router_replay
 
 COMPONENTS = {  # name: (reference scoring, compared scoring)
     "total": ("logp_engine_decode", "logp_trainer"),

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 
 from mismatch.errors import ConfigError
-from mismatch.metrics import METRICS, NUCLEUS_METRICS
-from mismatch.precision import DTYPES
+from mismatch.records import DTYPE_NAMES
+from mismatch.stats.metrics import METRICS, NUCLEUS_METRICS
 
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 _SYNTAX = re.compile(r"^\s*(?:(?P<engine>\w+)/(?P<trainer>\w+)\s*:)?\s*(?P<metric>\w+)\s*(?P<op>>=|<=|>|<)\s*(?P<value>\S+)\s*$")
@@ -47,8 +47,8 @@ def parse_condition(text: str) -> Condition:
     pair = None
     if match["engine"]:
         pair = (match["engine"], match["trainer"])
-        if not set(pair) <= set(DTYPES):
-            raise ConfigError(f"--fail-on {text!r}: pair dtypes must be among {', '.join(DTYPES)}")
+        if not set(pair) <= set(DTYPE_NAMES):
+            raise ConfigError(f"--fail-on {text!r}: pair dtypes must be among {', '.join(DTYPE_NAMES)}")
     return Condition(text.strip(), match["metric"], match["op"], threshold, pair)
 
 

@@ -12,20 +12,21 @@ import numpy as np
 import pandas as pd
 
 from mismatch import runs
-from mismatch.progress import Progress, Silent
+from mismatch.commands.progress import Progress, Silent
 from mismatch.config import REFERENCE_DTYPE, ScanConfig
-from mismatch.diagnose.probes import ActivationPeak
-from mismatch.engines import Rollout, refused_dtypes, start_engine
+from mismatch.engines import refused_dtypes, start_engine
 from mismatch.errors import EngineError, ResumeError
-from mismatch.gate import evaluate
-from mismatch.measures import Measures
-from mismatch.inputs import prepare_inputs
-from mismatch.lora import adapter_gap, merge_into, read_adapter
-from mismatch.models import available_memory, fp32_footprint
-from mismatch.recommend import recommend
+from mismatch.inputs.prepare import prepare_inputs
+from mismatch.model.loading import available_memory, fp32_footprint
+from mismatch.model.lora import adapter_gap, merge_into, read_adapter
+from mismatch.model.probes import ActivationPeak
+from mismatch.model.rescore import load_trainer, rescore
+from mismatch.model.routing import agreement_rows, is_moe, response_routing
+from mismatch.records import Rollout
 from mismatch.report import write_report
-from mismatch.rescore import load_trainer, rescore
-from mismatch.routing import agreement_rows, is_moe, response_routing
+from mismatch.stats.measures import Measures
+from mismatch.verdict.gate import evaluate
+from mismatch.verdict.recommend import recommend
 
 RESUME_KEYS = ("model", "engine", "sampling", "prompts", "num_prompts", "samples", "chat_template", "max_model_len", "lora")
 

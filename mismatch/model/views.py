@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mismatch.engines.base import Rollout, Scored
-from mismatch.precision import compute_context
-from mismatch.rescore import input_device, output_logits, pad_batch, rescore, response_logits
+from mismatch.model.precision import compute_context
+from mismatch.model.rescore import input_device, output_logits, pad_batch, rescore, response_logits
+from mismatch.records import Rollout, Scored
 
 
 def score_alone(model, dtype: str, rollouts: Sequence[Rollout], pad_id: int) -> list[np.ndarray]:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from mismatch.lora import new_adapter
-from mismatch.precision import DTYPES
-from mismatch.rescore import load_trainer
+from mismatch.model.lora import new_adapter
+from mismatch.model.precision import DTYPES
+from mismatch.model.rescore import load_trainer
 
 PEFT_PREFIX = "base_model.model."  # the PeftModel's names of the inner model's parameters
 

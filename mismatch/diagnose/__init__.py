@@ -1,1 +1,0 @@
-"""Diagnostics: where a gap comes from, measured inside the trainer's forward."""

@@ -1,1 +1,0 @@
-"""`mismatch train`: a minimal GRPO loop that shows what the scan's mismatch does to RL."""

@@ -61,7 +61,9 @@ def main(run: Path) -> None:
     print(f"CPU class {precision.cpu_class()}; {len(engine)} tokens of {len(rollouts)} sequences from {run}")
     for path, pairs in rows.items():
         for name, m in pairs.items():
-            print(f"{path:<9} {name:<28} k3 {m['k3']:.3e} [{m['k3_ci_low']:.3e}, {m['k3_ci_high']:.3e}]  mean|Δp| {m['mean_abs_dp']:.3e}")
+            print(
+                f"{path:<9} {name:<28} k3 {m['k3']:.3e} [{m['k3_ci_low']:.3e}, {m['k3_ci_high']:.3e}]  mean|Δp| {m['mean_abs_dp']:.3e}"
+            )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ from mismatch.learner.rewards import reward  # noqa: E402
 
 model_dir, prompts_file, per_step, group, max_tokens, steps = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 rows = json.loads(Path(prompts_file).read_text())
-dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows])
+dataset = Dataset.from_list(
+    [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows]
+)
 
 
 def arithmetic_reward(completions, answer, **_):
@@ -56,6 +58,8 @@ with tempfile.TemporaryDirectory() as out:
         save_strategy="no",
         seed=0,
     )
-    trainer = GRPOTrainer(model=model_dir, reward_funcs=arithmetic_reward, args=config, train_dataset=dataset, callbacks=[clock])
+    trainer = GRPOTrainer(
+        model=model_dir, reward_funcs=arithmetic_reward, args=config, train_dataset=dataset, callbacks=[clock]
+    )
     trainer.train()
 print(json.dumps({"step_times": clock.times}))

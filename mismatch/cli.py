@@ -7,7 +7,7 @@ import functools
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -23,24 +23,37 @@ from mismatch.records import Sampling
 from mismatch.report.content import headroom_text
 from mismatch.runs import default_run_dir
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, help="Measure the training-inference mismatch of an LLM.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=False, help="Measure the training-inference mismatch of an LLM."
+)
 console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and CI: no 80-column wrap
 errors = Console(stderr=True)
 
 # Options shared by commands, declared once.
 Model = Annotated[str, typer.Option(help="HF hub id, local HF folder, or builtin:smollm2-135m.")]
-Engine = Annotated[Optional[str], typer.Option(help="Inference engine: vllm (default where installed) or hf.")]
-PromptFile = Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .jsonl (prompt or messages, optional answer), .txt, .csv or .parquet (prompt column).")]
+Engine = Annotated[str | None, typer.Option(help="Inference engine: vllm (default where installed) or hf.")]
+PromptFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--prompts",
+        help="Prompt file: .jsonl (prompt or messages, optional answer), .txt, .csv or .parquet (prompt column).",
+    ),
+]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature (> 0).")]
 MaxTokens = Annotated[int, typer.Option(help="Maximum new tokens per response.")]
 Seed = Annotated[int, typer.Option(help="Seed for prompts, data order, sampling and bootstrap.")]
-Out = Annotated[Optional[Path], typer.Option(help="Output folder (default reports/<name>-<timestamp>/).")]
+Out = Annotated[Path | None, typer.Option(help="Output folder (default reports/<name>-<timestamp>/).")]
 Dtypes = Annotated[str, typer.Option(help="Engine dtypes, comma-separated (bf16, fp16, fp32).")]
-NumPrompts = Annotated[Optional[int], typer.Option(help="Number of prompts (built-in set: 64; a file: all).")]
+NumPrompts = Annotated[int | None, typer.Option(help="Number of prompts (built-in set: 64; a file: all).")]
 Samples = Annotated[int, typer.Option(help="Samples per prompt.")]
 ChatTemplate = Annotated[bool, typer.Option(help="Apply the tokenizer's chat template when it has one.")]
-MaxModelLen = Annotated[Optional[int], typer.Option(help="vLLM max_model_len.")]
-MemoryShare = Annotated[Optional[float], typer.Option(help="vLLM gpu_memory_utilization (default 0.85 on GPU; on CPU a share of RAM for the KV cache instead of the default fixed 1 GiB).")]
+MaxModelLen = Annotated[int | None, typer.Option(help="vLLM max_model_len.")]
+MemoryShare = Annotated[
+    float | None,
+    typer.Option(
+        help="vLLM gpu_memory_utilization (default 0.85 on GPU; on CPU a share of RAM for the KV cache instead of the default fixed 1 GiB)."
+    ),
+]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Allow model code from the model folder / hub.")]
 Force = Annotated[bool, typer.Option(help="Write into a non-empty output folder.")]
 
@@ -72,28 +85,61 @@ def scan(
     model: Model = DEFAULT_MODEL,
     engine: Engine = None,
     dtypes: Dtypes = "bf16,fp16",
-    pairs: Annotated[str, typer.Option(help="default: each engine dtype vs itself and fp32; all: every engine x trainer dtype.")] = "default",
+    pairs: Annotated[
+        str, typer.Option(help="default: each engine dtype vs itself and fp32; all: every engine x trainer dtype.")
+    ] = "default",
     prompts: PromptFile = None,
     num_prompts: NumPrompts = None,
     samples: Samples = 1,
     chat_template: ChatTemplate = True,
     temperature: Temperature = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold in (0, 1]; the trainer applies the same.")] = 1.0,
+    top_p: Annotated[
+        float, typer.Option(help="Nucleus sampling threshold in (0, 1]; the trainer applies the same.")
+    ] = 1.0,
     max_tokens: MaxTokens = 128,
     seed: Seed = 0,
     max_model_len: MaxModelLen = None,
-    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM tensor_parallel_size (GPUs the engine shards over).")] = 1,
-    pipeline_parallel_size: Annotated[int, typer.Option(help="vLLM pipeline_parallel_size (past one node: vLLM's Ray backend, see docs/scale.md).")] = 1,
+    tensor_parallel_size: Annotated[
+        int, typer.Option(help="vLLM tensor_parallel_size (GPUs the engine shards over).")
+    ] = 1,
+    pipeline_parallel_size: Annotated[
+        int, typer.Option(help="vLLM pipeline_parallel_size (past one node: vLLM's Ray backend, see docs/scale.md).")
+    ] = 1,
     gpu_memory_utilization: MemoryShare = None,
     trust_remote_code: TrustRemoteCode = False,
     out: Out = None,
     force: Force = False,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted scan in --out from its saved engine outputs.")] = False,
-    strict: Annotated[bool, typer.Option(help="Fail on prompts that do not fit the context instead of skipping them.")] = False,
-    semantic_probe: Annotated[int, typer.Option(help="Prompts the engine also generates in FP32, scored by the FP32 trainer: a gap there is an implementation difference, not precision (0: skip).")] = 4,
-    reference: Annotated[str, typer.Option(help="The FP32 trainer reference: all sequences, none (skip it: a 70B FP32 copy does not fit), or the first N per engine dtype; its memory is shown when it starts.")] = "all",
-    fail_on: Annotated[list[str], typer.Option("--fail-on", help='CI gate, repeatable: "[ENGINE/TRAINER:]METRIC>VALUE" (>, >=, <, <=); default pairs: equal dtypes. Exit 1 when one holds.')] = [],  # noqa: B006 (typer reads it)
-    lora: Annotated[Path | None, typer.Option(help="A PEFT LoRA adapter folder: the engine applies it as a LoRA request, the trainer through PEFT; the base with it merged in is scanned too, for comparison.")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted scan in --out from its saved engine outputs.")
+    ] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Fail on prompts that do not fit the context instead of skipping them.")
+    ] = False,
+    semantic_probe: Annotated[
+        int,
+        typer.Option(
+            help="Prompts the engine also generates in FP32, scored by the FP32 trainer: a gap there is an implementation difference, not precision (0: skip)."
+        ),
+    ] = 4,
+    reference: Annotated[
+        str,
+        typer.Option(
+            help="The FP32 trainer reference: all sequences, none (skip it: a 70B FP32 copy does not fit), or the first N per engine dtype; its memory is shown when it starts."
+        ),
+    ] = "all",
+    fail_on: Annotated[
+        list[str],
+        typer.Option(
+            "--fail-on",
+            help='CI gate, repeatable: "[ENGINE/TRAINER:]METRIC>VALUE" (>, >=, <, <=); default pairs: equal dtypes. Exit 1 when one holds.',
+        ),
+    ] = [],  # noqa: B006 (typer reads it)
+    lora: Annotated[
+        Path | None,
+        typer.Option(
+            help="A PEFT LoRA adapter folder: the engine applies it as a LoRA request, the trainer through PEFT; the base with it merged in is scanned too, for comparison."
+        ),
+    ] = None,
 ) -> None:
     """Generate with the engine, rescore the same tokens with HF per dtype, and report the gap."""
     if resume and out is None:
@@ -126,13 +172,21 @@ def scan(
         with RichProgress() as progress:
             summary = run_scan(config, progress, resume=resume, force=force)
     except KeyboardInterrupt:
-        errors.print(f"interrupted: {config.out} is marked incomplete; continue with the same command and --resume --out {config.out}")
+        errors.print(
+            f"interrupted: {config.out} is marked incomplete; continue with the same command and --resume --out {config.out}"
+        )
         raise typer.Exit(130) from None
     console.print(pair_table_view(summary["pairs"]))
     if skipped := summary["skipped_prompts"]:
-        errors.print(f"skipped {len(skipped)} prompt(s) that do not fit the context with --max-tokens {max_tokens} (--strict to fail instead)")
+        errors.print(
+            f"skipped {len(skipped)} prompt(s) that do not fit the context with --max-tokens {max_tokens} (--strict to fail instead)"
+        )
     for dtype, reason in summary["refused_dtypes"].items():
-        errors.print(f"notice: {config.engine} refuses {dtype} for this model ({reason}); {dtype} was measured on the trainer side only", highlight=False, soft_wrap=True)
+        errors.print(
+            f"notice: {config.engine} refuses {dtype} for this model ({reason}); {dtype} was measured on the trainer side only",
+            highlight=False,
+            soft_wrap=True,
+        )
     if headroom := summary.get("fp16_headroom"):
         console.print(f"FP16 headroom: {headroom_text(headroom)}", highlight=False)
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
@@ -158,20 +212,43 @@ def diagnose(
     max_model_len: MaxModelLen = None,
     gpu_memory_utilization: MemoryShare = None,
     trust_remote_code: TrustRemoteCode = False,
-    from_run: Annotated[Optional[Path], typer.Option("--from", help="Reuse the rollouts of this scan run folder (its model, prompts and sampling) instead of generating.")] = None,
-    topk: Annotated[int, typer.Option(help="The engine's top-k log-probs compared with the trainer's distribution.")] = 20,
-    layer_sequences: Annotated[int, typer.Option(help="Sequences whose hidden states are compared with FP32 layer by layer.")] = 8,
-    alone_sequences: Annotated[int, typer.Option(help="Sequences also scored each on its own, by engine and trainer (the batch components).")] = 16,
+    from_run: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Reuse the rollouts of this scan run folder (its model, prompts and sampling) instead of generating.",
+        ),
+    ] = None,
+    topk: Annotated[
+        int, typer.Option(help="The engine's top-k log-probs compared with the trainer's distribution.")
+    ] = 20,
+    layer_sequences: Annotated[
+        int, typer.Option(help="Sequences whose hidden states are compared with FP32 layer by layer.")
+    ] = 8,
+    alone_sequences: Annotated[
+        int, typer.Option(help="Sequences also scored each on its own, by engine and trainer (the batch components).")
+    ] = 16,
     out: Out = None,
     force: Force = False,
 ) -> None:
     """Where the gap comes from: semantic, engine decode path and batching, trainer batching, precision per side, per layer."""
-    settings = dict(model=model, dtypes=dtypes, prompts=prompts, num_prompts=num_prompts, samples=samples, chat_template=chat_template, max_tokens=max_tokens, seed=seed)
+    settings = dict(
+        model=model,
+        dtypes=dtypes,
+        prompts=prompts,
+        num_prompts=num_prompts,
+        samples=samples,
+        chat_template=chat_template,
+        max_tokens=max_tokens,
+        seed=seed,
+    )
     if from_run:  # the scan's own settings, so that the rollouts are what they claim to be
         from mismatch.runs import read_summary
 
         scanned = read_summary(from_run, ("scan",))["config"]
-        settings = {k: scanned[k] for k in ("model", "dtypes", "num_prompts", "samples", "chat_template")} | {k: scanned["sampling"][k] for k in ("max_tokens", "seed")}
+        settings = {k: scanned[k] for k in ("model", "dtypes", "num_prompts", "samples", "chat_template")} | {
+            k: scanned["sampling"][k] for k in ("max_tokens", "seed")
+        }
         settings["prompts"] = scanned["prompts"] and Path(scanned["prompts"])
     config = DiagnoseConfig(
         engine="vllm",
@@ -198,14 +275,43 @@ def diagnose(
 
 @command
 def analyze(
-    paths: Annotated[list[Path], typer.Argument(help="The dump: open-format .parquet/.jsonl files or folders, a prime-rl token_exports folder, slime rollout .pt files.", show_default=False)],
-    model: Annotated[Optional[str], typer.Option(help="Also (or, for a dump of μ only, instead) compute π by rescoring the dump's tokens with this model: HF hub id, local folder or builtin:smollm2-135m.")] = None,
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="The dump: open-format .parquet/.jsonl files or folders, a prime-rl token_exports folder, slime rollout .pt files.",
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Also (or, for a dump of μ only, instead) compute π by rescoring the dump's tokens with this model: HF hub id, local folder or builtin:smollm2-135m."
+        ),
+    ] = None,
     dtypes: Annotated[str, typer.Option(help="Trainer dtypes of the --model rescoring, comma-separated.")] = "bf16",
-    temperature: Annotated[Optional[float], typer.Option(help="The sampling temperature (default: the dump's, else 1); the rescoring divides logits by it.")] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            help="The sampling temperature (default: the dump's, else 1); the rescoring divides logits by it."
+        ),
+    ] = None,
     top_p: Annotated[float, typer.Option(help="The sampling top-p; the rescoring applies the same nucleus.")] = 1.0,
-    dump_format: Annotated[Optional[str], typer.Option("--format", help="open, prime-rl or slime (default: detected).")] = None,
-    correction: Annotated[list[str], typer.Option("--correction", help="A correction's threshold, repeatable: NAME=HIGH or NAME=LOW,HIGH (token_tis, icepop, seq_mis, geometric, trl_*; trl=… sets TRL's four).")] = [],  # noqa: B006 (typer reads it)
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the bootstrap intervals (default: a scan's own when its tokens are analysed, else 0).")] = None,
+    dump_format: Annotated[
+        str | None, typer.Option("--format", help="open, prime-rl or slime (default: detected).")
+    ] = None,
+    correction: Annotated[
+        list[str],
+        typer.Option(
+            "--correction",
+            help="A correction's threshold, repeatable: NAME=HIGH or NAME=LOW,HIGH (token_tis, icepop, seq_mis, geometric, trl_*; trl=… sets TRL's four).",
+        ),
+    ] = [],  # noqa: B006 (typer reads it)
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed of the bootstrap intervals (default: a scan's own when its tokens are analysed, else 0)."
+        ),
+    ] = None,
     trust_remote_code: TrustRemoteCode = False,
     out: Out = None,
     force: Force = False,
@@ -230,9 +336,13 @@ def analyze(
     console.print(pair_table_view(summary["pairs"]))
     for a in summary["audit"]:
         if a["status"] in ("warn", "fail"):
-            errors.print(f"audit {a['status']}: {a['check']} ({a['pair']}): {a['detail']}", highlight=False, soft_wrap=True)
+            errors.print(
+                f"audit {a['status']}: {a['check']} ({a['pair']}): {a['detail']}", highlight=False, soft_wrap=True
+            )
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
-    console.print(f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, metrics.csv{', steps.parquet' if summary['n_steps'] > 1 else ''}, summary.json)")
+    console.print(
+        f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, metrics.csv{', steps.parquet' if summary['n_steps'] > 1 else ''}, summary.json)"
+    )
 
 
 @command
@@ -263,7 +373,9 @@ def train(
     model: Model = DEFAULT_MODEL,
     engine: Engine = None,
     dtype: Annotated[str, typer.Option(help="Precision of engine and policy compute (bf16, fp16, fp32).")] = "bf16",
-    compare: Annotated[Optional[str], typer.Option(help="Run once per dtype (e.g. bf16,fp16) with the same seed and data, one report.")] = None,
+    compare: Annotated[
+        str | None, typer.Option(help="Run once per dtype (e.g. bf16,fp16) with the same seed and data, one report.")
+    ] = None,
     algo: Annotated[str, typer.Option(help="Loss: grpo, gspo, token-tis, seq-mis, pg-seq-is.")] = "grpo",
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 20,
     prompts_per_step: Annotated[int, typer.Option(help="Prompts per step.")] = 8,
@@ -275,12 +387,28 @@ def train(
     seed: Seed = 0,
     save_every: Annotated[int, typer.Option(help="Also save an HF checkpoint every N steps (0: only at the end).")] = 0,
     prompts: PromptFile = None,
-    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="vLLM's share of the GPU (default: 90% of what the loaded policy leaves free).")] = None,
+    gpu_memory_utilization: Annotated[
+        float | None,
+        typer.Option(help="vLLM's share of the GPU (default: 90% of what the loaded policy leaves free)."),
+    ] = None,
     max_model_len: MaxModelLen = None,
-    sleep: Annotated[Optional[bool], typer.Option("--sleep/--no-sleep", help="vLLM sleep mode: the engine gives its memory back during the learner step (default: on GPU).")] = None,
-    lora_rank: Annotated[int, typer.Option(help="Train a PEFT LoRA of this rank on the frozen base (FP32 adapter masters, compute in --dtype; the engine serves it as a LoRA request); 0: full fine-tuning.")] = 0,
-    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: 2 × rank).")] = None,
-    lora_target_modules: Annotated[str, typer.Option(help="Comma-separated module names the LoRA adapts, or all-linear.")] = "all-linear",
+    sleep: Annotated[
+        bool | None,
+        typer.Option(
+            "--sleep/--no-sleep",
+            help="vLLM sleep mode: the engine gives its memory back during the learner step (default: on GPU).",
+        ),
+    ] = None,
+    lora_rank: Annotated[
+        int,
+        typer.Option(
+            help="Train a PEFT LoRA of this rank on the frozen base (FP32 adapter masters, compute in --dtype; the engine serves it as a LoRA request); 0: full fine-tuning."
+        ),
+    ] = 0,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: 2 × rank).")] = None,
+    lora_target_modules: Annotated[
+        str, typer.Option(help="Comma-separated module names the LoRA adapts, or all-linear.")
+    ] = "all-linear",
     out: Out = None,
     force: Force = False,
 ) -> None:
@@ -310,7 +438,9 @@ def train(
     )
     from mismatch.commands.train import run_training
 
-    summaries = run_training(config, on_step=lambda dtype, row: console.print(step_line(dtype, row), highlight=False), force=force)
+    summaries = run_training(
+        config, on_step=lambda dtype, row: console.print(step_line(dtype, row), highlight=False), force=force
+    )
     if summaries[-1]["interrupted"]:
         errors.print(f"interrupted after {summaries[-1]['steps_done']} step(s); writing what there is")
     console.print(f"Run folder: {config.out} (report.html, metrics.csv, checkpoint-final/)")
@@ -329,7 +459,9 @@ class RichProgress:
     """One progress bar per stage (generation per engine dtype, rescoring per pair)."""
 
     def __enter__(self):
-        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.bars = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        )
         self.bars.__enter__()
         return self
 
@@ -347,12 +479,26 @@ def _fmt(value, spec: str = ".2e") -> str:
 
 def pair_table_view(pairs: list[dict]) -> Table:
     table = Table(title="Training-inference mismatch, ℓ = log π(trainer) − log μ(engine)")
-    for column in ("engine→trainer", "tokens", "k3", "k3 95% CI", "k1", "mean|Δp|", "max|Δp|", "max ratio", ">2×", "seq KL", "slope/1k"):
+    for column in (
+        "engine→trainer",
+        "tokens",
+        "k3",
+        "k3 95% CI",
+        "k1",
+        "mean|Δp|",
+        "max|Δp|",
+        "max ratio",
+        ">2×",
+        "seq KL",
+        "slope/1k",
+    ):
         table.add_column(column, justify="right", no_wrap=True)
     for p in pairs:
         table.add_row(
             f"{p['engine_dtype']}→{p['trainer_dtype']}",
-            f"{p['n_tokens']}" + (f" +{p['n_nonfinite']} non-finite" if p["n_nonfinite"] else "") + (f" +{p['n_outside_nucleus']} outside nucleus" if p["n_outside_nucleus"] else ""),
+            f"{p['n_tokens']}"
+            + (f" +{p['n_nonfinite']} non-finite" if p["n_nonfinite"] else "")
+            + (f" +{p['n_outside_nucleus']} outside nucleus" if p["n_outside_nucleus"] else ""),
             _fmt(p["k3"]),
             f"{_fmt(p.get('k3_ci_low'), '.1e')}–{_fmt(p.get('k3_ci_high'), '.1e')}",
             _fmt(p["k1"], ".1e"),
@@ -372,7 +518,15 @@ def diagnosis_table_view(components: list[dict]) -> Table:
         table.add_column(column, justify="right", no_wrap=True)
     for c in components:
         ci = f"{_fmt(c['k3_ci_low'], '.1e')}–{_fmt(c['k3_ci_high'], '.1e')}"
-        table.add_row(c["engine_dtype"], c["name"], _fmt(c["k3"]), ci, _fmt(c["mean_abs_dlogp"], ".1e"), _fmt(c["max_abs_dlogp"], ".1e"), str(c["n_tokens"]))
+        table.add_row(
+            c["engine_dtype"],
+            c["name"],
+            _fmt(c["k3"]),
+            ci,
+            _fmt(c["mean_abs_dlogp"], ".1e"),
+            _fmt(c["max_abs_dlogp"], ".1e"),
+            str(c["n_tokens"]),
+        )
     return table
 
 

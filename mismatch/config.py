@@ -30,7 +30,9 @@ def _at_least(name: str, value: int | None, least: int = 1) -> None:
 
 def _check_sampling(sampling: Sampling) -> None:
     if not (sampling.temperature > 0 and math.isfinite(sampling.temperature)):
-        raise ConfigError("--temperature must be > 0: RL samples at T > 0 and the mismatch is measured on sampled tokens")
+        raise ConfigError(
+            "--temperature must be > 0: RL samples at T > 0 and the mismatch is measured on sampled tokens"
+        )
     if not 0 < sampling.top_p <= 1:
         raise ConfigError("--top-p must be in (0, 1]")
     _at_least("--max-tokens", sampling.max_tokens)
@@ -157,7 +159,9 @@ class TrainConfig:
     sleep: bool | None = None  # vLLM sleep mode during the learner step; None: on GPU only
     lora_rank: int = 0  # 0: full fine-tuning; else the policy is a PEFT LoRA of this rank on the frozen base
     lora_alpha: float | None = None  # None: 2 × rank
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # PEFT's names; all-linear: every linear layer but the head
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"]
+    )  # PEFT's names; all-linear: every linear layer but the head
 
     def __post_init__(self):
         self.dtypes = _dtypes(self.dtypes)
@@ -171,7 +175,11 @@ class TrainConfig:
         if self.algo not in ALGOS:
             raise ConfigError(f"unknown --algo {self.algo!r}; use one of {', '.join(ALGOS)}")
         _check_sampling(Sampling(temperature=self.temperature, max_tokens=self.max_tokens))
-        for name, value, least in (("--steps", self.steps, 1), ("--prompts-per-step", self.prompts_per_step, 1), ("--group-size", self.group_size, 2)):
+        for name, value, least in (
+            ("--steps", self.steps, 1),
+            ("--prompts-per-step", self.prompts_per_step, 1),
+            ("--group-size", self.group_size, 2),
+        ):
             _at_least(name, value, least)
         _at_least("--save-every", self.save_every, 0)
 
@@ -198,9 +206,13 @@ class DiagnoseConfig(ScanConfig):
         if self.lora is not None:
             raise ConfigError("diagnose does not take a LoRA adapter yet: scan it with mismatch scan --lora")
         if self.engine != "vllm":
-            raise ConfigError("diagnose needs --engine vllm: the hf engine's prefill is the trainer's own forward, so there is no engine side to isolate")
+            raise ConfigError(
+                "diagnose needs --engine vllm: the hf engine's prefill is the trainer's own forward, so there is no engine side to isolate"
+            )
         if self.sampling.temperature != 1.0 or self.sampling.top_p != 1.0:
-            raise ConfigError("diagnose measures at --temperature 1 and --top-p 1: vLLM scores given sequences (prefill) without sampling processors")
+            raise ConfigError(
+                "diagnose measures at --temperature 1 and --top-p 1: vLLM scores given sequences (prefill) without sampling processors"
+            )
         _at_least("--topk", self.topk)
         _at_least("--layer-sequences", self.layer_sequences)
         _at_least("--alone-sequences", self.alone_sequences)
@@ -224,7 +236,9 @@ class AnalyzeConfig:
     def __post_init__(self):
         self.paths = [Path(p) for p in self.paths]
         self.dtypes = _dtypes(self.dtypes)
-        _check_sampling(Sampling(temperature=1.0 if self.temperature is None else self.temperature, top_p=self.top_p))  # None: the dump's
+        _check_sampling(
+            Sampling(temperature=1.0 if self.temperature is None else self.temperature, top_p=self.top_p)
+        )  # None: the dump's
         if not self.paths:
             raise ConfigError("analyze needs at least one dump file or folder")
         with_thresholds(self.corrections)

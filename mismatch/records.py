@@ -3,8 +3,8 @@ and μ), its prefill scores, and the one order and seed every engine and run fil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -34,7 +34,9 @@ class Rollout:
     response_ids: list[int]
     logp_engine: list[float]
     finish_reason: str  # "stop" (end-of-sequence token) or "length"
-    routed_experts: np.ndarray | None = None  # an MoE engine's experts at each response token's scoring position, [tokens, decoder layers, k]
+    routed_experts: np.ndarray | None = (
+        None  # an MoE engine's experts at each response token's scoring position, [tokens, decoder layers, k]
+    )
 
 
 @dataclass
@@ -73,5 +75,7 @@ def parse_dtypes(text: str) -> list[str]:
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     bad = [name for name in names if name not in DTYPE_NAMES]
     if bad or not names:
-        raise ConfigError(f"unknown dtype {', '.join(bad) or repr(text)}; use a comma-separated list of {', '.join(DTYPE_NAMES)}")
+        raise ConfigError(
+            f"unknown dtype {', '.join(bad) or repr(text)}; use a comma-separated list of {', '.join(DTYPE_NAMES)}"
+        )
     return list(dict.fromkeys(names))

@@ -73,7 +73,16 @@ ROLLOUT_COLUMNS = (
 )  # fmt: skip
 # routing.parquet: one row per (pair, sequence, response position, MoE layer); the experts as sorted
 # ids, the trainer router's margin p(k) − p(k+1) (mismatch.model.routing)
-ROUTING_COLUMNS = ("engine_dtype", "trainer_dtype", "seq_id", "position", "layer", "engine_experts", "trainer_experts", "trainer_margin")
+ROUTING_COLUMNS = (
+    "engine_dtype",
+    "trainer_dtype",
+    "seq_id",
+    "position",
+    "layer",
+    "engine_experts",
+    "trainer_experts",
+    "trainer_margin",
+)
 # tokens.parquet of a diagnose run: every scoring of the same response tokens (diagnose.run.COMPONENTS)
 DIAGNOSE_TOKEN_COLUMNS = (
     "engine_dtype", "seq_id", "prompt_index", "position", "token_id", "token",
@@ -84,7 +93,17 @@ DIAGNOSE_TOKEN_COLUMNS = (
 ANALYZE_TOKEN_COLUMNS = ("step", *TOKEN_COLUMNS)
 # tokens.parquet of a train run: μ and π_θ′ of every response token of every step, in the open
 # format `analyze` reads (a train run folder is an analyze input: its mismatch per step)
-TRAIN_TOKEN_COLUMNS = ("step", "seq_id", "prompt_index", "position", "token_id", "logp_engine", "logp_trainer", "engine_dtype", "trainer_dtype")
+TRAIN_TOKEN_COLUMNS = (
+    "step",
+    "seq_id",
+    "prompt_index",
+    "position",
+    "token_id",
+    "logp_engine",
+    "logp_trainer",
+    "engine_dtype",
+    "trainer_dtype",
+)
 
 
 # --- where a run goes -------------------------------------------------------------------------
@@ -92,7 +111,10 @@ TRAIN_TOKEN_COLUMNS = ("step", "seq_id", "prompt_index", "position", "token_id",
 
 def default_run_dir(model: str, command: str = "", root: Path = Path("reports")) -> Path:
     """reports/[COMMAND-]MODEL-TIMESTAMP, MODEL the last part of the model's name."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").split("/")[-1].removeprefix("builtin:")).strip("-") or "model"
+    slug = (
+        re.sub(r"[^A-Za-z0-9._-]+", "-", model.rstrip("/").split("/")[-1].removeprefix("builtin:")).strip("-")
+        or "model"
+    )
     return root / f"{command + '-' if command else ''}{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -254,11 +276,17 @@ def read_summary(path: Path, kinds: tuple[str, ...] = KINDS) -> dict:
         raise RunFolderError(f"{file} is not valid JSON ({exc}); the run folder is damaged") from None
     found = summary.get("format_version", 1)  # mismatch 0.1 wrote no format_version
     if found != FORMAT_VERSION:
-        raise RunFolderError(f"{path} was written in run-folder format {found}; this mismatch reads format {FORMAT_VERSION}: use the mismatch version that wrote it")
+        raise RunFolderError(
+            f"{path} was written in run-folder format {found}; this mismatch reads format {FORMAT_VERSION}: use the mismatch version that wrote it"
+        )
     kind = summary.get("kind")
     if kind not in kinds:
         wanted = " or ".join(kinds)
-        raise RunFolderError(f"{path} holds a {kind!r} run" + ("" if kind in KINDS else " (unknown kind)") + f"; expected a {wanted} run folder")
+        raise RunFolderError(
+            f"{path} holds a {kind!r} run"
+            + ("" if kind in KINDS else " (unknown kind)")
+            + f"; expected a {wanted} run folder"
+        )
     return summary
 
 
@@ -300,14 +328,26 @@ def read_rollouts(path: Path) -> dict[str, list[Rollout]]:
     frame = pd.read_parquet(path / ROLLOUTS)
     return {
         dtype: [
-            Rollout(int(r.prompt_index), int(r.sample_index), list(r.prompt_ids), list(r.response_ids), list(r.logp_engine), r.finish_reason)
+            Rollout(
+                int(r.prompt_index),
+                int(r.sample_index),
+                list(r.prompt_ids),
+                list(r.response_ids),
+                list(r.logp_engine),
+                r.finish_reason,
+            )
             for r in group.sort_values("seq_id").itertuples()
         ]
         for dtype, group in frame.groupby("engine_dtype", sort=False)
     }
 
 
-def tokens_frame(rollouts: dict[str, list[Rollout]], scores: dict[tuple[str, str], dict[str, list[np.ndarray]]], tokenizer, samples: int) -> pd.DataFrame:
+def tokens_frame(
+    rollouts: dict[str, list[Rollout]],
+    scores: dict[tuple[str, str], dict[str, list[np.ndarray]]],
+    tokenizer,
+    samples: int,
+) -> pd.DataFrame:
     """One row per (sequence, response position, engine dtype, trainer dtype): TOKEN_COLUMNS.
     `scores` holds, per pair, what `rescore.rescore` returned."""
     frames = []
@@ -333,7 +373,11 @@ def tokens_frame(rollouts: dict[str, list[Rollout]], scores: dict[tuple[str, str
     return with_token_text(pd.concat(frames, ignore_index=True), tokenizer)[list(TOKEN_COLUMNS)]
 
 
-def routing_frame(rollouts: dict[str, list[Rollout]], routes: dict[tuple[str, str], tuple[list[int], list[np.ndarray], list[np.ndarray]]], samples: int) -> pd.DataFrame:
+def routing_frame(
+    rollouts: dict[str, list[Rollout]],
+    routes: dict[tuple[str, str], tuple[list[int], list[np.ndarray], list[np.ndarray]]],
+    samples: int,
+) -> pd.DataFrame:
     """routing.parquet from the engine's routing (on each rollout, every decoder layer) and the
     trainer's (`routes[pair]` = `routing.response_routing`'s MoE layers, experts, margins)."""
     parts = []
@@ -355,13 +399,19 @@ def routing_frame(rollouts: dict[str, list[Rollout]], routes: dict[tuple[str, st
                     }
                 )
             )
-    return pd.concat(parts, ignore_index=True)[list(ROUTING_COLUMNS)] if parts else pd.DataFrame(columns=list(ROUTING_COLUMNS))
+    return (
+        pd.concat(parts, ignore_index=True)[list(ROUTING_COLUMNS)]
+        if parts
+        else pd.DataFrame(columns=list(ROUTING_COLUMNS))
+    )
 
 
 def with_token_text(tokens: pd.DataFrame, tokenizer) -> pd.DataFrame:
     """`token`: each `token_id` decoded on its own (once per distinct id), for reading."""
     unique = tokens["token_id"].unique()
-    return tokens.assign(token=tokens["token_id"].map(dict(zip(unique, tokenizer.batch_decode([[int(i)] for i in unique])))))
+    return tokens.assign(
+        token=tokens["token_id"].map(dict(zip(unique, tokenizer.batch_decode([[int(i)] for i in unique]))))
+    )
 
 
 @dataclass
@@ -382,7 +432,12 @@ def load_scan(path: Path) -> ScanRun:
     summary = read_summary(path, ("scan",))
     if not summary.get("complete") or not (path / TOKENS).is_file() or not (path / ROLLOUTS).is_file():
         raise RunFolderError(f"{path} holds an incomplete run (summary.json says complete: false); re-run the scan")
-    return ScanRun(path, summary, pd.read_parquet(path / TOKENS), pd.read_parquet(path / ROLLOUTS, columns=["engine_dtype", "seq_id", "prompt"]))
+    return ScanRun(
+        path,
+        summary,
+        pd.read_parquet(path / TOKENS),
+        pd.read_parquet(path / ROLLOUTS, columns=["engine_dtype", "seq_id", "prompt"]),
+    )
 
 
 @dataclass
@@ -394,7 +449,15 @@ class AnalyzeRun(ScanRun):
 
 
 REPORT_TOKENS = 500_000  # plots of a larger dump are drawn from every k-th token
-PLOTTED_COLUMNS = ("step", "seq_id", "position", "engine_dtype", "trainer_dtype", "logp_engine", "logp_trainer")  # (its worst tokens are in summary.json)
+PLOTTED_COLUMNS = (
+    "step",
+    "seq_id",
+    "position",
+    "engine_dtype",
+    "trainer_dtype",
+    "logp_engine",
+    "logp_trainer",
+)  # (its worst tokens are in summary.json)
 
 
 def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:
@@ -402,7 +465,9 @@ def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:
 
     summary = read_summary(path, ("analyze",))
     if not summary.get("complete") or not (path / TOKENS).is_file():
-        raise RunFolderError(f"{path} holds an incomplete analyze run (summary.json says complete: false); run it again")
+        raise RunFolderError(
+            f"{path} holds an incomplete analyze run (summary.json says complete: false); run it again"
+        )
     file = pq.ParquetFile(path / TOKENS)
     sampled = file.metadata.num_rows > limit
     if sampled:  # every k-th row of the columns the plots read, batch by batch: each pair and step keeps its share
@@ -428,7 +493,9 @@ class DiagnoseRun:
 def load_diagnose(path: Path) -> DiagnoseRun:
     summary = read_summary(path, ("diagnose",))
     if not summary.get("complete") or not (path / TOKENS).is_file() or not (path / TOPK).is_file():
-        raise RunFolderError(f"{path} holds an incomplete diagnose run (summary.json says complete: false); run it again")
+        raise RunFolderError(
+            f"{path} holds an incomplete diagnose run (summary.json says complete: false); run it again"
+        )
     return DiagnoseRun(path, summary, pd.read_parquet(path / TOKENS), pd.read_parquet(path / TOPK))
 
 
@@ -447,7 +514,9 @@ def load_train(path: Path) -> TrainRun:
     summary = read_summary(path, ("train",))
     if not (path / STEP_METRICS).is_file():
         raise RunFolderError(f"{path} is not a finished mismatch train run (no {STEP_METRICS})")
-    tokens = pd.read_parquet(path / TOKENS) if (path / TOKENS).is_file() else pd.DataFrame(columns=list(TRAIN_TOKEN_COLUMNS))
+    tokens = (
+        pd.read_parquet(path / TOKENS) if (path / TOKENS).is_file() else pd.DataFrame(columns=list(TRAIN_TOKEN_COLUMNS))
+    )
     return TrainRun(path, summary, pd.read_parquet(path / STEP_METRICS), tokens)
 
 

@@ -15,7 +15,14 @@ CHAT_TEMPLATE = (
 )
 
 
-AVX2_ONLY = {"avx2": True, "avx512_f": False, "avx512_bf16": False, "avx512_fp16": False, "amx_bf16": False, "amx_fp16": False}
+AVX2_ONLY = {
+    "avx2": True,
+    "avx512_f": False,
+    "avx512_bf16": False,
+    "avx512_fp16": False,
+    "amx_bf16": False,
+    "amx_fp16": False,
+}
 
 
 @pytest.fixture(params=["this cpu", "avx2 only"])
@@ -32,7 +39,9 @@ def cpu_class(request, monkeypatch):
 def _corpus() -> list[str]:
     words = "the model answers what is plus minus times step think final number equals sum of".split()
     lines = [f"What is {a} + {b}? {a + b}" for a in range(0, 100, 7) for b in range(0, 100, 11)]
-    return lines + [" ".join(words[i:] + words[:i]) for i in range(len(words))] + ["<script>alert(1)</script> & \"quoted\""]
+    return (
+        lines + [" ".join(words[i:] + words[:i]) for i in range(len(words))] + ['<script>alert(1)</script> & "quoted"']
+    )
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +55,12 @@ def tiny_model(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        _corpus(),
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
@@ -91,8 +105,25 @@ def shared_scan(tiny_model, tmp_path_factory):
             used = set()  # the engine processes the scan called (a spare left by an earlier test counts once)
             call = isolated._Child.call
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(isolated._Child, "call", lambda self, *args, **kwargs: used.add(id(self)) or call(self, *args, **kwargs))
-                result = CliRunner().invoke(app, ["scan", "--model", str(tiny_model), "--engine", engine, *SHARED_SCAN, "--out", str(out), "--force"])
+                patch.setattr(
+                    isolated._Child,
+                    "call",
+                    lambda self, *args, **kwargs: used.add(id(self)) or call(self, *args, **kwargs),
+                )
+                result = CliRunner().invoke(
+                    app,
+                    [
+                        "scan",
+                        "--model",
+                        str(tiny_model),
+                        "--engine",
+                        engine,
+                        *SHARED_SCAN,
+                        "--out",
+                        str(out),
+                        "--force",
+                    ],
+                )
             assert result.exit_code == 0, result.output
             done[engine] = (out, result.output, len(used))
         return done[engine]

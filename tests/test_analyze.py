@@ -30,14 +30,37 @@ def summary_of(out):
 @pytest.fixture(scope="module")
 def scan_run(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("scan")
-    result = cli("scan", "--model", tiny_model, "--engine", "hf", "--dtypes", "bf16,fp16", "--num-prompts", 6, "--samples", 2, "--max-tokens", 16, "--temperature", 0.8, "--seed", 3, "--out", out, "--force")
+    result = cli(
+        "scan",
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--dtypes",
+        "bf16,fp16",
+        "--num-prompts",
+        6,
+        "--samples",
+        2,
+        "--max-tokens",
+        16,
+        "--temperature",
+        0.8,
+        "--seed",
+        3,
+        "--out",
+        out,
+        "--force",
+    )
     assert result.exit_code == 0, result.output
     return out
 
 
 @pytest.mark.parametrize("given", ["tokens.parquet", "the run folder"])
 def test_analyze_of_a_scan_reproduces_its_metrics_exactly(scan_run, given, tmp_path):
-    result = cli("analyze", scan_run / "tokens.parquet" if given == "tokens.parquet" else scan_run, "--out", tmp_path / "a")
+    result = cli(
+        "analyze", scan_run / "tokens.parquet" if given == "tokens.parquet" else scan_run, "--out", tmp_path / "a"
+    )
     assert result.exit_code == 0, result.output
     scanned, analyzed = summary_of(scan_run), summary_of(tmp_path / "a")
     assert analyzed["seed"] == 3  # the scan's own: its bootstrap intervals come out the same
@@ -45,9 +68,15 @@ def test_analyze_of_a_scan_reproduces_its_metrics_exactly(scan_run, given, tmp_p
     assert analyzed["pairs"] == scanned["pairs"]  # every metric, interval and count, bit for bit
     assert analyzed["corrections"] == scanned["corrections"]
     assert [h["value"] for h in analyzed["health"]] == [h["value"] for h in scanned["health"]]
-    assert {a["check"]: a["status"] for a in scanned["audit"]} == {"truncation": "ok", "temperature": "ok", "raw_logprobs": "ok"}
+    assert {a["check"]: a["status"] for a in scanned["audit"]} == {
+        "truncation": "ok",
+        "temperature": "ok",
+        "raw_logprobs": "ok",
+    }
     assert {a["check"] for a in analyzed["audit"]} >= {"temperature", "truncation"}
-    assert {"report.html", "summary.md", "tokens.parquet", "metrics.csv", "summary.json"} <= {p.name for p in (tmp_path / "a").iterdir()}
+    assert {"report.html", "summary.md", "tokens.parquet", "metrics.csv", "summary.json"} <= {
+        p.name for p in (tmp_path / "a").iterdir()
+    }
 
 
 def _mu_only_dump(scan_run, path, engine_dtype="bf16"):
@@ -68,7 +97,11 @@ def test_mu_only_dump_is_rescored_by_model_as_the_scan_rescored_it(scan_run, tin
     result = cli("analyze", dump, "--model", tiny_model, "--dtypes", "bf16,fp32", "--out", tmp_path / "a")
     assert result.exit_code == 0, result.output
     summary = summary_of(tmp_path / "a")
-    assert summary["temperature"] == 0.8 and summary["temperature_source"] == "the dump" and summary["dump_has_trainer"] is False
+    assert (
+        summary["temperature"] == 0.8
+        and summary["temperature_source"] == "the dump"
+        and summary["dump_has_trainer"] is False
+    )
     ours = pd.read_parquet(tmp_path / "a" / "tokens.parquet")
     scanned = pd.read_parquet(scan_run / "tokens.parquet").query("engine_dtype == 'bf16'")
     for trainer in ("bf16", "fp32"):
@@ -88,7 +121,14 @@ def _steps_dump(folder, steps=12, grow_from=7, seed=0):
         mu = [np.log(rng.uniform(0.05, 1, n)) for n in lengths]
         scale = 0.02 if step < grow_from else 0.08
         pi = [np.minimum(m + rng.normal(0, scale, len(m)), 0) for m in mu]
-        writer.add(step, [[1, 2]] * 16, [list(rng.integers(3, 50, n)) for n in lengths], mu, pi, prompt_index=np.arange(16) // 4)
+        writer.add(
+            step,
+            [[1, 2]] * 16,
+            [list(rng.integers(3, 50, n)) for n in lengths],
+            mu,
+            pi,
+            prompt_index=np.arange(16) // 4,
+        )
     writer.flush()
     return folder
 
@@ -102,18 +142,27 @@ def test_steps_are_measured_one_by_one_and_the_drift_is_found(tmp_path):
     assert summary["n_steps"] == 12 and steps["step"].tolist() == list(range(1, 13))
     tokens = pd.read_parquet(tmp_path / "a" / "tokens.parquet")
     step5 = tokens.query("step == 5")
-    assert steps.set_index("step").loc[5, "k3"] == pytest.approx(float(np.mean(np.expm1(step5.logp_trainer - step5.logp_engine) - (step5.logp_trainer - step5.logp_engine))), rel=1e-12)
+    assert steps.set_index("step").loc[5, "k3"] == pytest.approx(
+        float(np.mean(np.expm1(step5.logp_trainer - step5.logp_engine) - (step5.logp_trainer - step5.logp_engine))),
+        rel=1e-12,
+    )
     k3 = next(d for d in summary["drift"] if d["metric"] == "k3")
     assert k3["departs_at"] == 7 and k3["trend"] > 2  # the noise quadruples: k3 ×16 from the 7th of 12 steps
     assert any("departs from its start at step 7" in a for a in summary["recommendation"]["actions"])
-    seen = open_report(tmp_path / "a" / "report.html", tmp_path / "report.png", ("#drift", "#health", "#corrections", "#worst"))
+    seen = open_report(
+        tmp_path / "a" / "report.html", tmp_path / "report.png", ("#drift", "#health", "#corrections", "#worst")
+    )
     assert seen["problems"] == [] and seen["dialogs"] == []
-    assert len(seen["images"]) == 5 and all(done and width > 300 for done, width, _ in seen["images"])  # over training + the scan's four
+    assert len(seen["images"]) == 5 and all(
+        done and width > 300 for done, width, _ in seen["images"]
+    )  # over training + the scan's four
     assert "k3" in seen["texts"]["#drift"] and "0 / 12" in seen["texts"]["#health"]  # steps flagged per check
     assert (tmp_path / "a" / "summary.md").read_text().count("departs from its start at step 7") >= 1
 
 
-def _logits_dump(path, temperature_mu=1.0, temperature_pi=1.0, top_p_mu=None, noise=0.0, recorded_temperature=None, seed=0):
+def _logits_dump(
+    path, temperature_mu=1.0, temperature_pi=1.0, top_p_mu=None, noise=0.0, recorded_temperature=None, seed=0
+):
     """Tokens sampled from μ = softmax(z / T_μ) (renormalised to a top-p nucleus if asked), scored
     by π = softmax(z / T_π) with optional precision-like noise: planted setup bugs."""
     rng = np.random.default_rng(seed)
@@ -150,8 +199,14 @@ def _logits_dump(path, temperature_mu=1.0, temperature_pi=1.0, top_p_mu=None, no
         (dict(noise=0.03), {"truncation": "ok", "temperature": "ok"}),
         (dict(temperature_mu=1.0, temperature_pi=0.9, noise=0.03), {"truncation": "ok", "temperature": "fail"}),
         (dict(top_p_mu=0.9, noise=0.03), {"truncation": "fail"}),
-        (dict(temperature_mu=1.0, temperature_pi=0.7, recorded_temperature=0.7), {"temperature": "fail", "raw_logprobs": "fail"}),
-        (dict(temperature_mu=0.7, temperature_pi=0.7, recorded_temperature=0.7, noise=0.03), {"truncation": "ok", "temperature": "ok", "raw_logprobs": "ok"}),
+        (
+            dict(temperature_mu=1.0, temperature_pi=0.7, recorded_temperature=0.7),
+            {"temperature": "fail", "raw_logprobs": "fail"},
+        ),
+        (
+            dict(temperature_mu=0.7, temperature_pi=0.7, recorded_temperature=0.7, noise=0.03),
+            {"truncation": "ok", "temperature": "ok", "raw_logprobs": "ok"},
+        ),
     ],
     ids=["clean", "temperature", "truncation", "raw-mu", "clean-at-0.7"],
 )
@@ -194,20 +249,35 @@ def test_correction_replay_by_hand():
     assert tis["ess_before"] == pytest.approx(before.sum() ** 2 / (5 * (before**2).sum()))
     assert tis["max_weight_before"] == pytest.approx(2.9) and tis["max_weight_after"] == pytest.approx(2)
     icepop = rows["icepop"]  # ρ outside [0.5, 5] → 0: only the 0.25
-    assert icepop["share_tokens_changed"] == pytest.approx(1 / 5) and icepop["share_units_zeroed"] == pytest.approx(1 / 5)
+    assert icepop["share_tokens_changed"] == pytest.approx(1 / 5) and icepop["share_units_zeroed"] == pytest.approx(
+        1 / 5
+    )
     mis = rows["seq_mis"]  # sequence ratios 2.9 and 0.375: both outside [0.5, 2] → masked
-    assert mis["units"] == 2 and mis["share_seqs_changed"] == 1 and mis["share_tokens_changed"] == 1 and mis["ess_after"] == 0
+    assert (
+        mis["units"] == 2
+        and mis["share_seqs_changed"] == 1
+        and mis["share_tokens_changed"] == 1
+        and mis["ess_after"] == 0
+    )
     geometric = rows["geometric"]  # geometric means 2.9^(1/3), 0.375^(1/2): both outside [0.999, 1.001]
     assert geometric["share_units_zeroed"] == 1
     trl = rows["trl_sequence_mask"]  # ρ_seq ≤ 3 kept: 2.9 and 0.375
     assert trl["share_seqs_changed"] == 0 and trl["mean_weight_after"] == pytest.approx((2.9 + 0.375) / 2)
     assert tis["quantiles_before"]["p50"] == pytest.approx(1, rel=1e-3)
-    assert rows["trl_token_truncate"]["quantiles_after"]["p99"] == pytest.approx(2.9, rel=1e-3)  # the largest of 5: the 99% point
+    assert rows["trl_token_truncate"]["quantiles_after"]["p99"] == pytest.approx(
+        2.9, rel=1e-3
+    )  # the largest of 5: the 99% point
 
     custom = {c.name: c for c in with_thresholds(["token_tis=1.2", "icepop=0.2,4", "trl=2.5"])}
     assert custom["token_tis"].high == 1.2 and (custom["icepop"].low, custom["icepop"].high) == (0.2, 4)
     assert custom["trl_sequence_mask"].high == 2.5 and custom["trl_token_truncate"].high == 2.5
-    for bad in ("nope=2", "token_tis", "icepop=5,1", "token_tis=x", "icepop=0.4"):  # the last: HIGH under icepop's LOW 0.5
+    for bad in (
+        "nope=2",
+        "token_tis",
+        "icepop=5,1",
+        "token_tis=x",
+        "icepop=0.4",
+    ):  # the last: HIGH under icepop's LOW 0.5
         with pytest.raises(ConfigError, match="--correction"):
             with_thresholds([bad])
 
@@ -215,12 +285,30 @@ def test_correction_replay_by_hand():
 def test_health_checks_by_hand():
     pi, mu = np.log([0.5, 0.9]), np.log([0.4, 0.9])
     rows = {r["metric"]: r for r in health.evaluate(pi, mu)}
-    assert rows["training/rollout_probs_diff_mean"]["value"] == pytest.approx(0.05) and rows["training/rollout_probs_diff_mean"]["status"] == "fail"
-    assert rows["train/token_mult_prob_error"]["value"] == pytest.approx((1.25 + 1) / 2) and rows["train/token_mult_prob_error"]["status"] == "fail"
-    assert rows["train/train_rollout_logprob_abs_diff"]["value"] == pytest.approx(np.log(1.25) / 2) and rows["train/train_rollout_logprob_abs_diff"]["status"] == "fail"
-    assert rows["mismatch_kl/all/mean"]["value"] == pytest.approx((0.25 - np.log(1.25)) / 2) and rows["mismatch_kl/all/mean"]["status"] == "fail"  # 0.0134 ≥ 0.01
-    assert rows["rollout_corr/kl"]["value"] == pytest.approx(-np.log(1.25) / 2) and rows["rollout_corr/kl"]["status"] == "fail"  # |−0.112| > 0.1
-    assert rows["rollout_corr/chi2_token"]["value"] == pytest.approx((1.25**2 + 1) / 2 - 1) and rows["rollout_corr/chi2_token"]["status"] == "ok"
+    assert (
+        rows["training/rollout_probs_diff_mean"]["value"] == pytest.approx(0.05)
+        and rows["training/rollout_probs_diff_mean"]["status"] == "fail"
+    )
+    assert (
+        rows["train/token_mult_prob_error"]["value"] == pytest.approx((1.25 + 1) / 2)
+        and rows["train/token_mult_prob_error"]["status"] == "fail"
+    )
+    assert (
+        rows["train/train_rollout_logprob_abs_diff"]["value"] == pytest.approx(np.log(1.25) / 2)
+        and rows["train/train_rollout_logprob_abs_diff"]["status"] == "fail"
+    )
+    assert (
+        rows["mismatch_kl/all/mean"]["value"] == pytest.approx((0.25 - np.log(1.25)) / 2)
+        and rows["mismatch_kl/all/mean"]["status"] == "fail"
+    )  # 0.0134 ≥ 0.01
+    assert (
+        rows["rollout_corr/kl"]["value"] == pytest.approx(-np.log(1.25) / 2)
+        and rows["rollout_corr/kl"]["status"] == "fail"
+    )  # |−0.112| > 0.1
+    assert (
+        rows["rollout_corr/chi2_token"]["value"] == pytest.approx((1.25**2 + 1) / 2 - 1)
+        and rows["rollout_corr/chi2_token"]["status"] == "ok"
+    )
     w = np.array([1.25, 1.0]) / np.mean([1.25, 1.0])
     assert rows["rollout_corr/rollout_is_eff_sample_size"]["value"] == pytest.approx(1 / np.mean(w**2), rel=1e-6)
     assert all(r["source"] for r in rows.values())
@@ -256,7 +344,11 @@ def test_prime_rl_and_slime_dumps_analyze_end_to_end(tiny_model, tmp_path):
     result = cli("analyze", tmp_path / "slime", "--model", tiny_model, "--dtypes", "fp32", "--out", tmp_path / "s")
     assert result.exit_code == 0, result.output
     summary = summary_of(tmp_path / "s")
-    assert summary["format"] == "slime" and summary["pairs"][0]["trainer_dtype"] == "fp32" and summary["pairs"][0]["n_tokens"] == 12
+    assert (
+        summary["format"] == "slime"
+        and summary["pairs"][0]["trainer_dtype"] == "fp32"
+        and summary["pairs"][0]["n_tokens"] == 12
+    )
 
 
 def test_hostile_token_text_from_a_dump_is_escaped(tmp_path):
@@ -280,14 +372,21 @@ def test_unknown_input_is_one_line_naming_the_expected_fields(content, message, 
     path = tmp_path / ("x.csv" if "," in content else "x.jsonl")
     path.write_text(content)
     result = cli("analyze", path, "--out", tmp_path / "a")
-    assert result.exit_code == 2 and message in result.output and "seq_id" in result.output and "Traceback" not in result.output
+    assert (
+        result.exit_code == 2
+        and message in result.output
+        and "seq_id" in result.output
+        and "Traceback" not in result.output
+    )
 
 
 def test_bad_options_and_missing_paths_exit_2(tmp_path):
     assert "no such file" in cli("analyze", tmp_path / "missing.parquet").output
     result = cli("analyze", tmp_path, "--correction", "icepop=5,1", "--out", tmp_path / "a")
     assert result.exit_code == 2 and "--correction" in result.output
-    rows = pd.DataFrame({"seq_id": [0], "position": [0], "token_id": [1], "logp_engine": [-1.0], "logp_trainer": [-1.0], "step": [1]})
+    rows = pd.DataFrame(
+        {"seq_id": [0], "position": [0], "token_id": [1], "logp_engine": [-1.0], "logp_trainer": [-1.0], "step": [1]}
+    )
     rows.to_parquet(tmp_path / "one.parquet", index=False)
     pd.concat([rows, rows.assign(step=2), rows]).to_parquet(tmp_path / "unsorted.parquet", index=False)
     result = cli("analyze", tmp_path / "unsorted.parquet", "--out", tmp_path / "b")
@@ -315,7 +414,25 @@ def test_dumps_in_the_wild_string_ids_null_pi_and_probabilities(tmp_path):
 def test_the_same_top_p_on_both_sides_is_no_setup_bug(tiny_model, tmp_path):
     """Engine and trainer both apply top-p 0.9: a few sampled tokens fall just outside the
     trainer's nucleus in another dtype, which is not a one-sided truncation."""
-    result = cli("scan", "--model", tiny_model, "--engine", "hf", "--dtypes", "bf16", "--num-prompts", 6, "--samples", 2, "--max-tokens", 16, "--top-p", 0.9, "--out", tmp_path)
+    result = cli(
+        "scan",
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--dtypes",
+        "bf16",
+        "--num-prompts",
+        6,
+        "--samples",
+        2,
+        "--max-tokens",
+        16,
+        "--top-p",
+        0.9,
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     summary = summary_of(tmp_path)
     assert {a["check"]: a["status"] for a in summary["audit"]}["truncation"] == "ok"

@@ -24,7 +24,21 @@ def diagnose(*args):
 @pytest.fixture(scope="module")
 def run(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("diagnose")
-    result = diagnose("--model", tiny_model, "--dtypes", "bf16,fp32", "--num-prompts", 6, "--max-tokens", 16, "--topk", 5, "--out", out, "--force")
+    result = diagnose(
+        "--model",
+        tiny_model,
+        "--dtypes",
+        "bf16,fp32",
+        "--num-prompts",
+        6,
+        "--max-tokens",
+        16,
+        "--topk",
+        5,
+        "--out",
+        out,
+        "--force",
+    )
     assert result.exit_code == 0, result.output
     return out, result.output, json.loads((out / "summary.json").read_text())
 
@@ -37,14 +51,24 @@ def test_summary_contract_and_terminal(run):
     out, output, summary = run
     assert summary["kind"] == "diagnose" and summary["complete"]
     assert set(components(summary, "bf16")) == set(COMPONENTS)
-    assert set(components(summary, "fp32")) == set(COMPONENTS) - {"engine_precision", "trainer_precision"}  # identically 0 there
+    assert set(components(summary, "fp32")) == set(COMPONENTS) - {
+        "engine_precision",
+        "trainer_precision",
+    }  # identically 0 there
     for c in summary["diagnosis"]["components"]:
         assert {"name", "engine_dtype", "k3", "k3_ci_low", "k3_ci_high", "mean_abs_dlogp", "n_tokens"} <= set(c)
     assert set(summary["diagnosis"]["dominant"]) == {"bf16", "fp32"}
     assert set(summary["diagnosis"]["dominant"]["bf16"]) == {"name", "k3", "share_of_total", "close"}
     assert [entry["trainer_dtype"] for entry in summary["diagnosis"]["layers"]] == ["fp32", "bf16"]
     assert summary["recommendation"]["summary"] and "Where the gap comes from" in output
-    assert {p.name for p in out.iterdir()} >= {"report.html", "summary.md", "tokens.parquet", "topk.parquet", "rollouts.parquet", "summary.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "report.html",
+        "summary.md",
+        "tokens.parquet",
+        "topk.parquet",
+        "rollouts.parquet",
+        "summary.json",
+    }
 
 
 def test_every_component_recomputes_from_tokens(run):
@@ -53,7 +77,9 @@ def test_every_component_recomputes_from_tokens(run):
     for c in summary["diagnosis"]["components"]:
         reference, compared = COMPONENTS[c["name"]]
         group = tokens[tokens.engine_dtype == c["engine_dtype"]].dropna(subset=[reference, compared])
-        again = metrics.pair_metrics(group[compared], group[reference], group["seq_id"], seed=0, prompt_ids=group["prompt_index"])
+        again = metrics.pair_metrics(
+            group[compared], group[reference], group["seq_id"], seed=0, prompt_ids=group["prompt_index"]
+        )
         assert c["k3"] == pytest.approx(again["k3"], rel=1e-12, abs=1e-300)
         assert c["mean_abs_dlogp"] == pytest.approx(np.mean(np.abs(group[compared] - group[reference])))
 
@@ -64,7 +90,10 @@ def test_known_answers(run):
     # a sound architecture: the FP32 engine and the FP32 trainer agree to the numerical floor
     assert bf16["semantic"]["k3"] < 1e-9 and fp32["semantic"]["k3"] < 1e-9
     # BF16 rounding is what separates a BF16 engine from a BF16 trainer here, on both sides
-    assert bf16["engine_precision"]["k3"] > 1e3 * bf16["semantic"]["k3"] and bf16["trainer_precision"]["k3"] > 1e3 * bf16["semantic"]["k3"]
+    assert (
+        bf16["engine_precision"]["k3"] > 1e3 * bf16["semantic"]["k3"]
+        and bf16["trainer_precision"]["k3"] > 1e3 * bf16["semantic"]["k3"]
+    )
     assert summary["diagnosis"]["dominant"]["bf16"]["name"] in ("engine_precision", "trainer_precision")
     # FP32 on CPU: the trainer scores a sequence alone exactly as inside a padded batch
     assert fp32["trainer_batch"]["k3"] == 0.0 and fp32["trainer_batch"]["mean_abs_dlogp"] == 0.0
@@ -100,7 +129,20 @@ def test_a_planted_semantic_difference_dominates(tiny_model, tmp_path, monkeypat
     folder = tmp_path / "gemma2"
     build_family("gemma2-both-softcaps", folder, AutoTokenizer.from_pretrained(tiny_model))
     monkeypatch.setattr("mismatch.model.loading.attention_implementation", lambda config: "sdpa")
-    result = diagnose("--model", folder, "--dtypes", "bf16", "--num-prompts", 4, "--max-tokens", 12, "--layer-sequences", 2, "--out", tmp_path / "out")
+    result = diagnose(
+        "--model",
+        folder,
+        "--dtypes",
+        "bf16",
+        "--num-prompts",
+        4,
+        "--max-tokens",
+        12,
+        "--layer-sequences",
+        2,
+        "--out",
+        tmp_path / "out",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert components(summary, "bf16")["semantic"]["k3"] > 1e-3
@@ -110,16 +152,42 @@ def test_a_planted_semantic_difference_dominates(tiny_model, tmp_path, monkeypat
 
 def test_from_a_scan_reuses_its_rollouts(tiny_model, tmp_path):
     scan_dir = tmp_path / "scan"
-    assert runner.invoke(app, ["scan", "--model", str(tiny_model), "--engine", "vllm", "--dtypes", "bf16", "--num-prompts", 3, "--max-tokens", 8, "--out", str(scan_dir)]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "scan",
+                "--model",
+                str(tiny_model),
+                "--engine",
+                "vllm",
+                "--dtypes",
+                "bf16",
+                "--num-prompts",
+                3,
+                "--max-tokens",
+                8,
+                "--out",
+                str(scan_dir),
+            ],
+        ).exit_code
+        == 0
+    )
     result = diagnose("--from", scan_dir, "--layer-sequences", 1, "--alone-sequences", 1, "--out", tmp_path / "d")
     assert result.exit_code == 0, result.output
     saved = pd.read_parquet(scan_dir / "rollouts.parquet")
     tokens = pd.read_parquet(tmp_path / "d" / "tokens.parquet")
-    assert tokens["logp_engine_decode"].tolist() == [lp for r in saved[saved.engine_dtype == "bf16"].itertuples() for lp in r.logp_engine]
+    assert tokens["logp_engine_decode"].tolist() == [
+        lp for r in saved[saved.engine_dtype == "bf16"].itertuples() for lp in r.logp_engine
+    ]
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert not any(k.startswith("generate") for k in summary["timings"])
     first = len(saved[saved.engine_dtype == "bf16"].iloc[0]["response_ids"])  # only the first sequence is scored alone
-    assert components(summary, "bf16")["engine_batch"]["n_tokens"] == components(summary, "bf16")["trainer_batch"]["n_tokens"] == first
+    assert (
+        components(summary, "bf16")["engine_batch"]["n_tokens"]
+        == components(summary, "bf16")["trainer_batch"]["n_tokens"]
+        == first
+    )
 
 
 def test_diagnose_refuses_other_sampling_in_one_line(tmp_path):

@@ -55,8 +55,12 @@ UNTRAINED = dict(token_ids=[5, 6], loss_mask=[False, False], mu=[0.0, 0.0], pi=[
 @pytest.fixture
 def prime_run(tmp_path):
     exports = tmp_path / "run" / "token_exports"
-    _write_jsonl(exports / "step_1" / "rank_0.jsonl", [_export_record(1, 0, 0, **SINGLE), _export_record(1, 0, 1, **MULTI)])
-    _write_jsonl(exports / "step_1" / "rank_1.jsonl", [_export_record(1, 1, 0, **UNTRAINED), _export_record(1, 1, 1, **SINGLE)])
+    _write_jsonl(
+        exports / "step_1" / "rank_0.jsonl", [_export_record(1, 0, 0, **SINGLE), _export_record(1, 0, 1, **MULTI)]
+    )
+    _write_jsonl(
+        exports / "step_1" / "rank_1.jsonl", [_export_record(1, 1, 0, **UNTRAINED), _export_record(1, 1, 1, **SINGLE)]
+    )
     (exports / "step_1" / "STABLE").touch()
     _write_jsonl(exports / "step_2" / "rank_0.jsonl", [_export_record(2, 0, 0, **MULTI)])  # no STABLE yet
     _write_jsonl(exports / "step_10" / "rank_0.jsonl", [_export_record(10, 0, 0, **SINGLE)])
@@ -66,16 +70,27 @@ def prime_run(tmp_path):
 @pytest.fixture
 def open_parquet(tmp_path):
     path = tmp_path / "tokens.parquet"
-    pd.DataFrame({"seq_id": [0, 0], "position": [0, 1], "token_id": [7, 8], "logp_engine": [-0.1, -0.2]}).to_parquet(path)
+    pd.DataFrame({"seq_id": [0, 0], "position": [0, 1], "token_id": [7, 8], "logp_engine": [-0.1, -0.2]}).to_parquet(
+        path
+    )
     return path
 
 
 def test_prime_rl_detects_every_path_form(prime_run, open_parquet, slime_dump):
     exports = prime_run / "token_exports"
-    for paths in ([prime_run], [exports], [exports / "step_1"], [exports / "step_1" / "rank_0.jsonl", exports / "step_2" / "rank_0.jsonl"]):
+    for paths in (
+        [prime_run],
+        [exports],
+        [exports / "step_1"],
+        [exports / "step_1" / "rank_0.jsonl", exports / "step_2" / "rank_0.jsonl"],
+    ):
         assert prime_rl.detect(paths), paths
         assert not slime.detect(paths) and not open_format.detect(paths), paths
-    assert not prime_rl.detect([open_parquet]) and not prime_rl.detect([slime_dump / "3.pt"]) and not prime_rl.detect([slime_dump])
+    assert (
+        not prime_rl.detect([open_parquet])
+        and not prime_rl.detect([slime_dump / "3.pt"])
+        and not prime_rl.detect([slime_dump])
+    )
 
 
 def test_prime_rl_reads_one_chunk_per_step_in_numeric_order(prime_run):
@@ -111,7 +126,11 @@ def test_prime_rl_multi_turn_keeps_only_sampled_tokens(prime_run):
 
 def test_prime_rl_rank_files_named_one_by_one_are_grouped_by_step(prime_run):
     step1 = prime_run / "token_exports" / "step_1"
-    chunks = list(prime_rl.read([step1 / "rank_1.jsonl", prime_run / "token_exports" / "step_2" / "rank_0.jsonl", step1 / "rank_0.jsonl"]))
+    chunks = list(
+        prime_rl.read(
+            [step1 / "rank_1.jsonl", prime_run / "token_exports" / "step_2" / "rank_0.jsonl", step1 / "rank_0.jsonl"]
+        )
+    )
     assert [int(c.tokens["step"].iat[0]) for c in chunks] == [1, 2]
     assert chunks[0].tokens["seq_id"].unique().tolist() == [0, 1, 2]  # rank 0 first, whatever the order given
     assert chunks[0].contexts[1] == ([1, 2], [30, 31, 40, 41, 32, 33])
@@ -150,7 +169,9 @@ def _sample(index, group, prompt_ids, response_ids, log_probs, *, loss_mask="one
 ROLLOUT_3 = [
     _sample(12, 6, [1, 2, 3], [10, 11, 12], [-0.1, -0.5, -0.02]),
     _sample(13, 6, [1, 2, 3], [10, 13], [-0.1, -2.3], status="truncated", loss_mask=None),  # None: every response token
-    _sample(14, 7, [4, 5], [20, 21, 22, 23], [-0.3, 0.0, 0.0, -0.7], loss_mask=[1, 0, 0, 1]),  # tool tokens: μ 0.0, mask 0
+    _sample(
+        14, 7, [4, 5], [20, 21, 22, 23], [-0.3, 0.0, 0.0, -0.7], loss_mask=[1, 0, 0, 1]
+    ),  # tool tokens: μ 0.0, mask 0
     _sample(15, 7, [4, 5], [20, 24], [-0.3, -0.9], remove=True),  # dropped by the trainer
 ]
 
@@ -166,12 +187,24 @@ def slime_dump(tmp_path):
 
 
 def test_slime_detects_its_dump_only(slime_dump, prime_run, open_parquet):
-    for paths in ([slime_dump.parent], [slime_dump], [slime_dump / "10.pt", slime_dump / "3.pt"]):  # --dump-details folder, rollout_data/, files
+    for paths in (
+        [slime_dump.parent],
+        [slime_dump],
+        [slime_dump / "10.pt", slime_dump / "3.pt"],
+    ):  # --dump-details folder, rollout_data/, files
         assert slime.detect(paths), paths
     assert not prime_rl.detect([slime_dump]) and not open_format.detect([slime_dump / "3.pt"])
     assert not slime.detect([prime_run]) and not slime.detect([open_parquet])
     train = slime_dump.parent / "train_data.pt"  # --save-debug-train-data: same top-level keys, other samples
-    torch.save({"format_version": 2, "rollout_id": 3, "rank": 0, "samples": [{"rollout_position": 0, "tokens": torch.tensor([1])}]}, train)
+    torch.save(
+        {
+            "format_version": 2,
+            "rollout_id": 3,
+            "rank": 0,
+            "samples": [{"rollout_position": 0, "tokens": torch.tensor([1])}],
+        },
+        train,
+    )
     assert not slime.detect([train])
 
 
@@ -188,7 +221,11 @@ def test_slime_reads_one_chunk_per_rollout_in_order(slime_dump):
     assert rows["token_id"].tolist() == [10, 11, 12, 10, 13, 20, 23]
     assert rows["logp_engine"].tolist() == [-0.1, -0.5, -0.02, -0.1, -2.3, -0.3, -0.7]
     assert rows["prompt_index"].tolist() == [6, 6, 6, 6, 6, 7, 7]
-    assert chunks[0].contexts == {12: ([1, 2, 3], [10, 11, 12]), 13: ([1, 2, 3], [10, 13]), 14: ([4, 5], [20, 21, 22, 23])}
+    assert chunks[0].contexts == {
+        12: ([1, 2, 3], [10, 11, 12]),
+        13: ([1, 2, 3], [10, 13]),
+        14: ([4, 5], [20, 21, 22, 23]),
+    }
     assert chunks[1].contexts == {40: ([9], [8, 7])}
 
 
@@ -206,7 +243,9 @@ def test_slime_errors(tmp_path):
     with pytest.raises(DumpError, match=r"1.pt: sample 0 has 1 rollout_log_probs for response_length 2"):
         list(slime.read([tmp_path / "1.pt"]))
     torch.save([{"tokens": [1]}], tmp_path / "2.pt")
-    with pytest.raises(DumpError, match=r"2.pt: expected slime's \{'rollout_id', 'samples'\} dict \(--save-debug-rollout-data\)"):
+    with pytest.raises(
+        DumpError, match=r"2.pt: expected slime's \{'rollout_id', 'samples'\} dict \(--save-debug-rollout-data\)"
+    ):
         list(slime.read([tmp_path / "2.pt"]))
     (tmp_path / "3.pt").write_text("not a torch file")
     with pytest.raises(DumpError, match=r"3.pt: torch.load failed .*expected slime's"):

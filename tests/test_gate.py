@@ -17,7 +17,9 @@ def test_parse():
 def test_default_pairs_are_equal_dtypes_and_failures_name_the_value():
     gate = evaluate([parse_condition("k3>1e-3")], PAIRS)
     assert gate == {"conditions": ["k3>1e-3"], "failed": ["bf16/bf16:k3 = 0.002 > 0.001"], "not_measured": []}
-    assert evaluate([parse_condition("bf16/fp32:max_abs_dp>0.5")], PAIRS)["failed"] == ["bf16/fp32:max_abs_dp = 0.6 > 0.5"]
+    assert evaluate([parse_condition("bf16/fp32:max_abs_dp>0.5")], PAIRS)["failed"] == [
+        "bf16/fp32:max_abs_dp = 0.6 > 0.5"
+    ]
     assert evaluate([parse_condition("k3<=2e-5")], PAIRS)["failed"] == ["fp16/fp16:k3 = 2e-05 <= 2e-05"]
     assert evaluate([parse_condition("k3>1")], PAIRS)["failed"] == []
 
@@ -25,7 +27,9 @@ def test_default_pairs_are_equal_dtypes_and_failures_name_the_value():
 def test_undefined_value_is_not_measured_and_does_not_fail_the_gate():
     gate = evaluate([parse_condition("bf16/bf16:seq_slope_per_1k>1")], PAIRS)
     assert gate["failed"] == []
-    assert gate["not_measured"] == ["bf16/bf16:seq_slope_per_1k is undefined for this run (gate bf16/bf16:seq_slope_per_1k>1 not applied)"]
+    assert gate["not_measured"] == [
+        "bf16/bf16:seq_slope_per_1k is undefined for this run (gate bf16/bf16:seq_slope_per_1k>1 not applied)"
+    ]
 
 
 def test_conditions_must_match_a_scanned_pair():

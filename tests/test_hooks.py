@@ -40,7 +40,9 @@ def run_grpo(tiny_model, tmp_path, **config) -> RecordingTrainer:
         gradient_checkpointing=False, save_strategy="no", seed=0, temperature=TEMPERATURE,
     )  # fmt: skip
     dataset = Dataset.from_dict({"prompt": [f"What is {i} + {i + 3}?" for i in range(16)]})
-    trainer = RecordingTrainer(model=str(tiny_model), reward_funcs=reward_len, args=GRPOConfig(**(defaults | config)), train_dataset=dataset)
+    trainer = RecordingTrainer(
+        model=str(tiny_model), reward_funcs=reward_len, args=GRPOConfig(**(defaults | config)), train_dataset=dataset
+    )
     trainer.seen = []
     trainer.train()
     return trainer
@@ -81,7 +83,10 @@ def test_trl_hook_dumps_mu_and_pi_per_step(tiny_model, tmp_path):
 @pytest.mark.parametrize(
     "config, steps",
     [
-        (dict(steps_per_generation=2), [1, 2]),  # one generation feeds 2 optimizer steps: π at step 2 = old_per_token_logps
+        (
+            dict(steps_per_generation=2),
+            [1, 2],
+        ),  # one generation feeds 2 optimizer steps: π at step 2 = old_per_token_logps
         (dict(num_iterations=2, max_steps=4), [1, 3]),  # each generation is trained on twice: written once
     ],
 )
@@ -107,7 +112,14 @@ def verl_batch():
     generator = torch.Generator().manual_seed(0)
     rollout = -torch.rand(4, 4, generator=generator) * response_mask
     old = rollout + 1e-3 * torch.randn(4, 4, generator=generator) * response_mask
-    tensors = {"prompts": prompts, "responses": responses, "response_mask": response_mask, "attention_mask": attention_mask, "rollout_log_probs": rollout, "old_log_probs": old}
+    tensors = {
+        "prompts": prompts,
+        "responses": responses,
+        "response_mask": response_mask,
+        "attention_mask": attention_mask,
+        "rollout_log_probs": rollout,
+        "old_log_probs": old,
+    }
     uid = np.array(["b", "a", "b", "a"], dtype=object)
     return SimpleNamespace(batch=tensors, non_tensor_batch={"uid": uid}, meta_info={"temperature": 0.9})
 

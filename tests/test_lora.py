@@ -32,7 +32,10 @@ def make_adapter(base, folder, seed: int, targets=("q_proj", "v_proj", "o_proj",
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=RANK, lora_alpha=16, target_modules=list(targets), init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=RANK, lora_alpha=16, target_modules=list(targets), init_lora_weights=False),
+    )
     with torch.no_grad():
         for name, weight in model.named_parameters():
             if "lora_B" in name:
@@ -49,14 +52,36 @@ def adapter(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_scan(tiny_model, adapter, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-scan")
-    result = runner.invoke(app, ["scan", "--model", str(tiny_model), "--lora", str(adapter), "--dtypes", "bf16", "--num-prompts", "6", "--max-tokens", "24", "--out", str(out), "--force"])
+    result = runner.invoke(
+        app,
+        [
+            "scan",
+            "--model",
+            str(tiny_model),
+            "--lora",
+            str(adapter),
+            "--dtypes",
+            "bf16",
+            "--num-prompts",
+            "6",
+            "--max-tokens",
+            "24",
+            "--out",
+            str(out),
+            "--force",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "summary.json").read_text())
 
 
 def test_adapter_settings_are_read_and_bad_adapters_refused(adapter, tmp_path):
     read = read_adapter(adapter)
-    assert (read.rank, read.alpha, read.target_modules) == (RANK, 16.0, ["down_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
+    assert (read.rank, read.alpha, read.target_modules) == (
+        RANK,
+        16.0,
+        ["down_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+    )
     assert [vllm_max_rank(r) for r in (1, 2, 8, 9, 300)] == [1, 8, 8, 16, 320]
     with pytest.raises(ConfigError, match="not a PEFT adapter folder"):
         read_adapter(tmp_path)
@@ -66,7 +91,9 @@ def test_adapter_settings_are_read_and_bad_adapters_refused(adapter, tmp_path):
 
 
 def test_scan_lora_bad_folder_is_one_line_and_exit_2(tiny_model, tmp_path):
-    result = runner.invoke(app, ["scan", "--model", str(tiny_model), "--lora", str(tmp_path), "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        app, ["scan", "--model", str(tiny_model), "--lora", str(tmp_path), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2 and "not a PEFT adapter folder" in result.output and "Traceback" not in result.output
 
 
@@ -77,8 +104,12 @@ def test_trainer_with_adapter_is_pefts_own_forward(tiny_model, adapter, dtype, c
     from transformers import AutoModelForCausalLM
 
     ours = load_trainer(tiny_model, dtype, lora=adapter)
-    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=ours.dtype), str(adapter)).eval()
-    assert ours.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32  # PEFT's FP32 adapter under any base
+    theirs = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=ours.dtype), str(adapter)
+    ).eval()
+    assert (
+        ours.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    )  # PEFT's FP32 adapter under any base
     prompt, response = [5, 9, 14, 30], [40, 41, 7, 99, 120, 3]
     batch = pad_batch([prompt], [response], 0, torch.device("cpu"))
     rows = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
@@ -86,8 +117,14 @@ def test_trainer_with_adapter_is_pefts_own_forward(tiny_model, adapter, dtype, c
     # (logits_to_keep): the same kernels on the same shapes, so equal bit for bit on any CPU
     with torch.no_grad(), compute_context(dtype, torch.device("cpu")):
         logp = response_logprobs(ours, batch, 1.0).logp
-        logits = theirs(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=rows).logits[0].float()
-    expected = logits.gather(-1, torch.tensor(response)[:, None]).squeeze(-1) - logits.logsumexp(-1)  # rescoring's formula
+        logits = (
+            theirs(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=rows)
+            .logits[0]
+            .float()
+        )
+    expected = logits.gather(-1, torch.tensor(response)[:, None]).squeeze(-1) - logits.logsumexp(
+        -1
+    )  # rescoring's formula
     assert torch.equal(logp, expected)
 
 
@@ -115,7 +152,9 @@ def test_scan_lora_reports_applied_and_merged_per_pair(lora_scan):
     for file, pairs in ((runs.TOKENS, summary["pairs"]), (runs.MERGED_TOKENS, summary["lora"]["merged_pairs"])):
         tokens = pd.read_parquet(out / file)
         for pair in pairs:
-            rows = tokens[(tokens.engine_dtype == pair["engine_dtype"]) & (tokens.trainer_dtype == pair["trainer_dtype"])]
+            rows = tokens[
+                (tokens.engine_dtype == pair["engine_dtype"]) & (tokens.trainer_dtype == pair["trainer_dtype"])
+            ]
             assert metrics.k3(rows["logp_trainer"], rows["logp_engine"]) == pytest.approx(pair["k3"], rel=1e-12)
     for (e, t), row in comparison.items():
         applied = next(p for p in summary["pairs"] if (p["engine_dtype"], p["trainer_dtype"]) == (e, t))
@@ -145,9 +184,20 @@ def test_scan_lora_report_shows_the_table(lora_scan):
 
 def test_adapter_gap_and_its_verdict_by_hand():
     def pair(k3, low, high, e="bf16", t="bf16"):
-        return {"engine_dtype": e, "trainer_dtype": t, "k3": k3, "k3_ci_low": low, "k3_ci_high": high, "mean_abs_dp": 0.01, "n_nonfinite": 0}
+        return {
+            "engine_dtype": e,
+            "trainer_dtype": t,
+            "k3": k3,
+            "k3_ci_low": low,
+            "k3_ci_high": high,
+            "mean_abs_dp": 0.01,
+            "n_nonfinite": 0,
+        }
 
-    rows = adapter_gap([pair(4e-3, 3e-3, 5e-3), pair(1e-3, 8e-4, 1.2e-3, t="fp32")], [pair(1e-3, 8e-4, 1.2e-3), pair(1.1e-3, 9e-4, 1.3e-3, t="fp32")])
+    rows = adapter_gap(
+        [pair(4e-3, 3e-3, 5e-3), pair(1e-3, 8e-4, 1.2e-3, t="fp32")],
+        [pair(1e-3, 8e-4, 1.2e-3), pair(1.1e-3, 9e-4, 1.3e-3, t="fp32")],
+    )
     assert [r["adapter_path"] for r in rows] == ["adds", "no_difference"]
     assert rows[0]["k3_ratio"] == pytest.approx(4.0)
     verdict = recommend([pair(4e-3, 3e-3, 5e-3), pair(1e-3, 8e-4, 1.2e-3, e="fp16", t="fp16")], lora=rows)
@@ -176,25 +226,45 @@ def parity_reward(text: str, answer: str) -> float:
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_lora_policy_trains_and_reaches_the_live_engine(dtype, tiny_model, tmp_path):
-    config = TrainConfig(model=str(tiny_model), engine="vllm", dtypes=dtype, out=tmp_path, steps=2, prompts_per_step=2, group_size=4, max_tokens=12, lr=2e-2, num_prompts=8, lora_rank=RANK)
+    config = TrainConfig(
+        model=str(tiny_model),
+        engine="vllm",
+        dtypes=dtype,
+        out=tmp_path,
+        steps=2,
+        prompts_per_step=2,
+        group_size=4,
+        max_tokens=12,
+        lr=2e-2,
+        num_prompts=8,
+        lora_rank=RANK,
+    )
     trainer = Trainer(config, dtype, reward_fn=parity_reward, live=tmp_path / "live")
     try:
         masters = trainer.policy.masters
         assert all(p.dtype == torch.float32 for p in masters.values()) and all("lora_" in name for name in masters)
         compute = dict(trainer.compute.named_parameters())
-        assert compute[next(iter(masters))].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]  # the adapter computes in --dtype
+        assert (
+            compute[next(iter(masters))].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        )  # the adapter computes in --dtype
         frozen = {n: p.clone() for n, p in compute.items() if "lora_" not in n}
         results = [trainer.step(step) for step in range(2)]
         assert not any(r.row["skipped"] for r in results)
         assert all(torch.equal(compute[n], p) for n, p in frozen.items())  # the base never moves
-        assert max(float(p.detach().abs().max()) for n, p in masters.items() if "lora_B" in n) > 1e-3  # B left zero: the adapter trained
+        assert (
+            max(float(p.detach().abs().max()) for n, p in masters.items() if "lora_B" in n) > 1e-3
+        )  # B left zero: the adapter trained
         trainer.save(tmp_path / "now")
         rollouts = trainer.engine.generate(trainer.prompt_ids[:3], 2, Sampling(max_tokens=12, seed=5))
         mu = np.concatenate([r.logp_engine for r in rollouts])
-        now = np.concatenate(rescore(load_trainer(tiny_model, "fp32", lora=tmp_path / "now"), "fp32", rollouts, 1.0)["logp_trainer"])
+        now = np.concatenate(
+            rescore(load_trainer(tiny_model, "fp32", lora=tmp_path / "now"), "fp32", rollouts, 1.0)["logp_trainer"]
+        )
         base = np.concatenate(rescore(load_trainer(tiny_model, "fp32"), "fp32", rollouts, 1.0)["logp_trainer"])
         assert np.abs(now - mu).max() < {"fp32": 1e-4, "bf16": 0.15}[dtype]
-        assert np.abs(base - mu).mean() > 5 * np.abs(now - mu).mean()  # the engine serves the trained adapter, not the start
+        assert (
+            np.abs(base - mu).mean() > 5 * np.abs(now - mu).mean()
+        )  # the engine serves the trained adapter, not the start
         assert sorted(p.name for p in (tmp_path / "live").iterdir()) == ["adapter-1", "adapter-2"]  # older ones removed
     finally:
         trainer.close()
@@ -202,10 +272,33 @@ def test_lora_policy_trains_and_reaches_the_live_engine(dtype, tiny_model, tmp_p
 
 
 def test_train_lora_compare_cli_counts_parameters_by_hand(tiny_model, tmp_path):
-    result = runner.invoke(app, ["train", "--model", str(tiny_model), "--compare", "bf16,fp16", "--lora-rank", str(RANK), "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-tokens", "8", "--out", str(tmp_path / "run")])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(tiny_model),
+            "--compare",
+            "bf16,fp16",
+            "--lora-rank",
+            str(RANK),
+            "--steps",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--group-size",
+            "2",
+            "--max-tokens",
+            "8",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     # tiny Qwen2: hidden 128, MLP 256, q/o 128→128, k/v 128→64; all-linear spares the (tied) head
-    per_layer = sum(RANK * (i + o) for i, o in [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256), (128, 256), (256, 128)])
+    per_layer = sum(
+        RANK * (i + o) for i, o in [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256), (128, 256), (256, 128)]
+    )
     for dtype in ("bf16", "fp16"):
         summary = json.loads((tmp_path / "run" / dtype / "summary.json").read_text())
         assert summary["policy"]["policy"] == "lora" and summary["policy"]["trainable_parameters"] == 2 * per_layer
@@ -215,7 +308,22 @@ def test_train_lora_compare_cli_counts_parameters_by_hand(tiny_model, tmp_path):
 
 
 def test_train_lora_bad_target_is_one_line(tiny_model, tmp_path):
-    result = runner.invoke(app, ["train", "--model", str(tiny_model), "--lora-rank", "4", "--lora-target-modules", "nope_proj", "--steps", "1", "--out", str(tmp_path / "run")])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(tiny_model),
+            "--lora-rank",
+            "4",
+            "--lora-target-modules",
+            "nope_proj",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 2 and "nope_proj" in result.output and "Traceback" not in result.output
 
 
@@ -226,9 +334,39 @@ def test_an_adapter_for_another_model_is_one_line(engine, tiny_model, adapter, t
 
     narrow = tmp_path / "narrow"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     Qwen2ForCausalLM(config).save_pretrained(narrow)
     tokenizer.save_pretrained(narrow)
-    result = runner.invoke(app, ["scan", "--model", str(narrow), "--lora", str(adapter), "--engine", engine, "--dtypes", "bf16", "--num-prompts", "2", "--max-tokens", "4", "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        app,
+        [
+            "scan",
+            "--model",
+            str(narrow),
+            "--lora",
+            str(adapter),
+            "--engine",
+            engine,
+            "--dtypes",
+            "bf16",
+            "--num-prompts",
+            "2",
+            "--max-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert {"hf": "PEFT cannot apply it to this model: size mismatch", "vllm": "vLLM could not serve the LoRA adapter"}[engine] in result.output
+    assert {"hf": "PEFT cannot apply it to this model: size mismatch", "vllm": "vLLM could not serve the LoRA adapter"}[
+        engine
+    ] in result.output

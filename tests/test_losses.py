@@ -72,7 +72,13 @@ def test_group_advantages():
 
 @pytest.mark.parametrize(
     "text, value",
-    [("So 12 + 35 = 47.", 47.0), ("The answer is \\boxed{-3} (not 5)", -3.0), ("1,234 apples", 1234.0), ("no digits", None), ("x = 2.50", 2.5)],
+    [
+        ("So 12 + 35 = 47.", 47.0),
+        ("The answer is \\boxed{-3} (not 5)", -3.0),
+        ("1,234 apples", 1234.0),
+        ("no digits", None),
+        ("x = 2.50", 2.5),
+    ],
 )
 def test_final_number(text, value):
     assert final_number(text) == value

@@ -21,8 +21,17 @@ def test_vllm_fp32_engine_matches_the_hf_fp32_trainer(family, tiny_model, tmp_pa
 
     folder = tmp_path / family
     build_family(family, folder, AutoTokenizer.from_pretrained(tiny_model))
-    config = ScanConfig(model=str(folder), engine="vllm", dtypes=["fp32"], out=tmp_path / "run", sampling=Sampling(max_tokens=32), num_prompts=4)
+    config = ScanConfig(
+        model=str(folder),
+        engine="vllm",
+        dtypes=["fp32"],
+        out=tmp_path / "run",
+        sampling=Sampling(max_tokens=32),
+        num_prompts=4,
+    )
     summary = run_scan(config)
     (pair,) = summary["pairs"]
     assert pair["n_tokens"] >= 32 and pair["n_nonfinite"] == 0
-    assert pair["k3"] <= K3_FLOOR, f"{family}: FP32 engine and FP32 trainer disagree, k3 {pair['k3']:.3g}, max ratio {pair['max_ratio']:.6f}"
+    assert pair["k3"] <= K3_FLOOR, (
+        f"{family}: FP32 engine and FP32 trainer disagree, k3 {pair['k3']:.3g}, max ratio {pair['max_ratio']:.6f}"
+    )

@@ -17,7 +17,10 @@ def test_arithmetic_set_is_seeded_and_answers_are_right():
 
 def test_jsonl_with_prompt_messages_and_answer(tmp_path):
     path = tmp_path / "p.jsonl"
-    rows = [{"prompt": "hi", "answer": 3}, {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}]
+    rows = [
+        {"prompt": "hi", "answer": 3},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     prompts = load_prompts(path)
     assert prompts[0] == Prompt.from_text("hi", "3")
@@ -28,7 +31,10 @@ def test_txt_csv_parquet(tmp_path):
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
     assert [p.messages[0]["content"] for p in load_prompts(tmp_path / "p.txt")] == ["one", "two"]
     pd.DataFrame({"prompt": ["a, with comma", "b"], "answer": ["1", ""]}).to_csv(tmp_path / "p.csv", index=False)
-    assert [(p.messages[0]["content"], p.answer) for p in load_prompts(tmp_path / "p.csv")] == [("a, with comma", "1"), ("b", None)]
+    assert [(p.messages[0]["content"], p.answer) for p in load_prompts(tmp_path / "p.csv")] == [
+        ("a, with comma", "1"),
+        ("b", None),
+    ]
     pd.DataFrame({"prompt": ["x", "y"]}).to_parquet(tmp_path / "p.parquet")
     assert len(load_prompts(tmp_path / "p.parquet")) == 2
 

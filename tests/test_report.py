@@ -27,7 +27,22 @@ def hostile_run(tiny_model, tmp_path_factory):
     prompts = folder / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"{PAYLOAD} question {i}"}) for i in range(3)) + "\n")
     out = folder / "run"
-    result = scan("--model", tiny_model, "--engine", "hf", "--dtypes", "bf16,fp16", "--prompts", prompts, "--samples", 2, "--max-tokens", 16, "--out", out)
+    result = scan(
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--dtypes",
+        "bf16,fp16",
+        "--prompts",
+        prompts,
+        "--samples",
+        2,
+        "--max-tokens",
+        16,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -52,12 +67,22 @@ def test_generated_text_is_escaped(hostile_run):
 
 
 def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
-    seen = open_report(hostile_run / "report.html", tmp_path / "report.png", ("#worst", "#verdict", "#corrections", "#health", "#audit"))
+    seen = open_report(
+        hostile_run / "report.html",
+        tmp_path / "report.png",
+        ("#worst", "#verdict", "#corrections", "#health", "#audit"),
+    )
     assert seen["problems"] == [] and seen["dialogs"] == []
-    assert len(seen["images"]) == 4 and all(done and width > 300 and height > 100 for done, width, height in seen["images"])
+    assert len(seen["images"]) == 4 and all(
+        done and width > 300 and height > 100 for done, width, height in seen["images"]
+    )
     assert PAYLOAD in seen["texts"]["#worst"]  # shown as text
     assert "k3" in seen["texts"]["#verdict"]
-    assert "trl_sequence_mask" in seen["texts"]["#corrections"] and "token_mult_prob_error" in seen["texts"]["#health"] and "truncation" in seen["texts"]["#audit"]
+    assert (
+        "trl_sequence_mask" in seen["texts"]["#corrections"]
+        and "token_mult_prob_error" in seen["texts"]["#health"]
+        and "truncation" in seen["texts"]["#audit"]
+    )
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
 
@@ -99,7 +124,25 @@ def test_summary_md_stays_under_the_comment_limit_on_a_large_run(hostile_run):
 def test_compare_side_by_side_and_refusals(hostile_run, tiny_model, tmp_path):
     other = tmp_path / "other"
     # no semantic probe: its FP32/FP32 pair would be shared with the fp32-only run below
-    assert scan("--model", tiny_model, "--engine", "hf", "--dtypes", "fp16", "--num-prompts", 3, "--max-tokens", 8, "--semantic-probe", 0, "--out", other).exit_code == 0
+    assert (
+        scan(
+            "--model",
+            tiny_model,
+            "--engine",
+            "hf",
+            "--dtypes",
+            "fp16",
+            "--num-prompts",
+            3,
+            "--max-tokens",
+            8,
+            "--semantic-probe",
+            0,
+            "--out",
+            other,
+        ).exit_code
+        == 0
+    )
     out = tmp_path / "cmp"
     result = runner.invoke(app, ["compare", str(hostile_run), str(other), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -112,20 +155,72 @@ def test_compare_side_by_side_and_refusals(hostile_run, tiny_model, tmp_path):
     assert (out / "compare.html").read_text().count("data:image/png;base64,") == 2
 
     hot = tmp_path / "hot"
-    assert scan("--model", tiny_model, "--engine", "hf", "--dtypes", "fp16", "--num-prompts", 2, "--max-tokens", 4, "--temperature", 0.5, "--out", hot).exit_code == 0
+    assert (
+        scan(
+            "--model",
+            tiny_model,
+            "--engine",
+            "hf",
+            "--dtypes",
+            "fp16",
+            "--num-prompts",
+            2,
+            "--max-tokens",
+            4,
+            "--temperature",
+            0.5,
+            "--out",
+            hot,
+        ).exit_code
+        == 0
+    )
     refused = runner.invoke(app, ["compare", str(other), str(hot), "--out", str(tmp_path / "cmp2")])
     assert refused.exit_code == 2 and "temperature differs (1.0 vs 0.5)" in refused.output
     assert not (tmp_path / "cmp2").exists()
     fp32_only = tmp_path / "fp32"
-    assert scan("--model", tiny_model, "--engine", "hf", "--dtypes", "fp32", "--num-prompts", 2, "--max-tokens", 4, "--out", fp32_only).exit_code == 0
+    assert (
+        scan(
+            "--model",
+            tiny_model,
+            "--engine",
+            "hf",
+            "--dtypes",
+            "fp32",
+            "--num-prompts",
+            2,
+            "--max-tokens",
+            4,
+            "--out",
+            fp32_only,
+        ).exit_code
+        == 0
+    )
     refused = runner.invoke(app, ["compare", str(other), str(fp32_only), "--out", str(tmp_path / "cmp3")])
     assert refused.exit_code == 2 and "share no (engine dtype, trainer dtype) pair" in refused.output
 
 
 def test_fail_on_gate_exits_1_after_writing_everything(tiny_model, tmp_path):
     # without the semantic probe: its fp32/fp32 pair is a pair of equal dtypes too, and would fail "k3>0" as well
-    result = scan("--model", tiny_model, "--engine", "hf", "--dtypes", "bf16", "--num-prompts", 2, "--max-tokens", 8, "--out", tmp_path,
-                  "--semantic-probe", 0, "--fail-on", "k3>0", "--fail-on", "bf16/fp32:max_abs_dp>10")
+    result = scan(
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--dtypes",
+        "bf16",
+        "--num-prompts",
+        2,
+        "--max-tokens",
+        8,
+        "--out",
+        tmp_path,
+        "--semantic-probe",
+        0,
+        "--fail-on",
+        "k3>0",
+        "--fail-on",
+        "bf16/fp32:max_abs_dp>10",
+    )
     assert result.exit_code == 1, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["complete"] and (tmp_path / "report.html").is_file()
@@ -135,7 +230,22 @@ def test_fail_on_gate_exits_1_after_writing_everything(tiny_model, tmp_path):
 
 
 def test_fail_on_passing_gate_exits_0(tiny_model, tmp_path):
-    result = scan("--model", tiny_model, "--engine", "hf", "--dtypes", "bf16", "--num-prompts", 2, "--max-tokens", 8, "--out", tmp_path, "--fail-on", "k3>1e9")
+    result = scan(
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--dtypes",
+        "bf16",
+        "--num-prompts",
+        2,
+        "--max-tokens",
+        8,
+        "--out",
+        tmp_path,
+        "--fail-on",
+        "k3>1e9",
+    )
     assert result.exit_code == 0, result.output
 
 

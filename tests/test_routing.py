@@ -125,7 +125,9 @@ def test_vllm_cpu_refuses_return_routed_experts(moe_models):
     from vllm.engine.arg_utils import EngineArgs
 
     with pytest.raises(Exception, match="Model Runner V2"):
-        EngineArgs(model=str(moe_models["qwen3-moe"]), dtype="float32", enforce_eager=True, enable_return_routed_experts=True).create_engine_config()
+        EngineArgs(
+            model=str(moe_models["qwen3-moe"]), dtype="float32", enforce_eager=True, enable_return_routed_experts=True
+        ).create_engine_config()
 
 
 def test_vllm_fp32_routes_as_the_fp32_trainer(moe_models):
@@ -145,7 +147,11 @@ def test_vllm_fp32_routes_as_the_fp32_trainer(moe_models):
     trainer = trainer_routing(model, pad_batch(PROMPTS, [r.response_ids for r in rollouts], 0, torch.device("cpu")))
     engine_rows = [routed[key][:, trainer.layers] for key in sorted(routed, key=int)]
     for rollout, rows in zip(rollouts, engine_rows):
-        assert rows.shape == (len(rollout.prompt_ids) + len(rollout.response_ids) - 1, 2, model.config.num_experts_per_tok)
+        assert rows.shape == (
+            len(rollout.prompt_ids) + len(rollout.response_ids) - 1,
+            2,
+            model.config.num_experts_per_tok,
+        )
         assert (rows != NOT_ROUTED).all()
     same = np.concatenate([same_experts(e, t) for e, t in zip(engine_rows, trainer.experts)])
     assert same.size >= 2 * 4 * 16 and same.mean() >= 0.99, agreement_by_layer(same, trainer.layers)
@@ -158,7 +164,25 @@ def moe_scan(moe_models, tmp_path_factory):
     from mismatch.cli import app
 
     out = tmp_path_factory.mktemp("moe-scan")
-    result = CliRunner().invoke(app, ["scan", "--model", str(moe_models["qwen3-moe"]), "--dtypes", "bf16", "--num-prompts", "12", "--samples", "2", "--max-tokens", "24", "--out", str(out), "--force"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "scan",
+            "--model",
+            str(moe_models["qwen3-moe"]),
+            "--dtypes",
+            "bf16",
+            "--num-prompts",
+            "12",
+            "--samples",
+            "2",
+            "--max-tokens",
+            "24",
+            "--out",
+            str(out),
+            "--force",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "summary.json").read_text())
 
@@ -167,23 +191,35 @@ def test_scan_of_an_moe_model_measures_routing_per_layer(moe_scan):
     out, summary = moe_scan
     routing, routed = summary["routing"], pd.read_parquet(out / runs.ROUTING)
     pairs = {(r["engine_dtype"], r["trainer_dtype"]) for r in routing["by_layer"]}
-    assert pairs == {("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")} and {r["layer"] for r in routing["by_layer"]} == {0, 1}
+    assert pairs == {("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")} and {
+        r["layer"] for r in routing["by_layer"]
+    } == {0, 1}
     # FP32 on both sides: the same experts everywhere (the semantic probe's tokens)
     assert all(r["share"] == 1.0 for r in routing["by_layer"] if r["engine_dtype"] == "fp32")
     # every agreement recomputes from routing.parquet by hand
     for row in routing["by_layer"]:
-        rows = routed[(routed.engine_dtype == row["engine_dtype"]) & (routed.trainer_dtype == row["trainer_dtype"]) & (routed.layer == row["layer"])]
+        rows = routed[
+            (routed.engine_dtype == row["engine_dtype"])
+            & (routed.trainer_dtype == row["trainer_dtype"])
+            & (routed.layer == row["layer"])
+        ]
         same = [sorted(a) == sorted(b) for a, b in zip(rows["engine_experts"], rows["trainer_experts"])]
         assert (row["agree"], row["positions"]) == (sum(same), len(same))
     tokens = pd.read_parquet(out / runs.TOKENS).query("engine_dtype == 'bf16' and trainer_dtype == 'bf16'")
     assert routing["by_layer"][0]["positions"] == len(tokens)  # one routing row per response token and layer
     # the gap carried by tokens routed differently, by hand from the two files
     rows = routed.query("engine_dtype == 'bf16' and trainer_dtype == 'bf16'")
-    differs = rows.assign(d=[sorted(a) != sorted(b) for a, b in zip(rows["engine_experts"], rows["trainer_experts"])]).groupby(["seq_id", "position"])["d"].any()
+    differs = (
+        rows.assign(d=[sorted(a) != sorted(b) for a, b in zip(rows["engine_experts"], rows["trainer_experts"])])
+        .groupby(["seq_id", "position"])["d"]
+        .any()
+    )
     merged = tokens.join(differs, on=["seq_id", "position"])
     ell = merged["logp_trainer"] - merged["logp_engine"]
     gap = next(g for g in routing["gap"] if (g["engine_dtype"], g["trainer_dtype"]) == ("bf16", "bf16"))
-    assert gap["differs"] == int(merged["d"].sum()) and gap["share_sq"] == pytest.approx(float((ell[merged["d"]] ** 2).sum() / (ell**2).sum()))
+    assert gap["differs"] == int(merged["d"].sum()) and gap["share_sq"] == pytest.approx(
+        float((ell[merged["d"]] ** 2).sum() / (ell**2).sum())
+    )
     # trainer bf16 against trainer fp32 on the same tokens
     versus = {(r["layer"]): r for r in routing["trainer_vs_fp32"] if r["trainer_dtype"] == "bf16"}
     assert set(versus) == {0, 1} and all(0.5 < r["share"] <= 1.0 for r in versus.values())
@@ -198,10 +234,21 @@ def test_moe_scan_report_shows_routing(moe_scan):
 
 
 def test_router_replay_is_named_when_routing_carries_the_gap():
-    gap = {"engine_dtype": "bf16", "trainer_dtype": "bf16", "share_tokens": 0.02, "share_sq": 0.8, "mean_abs_differs": 0.5, "mean_abs_same": 0.03}
+    gap = {
+        "engine_dtype": "bf16",
+        "trainer_dtype": "bf16",
+        "share_tokens": 0.02,
+        "share_sq": 0.8,
+        "mean_abs_differs": 0.5,
+        "mean_abs_same": 0.03,
+    }
     base = {"verdict": "switch_to_fp16", "summary": "FP16 cuts it.", "actions": ["a"]}
     named = with_router_replay(base, [gap])
-    assert "Routing dominates" in named["summary"] and "80% of Σℓ²" in named["summary"] and any("router replay" in a for a in named["actions"])
+    assert (
+        "Routing dominates" in named["summary"]
+        and "80% of Σℓ²" in named["summary"]
+        and any("router replay" in a for a in named["actions"])
+    )
     assert with_router_replay(base, [gap | {"share_sq": 0.3}]) == base  # below ROUTING_DOMINATES: not named
     assert with_router_replay(base, [gap | {"engine_dtype": "fp32", "trainer_dtype": "fp32"}]) == base
 
@@ -214,9 +261,20 @@ def test_diagnose_of_an_moe_model_shows_routing(moe_models, tmp_path):
     from mismatch.commands.diagnose import run_diagnose
     from mismatch.config import DiagnoseConfig
 
-    config = DiagnoseConfig(model=str(moe_models["mixtral"]), engine="vllm", dtypes="bf16", out=tmp_path / "run", num_prompts=6, sampling=Sampling(max_tokens=16), layer_sequences=2, alone_sequences=2)
+    config = DiagnoseConfig(
+        model=str(moe_models["mixtral"]),
+        engine="vllm",
+        dtypes="bf16",
+        out=tmp_path / "run",
+        num_prompts=6,
+        sampling=Sampling(max_tokens=16),
+        layer_sequences=2,
+        alone_sequences=2,
+    )
     summary = run_diagnose(config)
     routing = summary["diagnosis"]["routing"]
     assert {(g["engine_dtype"], g["trainer_dtype"]) for g in routing["gap"]} == {("bf16", "bf16"), ("bf16", "fp32")}
     assert {r["layer"] for r in routing["trainer_vs_fp32"]} == {0, 1}
-    assert (tmp_path / "run" / runs.ROUTING).is_file() and 'id="routing-layers"' in (tmp_path / "run" / "report.html").read_text()
+    assert (tmp_path / "run" / runs.ROUTING).is_file() and 'id="routing-layers"' in (
+        tmp_path / "run" / "report.html"
+    ).read_text()

@@ -17,14 +17,20 @@ runner = CliRunner()
 
 
 def summary_folder(tmp_path: Path, **fields) -> Path:
-    runs.write_json(tmp_path / runs.SUMMARY, {"format_version": runs.FORMAT_VERSION, "kind": "scan", "complete": True, "config": {}} | fields)
+    runs.write_json(
+        tmp_path / runs.SUMMARY,
+        {"format_version": runs.FORMAT_VERSION, "kind": "scan", "complete": True, "config": {}} | fields,
+    )
     return tmp_path
 
 
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"format_version": 99}, f"was written in run-folder format 99; this mismatch reads format {runs.FORMAT_VERSION}"),
+        (
+            {"format_version": 99},
+            f"was written in run-folder format 99; this mismatch reads format {runs.FORMAT_VERSION}",
+        ),
         ({"kind": "telemetry"}, "holds a 'telemetry' run (unknown kind); expected a scan run folder"),
         ({"kind": "train"}, "holds a 'train' run; expected a scan run folder"),
     ],
@@ -81,7 +87,24 @@ def test_config_algos_are_the_losses():
 def test_compare_folder_has_its_kind_and_rebuilds(tiny_model, tmp_path):
     scans = []
     for name in ("a", "b"):
-        result = runner.invoke(app, ["scan", "--model", str(tiny_model), "--engine", "hf", "--dtypes", "fp32", "--num-prompts", "2", "--max-tokens", "4", "--out", str(tmp_path / name)])
+        result = runner.invoke(
+            app,
+            [
+                "scan",
+                "--model",
+                str(tiny_model),
+                "--engine",
+                "hf",
+                "--dtypes",
+                "fp32",
+                "--num-prompts",
+                "2",
+                "--max-tokens",
+                "4",
+                "--out",
+                str(tmp_path / name),
+            ],
+        )
         assert result.exit_code == 0, result.output
         scans.append(tmp_path / name)
     out = tmp_path / "cmp"

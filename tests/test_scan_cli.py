@@ -11,7 +11,19 @@ from mismatch.cli import app
 from mismatch.stats import metrics
 
 runner = CliRunner()
-TOKEN_COLUMNS = {"seq_id", "position", "token_id", "token", "engine_dtype", "trainer_dtype", "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "response_len"}
+TOKEN_COLUMNS = {
+    "seq_id",
+    "position",
+    "token_id",
+    "token",
+    "engine_dtype",
+    "trainer_dtype",
+    "logp_engine",
+    "logp_trainer",
+    "logp_trainer_full",
+    "log_kept_mass",
+    "response_len",
+}
 
 
 def scan(*args):
@@ -43,7 +55,13 @@ def test_token_frame_contract(run):
     assert TOKEN_COLUMNS <= set(tokens.columns)
     assert tokens["logp_engine"].dtype == np.float64 and tokens["logp_trainer"].dtype == np.float64
     pairs = set(map(tuple, tokens[["engine_dtype", "trainer_dtype"]].drop_duplicates().to_numpy()))
-    assert pairs == {("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("fp32", "fp32")}  # the last: the semantic probe
+    assert pairs == {
+        ("bf16", "bf16"),
+        ("bf16", "fp32"),
+        ("fp16", "fp16"),
+        ("fp16", "fp32"),
+        ("fp32", "fp32"),
+    }  # the last: the semantic probe
     for (_, _, seq), group in tokens.groupby(["engine_dtype", "trainer_dtype", "seq_id"]):
         assert group["position"].tolist() == list(range(len(group))) == list(range(group["response_len"].iloc[0]))
     seqs = tokens.groupby(["engine_dtype", "trainer_dtype"])["seq_id"].nunique()
@@ -56,7 +74,9 @@ def test_same_tokens_rescored_for_every_trainer_dtype(run):
     for engine_dtype, group in tokens.groupby("engine_dtype"):
         ids = [g["token_id"].tolist() for _, g in group.groupby("trainer_dtype")]
         engine = [g["logp_engine"].tolist() for _, g in group.groupby("trainer_dtype")]
-        assert len(ids) == (1 if engine_dtype == "fp32" else 2)  # fp32: the semantic probe, scored by the fp32 trainer only
+        assert len(ids) == (
+            1 if engine_dtype == "fp32" else 2
+        )  # fp32: the semantic probe, scored by the fp32 trainer only
         assert all(x == ids[0] for x in ids) and all(x == engine[0] for x in engine)
 
 
@@ -74,7 +94,17 @@ def test_every_summary_number_recomputes_from_tokens(run):
             group["logp_trainer"], group["logp_engine"], group["seq_id"], seed=seed,
             prompt_ids=group["prompt_index"], logp_trainer_full=group["logp_trainer_full"], log_kept_mass=group["log_kept_mass"],
         )  # fmt: skip
-        for name in (*metrics.METRICS, *metrics.NUCLEUS_METRICS, "n_tokens", "n_seqs", "n_nonfinite", "k3_ci_low", "k3_ci_high", "mean_abs_dp_ci_low", "mean_abs_dp_ci_high"):
+        for name in (
+            *metrics.METRICS,
+            *metrics.NUCLEUS_METRICS,
+            "n_tokens",
+            "n_seqs",
+            "n_nonfinite",
+            "k3_ci_low",
+            "k3_ci_high",
+            "mean_abs_dp_ci_low",
+            "mean_abs_dp_ci_high",
+        ):
             if pair[name] is None:
                 assert np.isnan(again[name]), name
             else:
@@ -87,12 +117,29 @@ def test_every_summary_number_recomputes_from_tokens(run):
 
 def test_fp16_gap_is_below_bf16_gap(run):
     out, _, _ = run
-    pairs = {(p["engine_dtype"], p["trainer_dtype"]): p for p in json.loads((out / "summary.json").read_text())["pairs"]}
+    pairs = {
+        (p["engine_dtype"], p["trainer_dtype"]): p for p in json.loads((out / "summary.json").read_text())["pairs"]
+    }
     assert pairs["fp16", "fp16"]["k3"] < pairs["bf16", "bf16"]["k3"]
 
 
 def test_all_pairs(tiny_model, tmp_path):
-    result = scan("--model", tiny_model, "--engine", "hf", "--dtypes", "bf16,fp16", "--pairs", "all", "--num-prompts", 2, "--max-tokens", 4, "--out", tmp_path)
+    result = scan(
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--dtypes",
+        "bf16,fp16",
+        "--pairs",
+        "all",
+        "--num-prompts",
+        2,
+        "--max-tokens",
+        4,
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [(p["engine_dtype"], p["trainer_dtype"]) for p in summary["pairs"]] == [
@@ -104,7 +151,22 @@ def test_prompt_file_and_samples(tiny_model, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "What is 1 + 1?"}\n{"messages": [{"role": "user", "content": "hello"}]}\n')
     out = tmp_path / "run"
-    result = scan("--model", tiny_model, "--engine", "hf", "--dtypes", "fp16", "--prompts", prompts, "--samples", 3, "--max-tokens", 4, "--out", out)
+    result = scan(
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--dtypes",
+        "fp16",
+        "--prompts",
+        prompts,
+        "--samples",
+        3,
+        "--max-tokens",
+        4,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     rollouts = pd.read_parquet(out / "rollouts.parquet")
     rollouts = rollouts[rollouts.engine_dtype == "fp16"]  # the fp32 rows are the semantic probe's
@@ -141,7 +203,20 @@ def test_existing_output_folder_is_refused_without_force(tiny_model, tmp_path):
 
 
 def test_reference_none_skips_the_fp32_trainer_and_a_number_scores_the_first_sequences(tiny_model, tmp_path):
-    common = ("--model", tiny_model, "--engine", "hf", "--dtypes", "bf16", "--num-prompts", 5, "--max-tokens", 8, "--semantic-probe", 0)
+    common = (
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--dtypes",
+        "bf16",
+        "--num-prompts",
+        5,
+        "--max-tokens",
+        8,
+        "--semantic-probe",
+        0,
+    )
     assert scan(*common, "--out", tmp_path / "all").exit_code == 0
     result = scan(*common, "--reference", "2", "--out", tmp_path / "two")
     assert result.exit_code == 0, result.output
@@ -149,12 +224,31 @@ def test_reference_none_skips_the_fp32_trainer_and_a_number_scores_the_first_seq
     assert summary["reference"]["sequences"] == "2" and summary["reference"]["fp32_gib"] > 0
     pairs = {(p["engine_dtype"], p["trainer_dtype"]): p for p in summary["pairs"]}
     assert pairs["bf16", "fp32"]["n_seqs"] == 2 and pairs["bf16", "bf16"]["n_seqs"] == 5
-    full, part = (pd.read_parquet(tmp_path / name / "tokens.parquet").query("trainer_dtype == 'fp32'") for name in ("all", "two"))
+    full, part = (
+        pd.read_parquet(tmp_path / name / "tokens.parquet").query("trainer_dtype == 'fp32'") for name in ("all", "two")
+    )
     first = full[full["seq_id"].isin(part["seq_id"].unique())]
     assert sorted(part["seq_id"].unique()) == sorted(full["seq_id"].unique())[:2]
-    np.testing.assert_allclose(part["logp_trainer"].to_numpy(), first["logp_trainer"].to_numpy(), rtol=0, atol=1e-6)  # same model, fewer rows a batch
+    np.testing.assert_allclose(
+        part["logp_trainer"].to_numpy(), first["logp_trainer"].to_numpy(), rtol=0, atol=1e-6
+    )  # same model, fewer rows a batch
 
-    result = scan("--model", tiny_model, "--engine", "hf", "--dtypes", "bf16", "--num-prompts", 2, "--max-tokens", 4, "--reference", "none", "--out", tmp_path / "none")
+    result = scan(
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--dtypes",
+        "bf16",
+        "--num-prompts",
+        2,
+        "--max-tokens",
+        4,
+        "--reference",
+        "none",
+        "--out",
+        tmp_path / "none",
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "none" / "summary.json").read_text())
     assert [(p["engine_dtype"], p["trainer_dtype"]) for p in summary["pairs"]] == [("bf16", "bf16")]

@@ -33,11 +33,18 @@ def gemma2(tiny_model, tmp_path_factory):
 def test_a_refused_engine_dtype_is_one_line_and_the_scan_goes_on(gemma2, tmp_path):
     result = scan("--model", gemma2, "--engine", "vllm", "--num-prompts", 4, "--max-tokens", 16, "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    assert "notice: vllm refuses fp16 for this model (The model type 'gemma2' does not support float16." in result.output
+    assert (
+        "notice: vllm refuses fp16 for this model (The model type 'gemma2' does not support float16." in result.output
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary["refused_dtypes"]) == ["fp16"]
     pairs = [(p["engine_dtype"], p["trainer_dtype"]) for p in summary["pairs"]]
-    assert pairs == [("bf16", "bf16"), ("bf16", "fp32"), ("bf16", "fp16"), ("fp32", "fp32")]  # FP16 on the trainer side; the probe
+    assert pairs == [
+        ("bf16", "bf16"),
+        ("bf16", "fp32"),
+        ("bf16", "fp16"),
+        ("fp32", "fp32"),
+    ]  # FP16 on the trainer side; the probe
     assert summary["fp16_headroom"]["max_abs_activation"] > 0
     assert summary["recommendation"]["verdict"] == "fp16_unavailable"
     assert "FP16 is unavailable in vllm for this model" in summary["recommendation"]["summary"]
@@ -49,7 +56,20 @@ def test_the_semantic_probe_names_an_implementation_difference(gemma2, tmp_path,
     """transformers' SDPA silently drops Gemma-2's attention softcap; vLLM applies it. With the
     trainer forced onto SDPA the two disagree in FP32, and the verdict must say so."""
     monkeypatch.setattr("mismatch.model.loading.attention_implementation", lambda config: "sdpa")
-    result = scan("--model", gemma2, "--engine", "vllm", "--dtypes", "bf16", "--num-prompts", 4, "--max-tokens", 16, "--out", tmp_path)
+    result = scan(
+        "--model",
+        gemma2,
+        "--engine",
+        "vllm",
+        "--dtypes",
+        "bf16",
+        "--num-prompts",
+        4,
+        "--max-tokens",
+        16,
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     probe = next(p for p in summary["pairs"] if p["engine_dtype"] == "fp32")
@@ -59,7 +79,20 @@ def test_the_semantic_probe_names_an_implementation_difference(gemma2, tmp_path,
 
 
 def test_without_the_probe_the_verdict_says_what_it_rests_on(tiny_model, tmp_path):
-    result = scan("--model", tiny_model, "--engine", "hf", "--num-prompts", 2, "--max-tokens", 4, "--semantic-probe", 0, "--out", tmp_path)
+    result = scan(
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--num-prompts",
+        2,
+        "--max-tokens",
+        4,
+        "--semantic-probe",
+        0,
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["semantic_probe"] == {"prompts": 0, "skipped": "--semantic-probe 0"}
@@ -68,7 +101,20 @@ def test_without_the_probe_the_verdict_says_what_it_rests_on(tiny_model, tmp_pat
 
 
 def test_top_p_tokens_outside_the_trainer_nucleus_are_not_overflow(tiny_model, tmp_path):
-    result = scan("--model", tiny_model, "--engine", "hf", "--top-p", 0.6, "--num-prompts", 6, "--max-tokens", 24, "--out", tmp_path)
+    result = scan(
+        "--model",
+        tiny_model,
+        "--engine",
+        "hf",
+        "--top-p",
+        0.6,
+        "--num-prompts",
+        6,
+        "--max-tokens",
+        24,
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     tokens = pd.read_parquet(tmp_path / "tokens.parquet")
@@ -87,7 +133,9 @@ def test_hf_engine_samples_with_exactly_the_trainers_processors(tiny_model, tmp_
     folder = tmp_path / "opinionated"
     load_trainer(tiny_model, "fp32").save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
-    GenerationConfig(do_sample=True, repetition_penalty=1.5, top_k=3, min_p=0.3, eos_token_id=2, pad_token_id=0).save_pretrained(folder)
+    GenerationConfig(
+        do_sample=True, repetition_penalty=1.5, top_k=3, min_p=0.3, eos_token_id=2, pad_token_id=0
+    ).save_pretrained(folder)
     engine = start_engine("hf", folder, "fp32")
     rollouts = engine.generate([[5, 6, 7], [8, 9, 10, 11]], 2, Sampling(temperature=1.0, max_tokens=16, seed=1))
     engine.close()
@@ -103,6 +151,10 @@ def test_resume_accepts_a_subset_of_the_saved_dtypes(tiny_model, tmp_path):
     result = scan(*args, "--dtypes", "bf16", "--resume")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert "generate_bf16 (resumed)" in summary["finished"] and not any(k.startswith("generate") for k in summary["timings"])
+    assert "generate_bf16 (resumed)" in summary["finished"] and not any(
+        k.startswith("generate") for k in summary["timings"]
+    )
     tokens = pd.read_parquet(tmp_path / "tokens.parquet")
-    assert tokens[tokens.engine_dtype == "bf16"]["logp_engine"].tolist()[:3] == list(saved[saved.engine_dtype == "bf16"].iloc[0]["logp_engine"][:3])
+    assert tokens[tokens.engine_dtype == "bf16"]["logp_engine"].tolist()[:3] == list(
+        saved[saved.engine_dtype == "bf16"].iloc[0]["logp_engine"][:3]
+    )

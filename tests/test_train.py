@@ -23,7 +23,18 @@ def parity_reward(text: str, answer: str) -> float:
 
 
 def make_trainer(tiny_model, tmp_path, dtype, engine="vllm"):
-    config = TrainConfig(model=str(tiny_model), engine=engine, dtypes=dtype, out=tmp_path, steps=2, prompts_per_step=2, group_size=4, max_tokens=12, lr=5e-3, num_prompts=8)
+    config = TrainConfig(
+        model=str(tiny_model),
+        engine=engine,
+        dtypes=dtype,
+        out=tmp_path,
+        steps=2,
+        prompts_per_step=2,
+        group_size=4,
+        max_tokens=12,
+        lr=5e-3,
+        num_prompts=8,
+    )
     return Trainer(config, dtype, reward_fn=parity_reward)
 
 
@@ -99,7 +110,16 @@ def test_ctrl_c_ends_the_run_cleanly_with_what_it_has(tiny_model, tmp_path):
         if row["step"] == 1:
             raise KeyboardInterrupt
 
-    config = TrainConfig(model=str(tiny_model), engine="hf", dtypes="bf16", out=tmp_path, steps=5, prompts_per_step=2, group_size=2, max_tokens=6)
+    config = TrainConfig(
+        model=str(tiny_model),
+        engine="hf",
+        dtypes="bf16",
+        out=tmp_path,
+        steps=5,
+        prompts_per_step=2,
+        group_size=2,
+        max_tokens=6,
+    )
     summary = train_one(config, "bf16", tmp_path, on_step=interrupt)
     assert summary["interrupted"] and not summary["complete"] and summary["steps_done"] == 2
     assert len(pd.read_parquet(tmp_path / "metrics.parquet")) == 2
@@ -107,13 +127,50 @@ def test_ctrl_c_ends_the_run_cleanly_with_what_it_has(tiny_model, tmp_path):
 
 
 def test_train_compare_cli_writes_both_runs_and_one_report(tiny_model, tmp_path):
-    result = CliRunner().invoke(app, ["train", "--model", str(tiny_model), "--engine", "vllm", "--compare", "bf16,fp16", "--steps", 2, "--prompts-per-step", 2,
-                                      "--group-size", 2, "--max-tokens", 8, "--save-every", 1, "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(tiny_model),
+            "--engine",
+            "vllm",
+            "--compare",
+            "bf16,fp16",
+            "--steps",
+            2,
+            "--prompts-per-step",
+            2,
+            "--group-size",
+            2,
+            "--max-tokens",
+            8,
+            "--save-every",
+            1,
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     for dtype in ("bf16", "fp16"):
         metrics = pd.read_csv(tmp_path / dtype / "metrics.csv")
         assert list(metrics["step"]) == [0, 1]
-        assert {"reward_mean", "accuracy", "k1", "k3", "mean_abs_dp", "max_abs_dp", "min_ratio", "max_ratio", "grad_norm", "loss_scale", "skipped_total", "entropy", "response_len", "step_time"} <= set(metrics.columns)
+        assert {
+            "reward_mean",
+            "accuracy",
+            "k1",
+            "k3",
+            "mean_abs_dp",
+            "max_abs_dp",
+            "min_ratio",
+            "max_ratio",
+            "grad_norm",
+            "loss_scale",
+            "skipped_total",
+            "entropy",
+            "response_len",
+            "step_time",
+        } <= set(metrics.columns)
         assert (tmp_path / dtype / "checkpoint-1" / "config.json").is_file()
         assert json.loads((tmp_path / dtype / "summary.json").read_text())["complete"]
     html = (tmp_path / "report.html").read_text()
@@ -129,12 +186,18 @@ def test_train_compare_cli_writes_both_runs_and_one_report(tiny_model, tmp_path)
     assert analyzed.exit_code == 0, analyzed.output
     steps = pd.read_parquet(tmp_path / "analyzed" / "steps.parquet")
     logged = pd.read_csv(tmp_path / "bf16" / "metrics.csv")
-    assert steps["step"].tolist() == [0, 1] and steps["k3"].to_numpy() == pytest.approx(logged["k3"].to_numpy(), rel=1e-9)
+    assert steps["step"].tolist() == [0, 1] and steps["k3"].to_numpy() == pytest.approx(
+        logged["k3"].to_numpy(), rel=1e-9
+    )
 
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--algo", "ppo2"], "unknown --algo"), (["--group-size", "1"], "--group-size must be at least 2"), (["--compare", "bf16,fp8"], "unknown dtype fp8")],
+    [
+        (["--algo", "ppo2"], "unknown --algo"),
+        (["--group-size", "1"], "--group-size must be at least 2"),
+        (["--compare", "bf16,fp8"], "unknown dtype fp8"),
+    ],
 )
 def test_train_bad_options(args, message, tmp_path):
     result = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "x")])
@@ -143,5 +206,19 @@ def test_train_bad_options(args, message, tmp_path):
 
 def test_sleep_mode_on_a_cpu_is_vllms_own_one_line_refusal(tiny_model, tmp_path):
     """vLLM 0.32 offers sleep mode on CUDA, ROCm and XPU only: `--sleep` here ends at engine start, in one line."""
-    result = CliRunner().invoke(app, ["train", "--model", str(tiny_model), "--engine", "vllm", "--sleep", "--steps", "1", "--out", str(tmp_path / "x")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(tiny_model),
+            "--engine",
+            "vllm",
+            "--sleep",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
     assert result.exit_code == 2 and "Sleep mode is not supported on current platform" in result.output

@@ -55,17 +55,26 @@ class _Rescorer:
         seqs = list(dict.fromkeys(tokens["seq_id"]))
         missing = [s for s in seqs if s not in chunk.contexts]
         if missing:
-            raise DumpError(f"sequence {missing[0]} has no prompt token ids, so --model cannot rescore it: add a prompt_ids field (a list per sequence)")
+            raise DumpError(
+                f"sequence {missing[0]} has no prompt token ids, so --model cannot rescore it: add a prompt_ids field (a list per sequence)"
+            )
         rollouts = [Rollout(0, 0, *chunk.contexts[s], [], "") for s in seqs]
         scores = rescore(self.model, self.dtype, rollouts, temperature, self.config.top_p, self.pad_id)
         starts = dict(zip(seqs, np.cumsum([0] + [len(r.response_ids) for r in rollouts[:-1]])))
         at = tokens["seq_id"].map(starts).to_numpy() + tokens["position"].to_numpy()
-        if (tokens["position"].to_numpy() >= tokens["seq_id"].map({s: len(r.response_ids) for s, r in zip(seqs, rollouts)}).to_numpy()).any():
+        if (
+            tokens["position"].to_numpy()
+            >= tokens["seq_id"].map({s: len(r.response_ids) for s, r in zip(seqs, rollouts)}).to_numpy()
+        ).any():
             raise DumpError("a token row's position is beyond its sequence's response ids")
         wrong = np.concatenate([r.response_ids for r in rollouts])[at] != tokens["token_id"].to_numpy()
         if wrong.any():  # π would be scored for another token than the one μ is of
-            raise DumpError(f"sequence {tokens['seq_id'].to_numpy()[wrong][0]}: token_id differs from its response ids at position {tokens['position'].to_numpy()[wrong][0]} (positions count from 0 at the first response token)")
-        return tokens.assign(**{name: np.concatenate(values)[at] for name, values in scores.items()}, trainer_dtype=self.dtype)
+            raise DumpError(
+                f"sequence {tokens['seq_id'].to_numpy()[wrong][0]}: token_id differs from its response ids at position {tokens['position'].to_numpy()[wrong][0]} (positions count from 0 at the first response token)"
+            )
+        return tokens.assign(
+            **{name: np.concatenate(values)[at] for name, values in scores.items()}, trainer_dtype=self.dtype
+        )
 
 
 def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, force: bool = False) -> dict:
@@ -95,18 +104,25 @@ def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, force: 
                 for chunk in reader.read(config.paths):
                     if temperature is None:
                         temperature, summary["temperature_source"] = _dump_temperature(chunk)
-                    if "dump_has_trainer" not in summary:  # decided on the first step; a later step's missing π counts as non-finite
+                    if (
+                        "dump_has_trainer" not in summary
+                    ):  # decided on the first step; a later step's missing π counts as non-finite
                         summary["dump_has_trainer"] = _has_trainer(chunk)
                     if trainer is None and not summary["dump_has_trainer"]:
                         if rescorer is None:
-                            raise DumpError(f"{config.paths[0]} carries only μ (no logp_trainer): pass --model (and --temperature, --top-p as sampled) to compute π")
+                            raise DumpError(
+                                f"{config.paths[0]} carries only μ (no logp_trainer): pass --model (and --temperature, --top-p as sampled) to compute π"
+                            )
                         break
                     tokens = _rows(rescorer.score(chunk, temperature) if trainer else chunk.tokens, rescorer)
                     write(tokens)
                     has_steps = "step" in chunk.tokens
                     if has_steps:
                         steps.update(tokens["step"].unique().tolist())
-                    measures.add(tokens.assign(cluster=_clusters(tokens, has_steps)), int(tokens["step"].iat[0]) if has_steps else None)
+                    measures.add(
+                        tokens.assign(cluster=_clusters(tokens, has_steps)),
+                        int(tokens["step"].iat[0]) if has_steps else None,
+                    )
                     worst = _worst(worst, tokens, chunk, rescorer)
                     advance(1)
     if not measures.pairs:
@@ -118,7 +134,9 @@ def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, force: 
         step_frame = pd.DataFrame(measures.steps)
         if len(steps) > 1:
             runs.write_parquet(config.out / runs.STEPS, step_frame)
-        audit, audit_by_pair = measures.audit_rows(None if summary["temperature_source"] == ASSUMED_TEMPERATURE else temperature)
+        audit, audit_by_pair = measures.audit_rows(
+            None if summary["temperature_source"] == ASSUMED_TEMPERATURE else temperature
+        )
         health = measures.health_rows()
         summary |= {
             "temperature": temperature,
@@ -177,7 +195,11 @@ def _rows(tokens: pd.DataFrame, rescorer) -> pd.DataFrame:
     if "response_len" not in tokens:
         tokens["response_len"] = tokens.groupby(["step", "seq_id"])["position"].transform("max") + 1
     if "token" not in tokens:
-        tokens = runs.with_token_text(tokens, rescorer.tokenizer) if rescorer else tokens.assign(token=tokens["token_id"].map(lambda i: f"⟨{i}⟩"))
+        tokens = (
+            runs.with_token_text(tokens, rescorer.tokenizer)
+            if rescorer
+            else tokens.assign(token=tokens["token_id"].map(lambda i: f"⟨{i}⟩"))
+        )
     return tokens[list(runs.ANALYZE_TOKEN_COLUMNS)]
 
 
@@ -185,7 +207,9 @@ def _clusters(tokens: pd.DataFrame, has_steps: bool) -> pd.Series:
     """The resampled unit: the prompt, within its step (prompt numbers restart every step)."""
     if not has_steps:
         return tokens["prompt_index"]
-    keys = pd.util.hash_pandas_object(tokens[["step", "prompt_index"]], index=False).to_numpy().view(np.int64)  # one int per (step, prompt)
+    keys = (
+        pd.util.hash_pandas_object(tokens[["step", "prompt_index"]], index=False).to_numpy().view(np.int64)
+    )  # one int per (step, prompt)
     return pd.Series(keys, index=tokens.index)
 
 
@@ -201,6 +225,8 @@ def _worst(kept: list[dict], tokens: pd.DataFrame, chunk: Chunk, rescorer) -> li
 def _drift(step_frame: pd.DataFrame) -> list[dict]:
     return [
         {"pair": pair_name(engine, trainer)} | drift(group["step"], group[metric], metric)
-        for (engine, trainer), group in step_frame.sort_values("step").groupby(["engine_dtype", "trainer_dtype"], sort=False)
+        for (engine, trainer), group in step_frame.sort_values("step").groupby(
+            ["engine_dtype", "trainer_dtype"], sort=False
+        )
         for metric in DRIFT_METRICS
     ]

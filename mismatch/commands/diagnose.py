@@ -66,18 +66,32 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, force
         inputs = prepare_inputs(config)
         summary["skipped_prompts"], summary["config"]["model_path"] = inputs.skipped, str(inputs.model_path)
         saved = runs.read_rollouts(config.from_run) if config.from_run else {}
-        summary["refused_dtypes"] = refused_dtypes("vllm", inputs.model_path, list(dict.fromkeys([*config.dtypes, REFERENCE_DTYPE])), config.trust_remote_code)
+        summary["refused_dtypes"] = refused_dtypes(
+            "vllm", inputs.model_path, list(dict.fromkeys([*config.dtypes, REFERENCE_DTYPE])), config.trust_remote_code
+        )
         dtypes = [d for d in config.dtypes if d not in summary["refused_dtypes"]]
         if not dtypes or REFERENCE_DTYPE in summary["refused_dtypes"]:
-            raise EngineError("vllm refuses the dtypes diagnose needs for this model: " + "; ".join(f"{d}: {r}" for d, r in summary["refused_dtypes"].items()))
+            raise EngineError(
+                "vllm refuses the dtypes diagnose needs for this model: "
+                + "; ".join(f"{d}: {r}" for d, r in summary["refused_dtypes"].items())
+            )
 
     rollouts: dict[str, list[Rollout]] = {}
     engine_side: dict[str, dict] = {}
     routing = is_moe(inputs.model_path, config.trust_remote_code)  # the engine records its experts as it samples
     fp32_scored = None
-    for dtype in sorted(dtypes, key=lambda d: d == REFERENCE_DTYPE):  # one engine per dtype; FP32's last, as it scores every dtype's sequences
+    for dtype in sorted(
+        dtypes, key=lambda d: d == REFERENCE_DTYPE
+    ):  # one engine per dtype; FP32's last, as it scores every dtype's sequences
         with stage(f"engine_{dtype}"):
-            engine = start_engine("vllm", inputs.model_path, dtype, trust_remote_code=config.trust_remote_code, record_routing=routing, **config.vllm_options())
+            engine = start_engine(
+                "vllm",
+                inputs.model_path,
+                dtype,
+                trust_remote_code=config.trust_remote_code,
+                record_routing=routing,
+                **config.vllm_options(),
+            )
             try:
                 if dtype in saved:
                     rollouts[dtype] = saved[dtype]
@@ -97,7 +111,13 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, force
 
     if fp32_scored is None:
         with stage(f"engine_{REFERENCE_DTYPE}"):
-            engine = start_engine("vllm", inputs.model_path, REFERENCE_DTYPE, trust_remote_code=config.trust_remote_code, **config.vllm_options())
+            engine = start_engine(
+                "vllm",
+                inputs.model_path,
+                REFERENCE_DTYPE,
+                trust_remote_code=config.trust_remote_code,
+                **config.vllm_options(),
+            )
             try:
                 fp32_scored = _reference_scores(engine, dtypes, rollouts)
             finally:
@@ -105,7 +125,9 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, force
     for dtype in dtypes:
         engine_side[dtype]["fp32"] = fp32_scored[dtype]
 
-    trainer_side, layers, topk_frames, routes = _trainer_side(config, inputs, dtypes, rollouts, engine_side, stage, stage_bar, routing)
+    trainer_side, layers, topk_frames, routes = _trainer_side(
+        config, inputs, dtypes, rollouts, engine_side, stage, stage_bar, routing
+    )
 
     with stage("metrics"):
         tokens = _tokens_frame(rollouts, engine_side, trainer_side, inputs.tokenizer, config.samples)
@@ -153,23 +175,43 @@ def _trainer_side(config, inputs, dtypes, rollouts, engine_side, stage, stage_ba
                 {
                     "trainer_dtype": trainer_dtype,
                     "layers": [
-                        {"index": i, "name": _layer_name(i, len(errors)), "relative_error": err, "max_abs_activation": peaks.get(i - 1), "fraction_of_fp16_limit": None if peaks.get(i - 1) is None else peaks[i - 1] / FP16_MAX}
+                        {
+                            "index": i,
+                            "name": _layer_name(i, len(errors)),
+                            "relative_error": err,
+                            "max_abs_activation": peaks.get(i - 1),
+                            "fraction_of_fp16_limit": None if peaks.get(i - 1) is None else peaks[i - 1] / FP16_MAX,
+                        }
                         for i, err in enumerate(errors)
                     ],
                 }
             )
             for dtype in dtypes:
-                if routing and trainer_dtype in (REFERENCE_DTYPE, dtype) and all(r.routed_experts is not None for r in rollouts[dtype]):
+                if (
+                    routing
+                    and trainer_dtype in (REFERENCE_DTYPE, dtype)
+                    and all(r.routed_experts is not None for r in rollouts[dtype])
+                ):
                     routes[dtype, trainer_dtype] = response_routing(model, rollouts[dtype], pad_id)
                 if trainer_dtype == REFERENCE_DTYPE:
                     advance = stage_bar(f"trainer fp32 on {dtype}", len(rollouts[dtype]))
-                    trainer[dtype]["fp32"] = rescore(model, REFERENCE_DTYPE, rollouts[dtype], 1.0, pad_id=pad_id, progress=advance)["logp_trainer"]
+                    trainer[dtype]["fp32"] = rescore(
+                        model, REFERENCE_DTYPE, rollouts[dtype], 1.0, pad_id=pad_id, progress=advance
+                    )["logp_trainer"]
                 if trainer_dtype == dtype:
                     advance = stage_bar(f"trainer {dtype}", len(rollouts[dtype]))
-                    trainer[dtype]["batched"] = rescore(model, dtype, rollouts[dtype], 1.0, pad_id=pad_id, progress=advance)["logp_trainer"]
-                    trainer[dtype]["alone"] = score_alone(model, dtype, rollouts[dtype][: config.alone_sequences], pad_id)
+                    trainer[dtype]["batched"] = rescore(
+                        model, dtype, rollouts[dtype], 1.0, pad_id=pad_id, progress=advance
+                    )["logp_trainer"]
+                    trainer[dtype]["alone"] = score_alone(
+                        model, dtype, rollouts[dtype][: config.alone_sequences], pad_id
+                    )
                     ids = [seq_id(r.prompt_index, r.sample_index, config.samples) for r in rollouts[dtype]]
-                    topk_frames.append(topk_rows(model, dtype, rollouts[dtype], engine_side[dtype]["prefill"], config.topk, ids).assign(engine_dtype=dtype))
+                    topk_frames.append(
+                        topk_rows(
+                            model, dtype, rollouts[dtype], engine_side[dtype]["prefill"], config.topk, ids
+                        ).assign(engine_dtype=dtype)
+                    )
             del model
     return trainer, layers, topk_frames, routes
 
@@ -180,8 +222,16 @@ def _pair_rows(tokens: pd.DataFrame) -> pd.DataFrame:
     keys = ["engine_dtype", "seq_id", "position"]
     return pd.concat(
         [
-            tokens[keys].assign(trainer_dtype=tokens["engine_dtype"], logp_engine=tokens["logp_engine_decode"], logp_trainer=tokens["logp_trainer"]),
-            tokens[keys].assign(trainer_dtype=REFERENCE_DTYPE, logp_engine=tokens["logp_engine_decode"], logp_trainer=tokens["logp_trainer_fp32"]),
+            tokens[keys].assign(
+                trainer_dtype=tokens["engine_dtype"],
+                logp_engine=tokens["logp_engine_decode"],
+                logp_trainer=tokens["logp_trainer"],
+            ),
+            tokens[keys].assign(
+                trainer_dtype=REFERENCE_DTYPE,
+                logp_engine=tokens["logp_engine_decode"],
+                logp_trainer=tokens["logp_trainer_fp32"],
+            ),
         ],
         ignore_index=True,
     )
@@ -196,6 +246,7 @@ def _tokens_frame(rollouts, engine_side, trainer_side, tokenizer, samples: int) 
     frames = []
     for dtype, group in rollouts.items():
         lengths = np.array([len(r.response_ids) for r in group])
+
         def flat(per_seq):  # sequences past the end of `per_seq` (scored alone only up to a count) get NaN
             values = [np.asarray(x, dtype=np.float64) for x in per_seq]
             return np.concatenate(values + [np.full(n, np.nan) for n in lengths[len(values) :]])
@@ -229,7 +280,9 @@ def component_table(tokens: pd.DataFrame, seed: int = 0) -> list[dict]:
             if dtype == REFERENCE_DTYPE and name in PRECISION_ONLY:
                 continue
             scored = group.dropna(subset=[reference, compared])  # the alone scorings cover the first sequences only
-            m = pair_metrics(scored[compared], scored[reference], scored["seq_id"], seed=seed, prompt_ids=scored["prompt_index"])
+            m = pair_metrics(
+                scored[compared], scored[reference], scored["seq_id"], seed=seed, prompt_ids=scored["prompt_index"]
+            )
             rows.append(
                 {
                     "name": name,
@@ -258,7 +311,12 @@ def dominant_components(components: list[dict]) -> dict[str, dict]:
         ranked = sorted((c for c in mine if c["name"] != "total"), key=lambda c: -c["k3"])
         top = ranked[0]
         close = [c["name"] for c in ranked[1:] if top["k3"] > 0 and c["k3"] >= CLOSE * top["k3"]]
-        dominant[dtype] = {"name": top["name"], "k3": top["k3"], "share_of_total": top["k3"] / total if total > 0 else None, "close": close}
+        dominant[dtype] = {
+            "name": top["name"],
+            "k3": top["k3"],
+            "share_of_total": top["k3"] / total if total > 0 else None,
+            "close": close,
+        }
     return dominant
 
 
@@ -268,9 +326,15 @@ def topk_summary(topk: pd.DataFrame, k: int) -> list[dict]:
     lower bound of the full distance), with the mass each side puts there."""
     out = []
     for dtype, group in topk.groupby("engine_dtype", sort=False):
-        per_position = group.assign(p_engine=np.exp(group["logp_engine"]), p_trainer=np.exp(group["logp_trainer"])).groupby(["seq_id", "position"])
-        stats = per_position.agg(overlap=("in_trainer_topk", "mean"), mass_engine=("p_engine", "sum"), mass_trainer=("p_trainer", "sum"))
-        tv = per_position.apply(lambda g: 0.5 * float(np.abs(g["p_engine"] - g["p_trainer"]).sum()), include_groups=False)
+        per_position = group.assign(
+            p_engine=np.exp(group["logp_engine"]), p_trainer=np.exp(group["logp_trainer"])
+        ).groupby(["seq_id", "position"])
+        stats = per_position.agg(
+            overlap=("in_trainer_topk", "mean"), mass_engine=("p_engine", "sum"), mass_trainer=("p_trainer", "sum")
+        )
+        tv = per_position.apply(
+            lambda g: 0.5 * float(np.abs(g["p_engine"] - g["p_trainer"]).sum()), include_groups=False
+        )
         out.append(
             {
                 "engine_dtype": dtype,
@@ -306,10 +370,18 @@ def recommend_diagnosis(components: list[dict], routing: list[dict] | None = Non
     dominant = dominant_components(components)
     parts, actions = [], []
     for dtype, top in dominant.items():
-        share = f"{100 * top['share_of_total']:.0f}% of the total k3" if top["share_of_total"] is not None else "the total is 0"
+        share = (
+            f"{100 * top['share_of_total']:.0f}% of the total k3"
+            if top["share_of_total"] is not None
+            else "the total is 0"
+        )
         behind = f", with {' and '.join(top['close'])} close behind" if top["close"] else ""
         parts.append(f"{dtype}: {top['name']} dominates (k3 {top['k3']:.2e}, {share}){behind}")
         actions += [ACTIONS[name] for name in [top["name"], *top["close"]] if ACTIONS[name] not in actions]
-    verdict = {"verdict": "diagnosed", "summary": "; ".join(parts) + ".", "actions": actions, "dominant": {d: t["name"] for d, t in dominant.items()}}
+    verdict = {
+        "verdict": "diagnosed",
+        "summary": "; ".join(parts) + ".",
+        "actions": actions,
+        "dominant": {d: t["name"] for d, t in dominant.items()},
+    }
     return with_router_replay(verdict, routing or [])
-

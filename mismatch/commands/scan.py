@@ -28,7 +28,17 @@ from mismatch.stats.measures import Measures
 from mismatch.verdict.gate import evaluate
 from mismatch.verdict.recommend import recommend
 
-RESUME_KEYS = ("model", "engine", "sampling", "prompts", "num_prompts", "samples", "chat_template", "max_model_len", "lora")
+RESUME_KEYS = (
+    "model",
+    "engine",
+    "sampling",
+    "prompts",
+    "num_prompts",
+    "samples",
+    "chat_template",
+    "max_model_len",
+    "lora",
+)
 
 
 def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool = False, force: bool = False) -> dict:
@@ -41,7 +51,9 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
     out = config.out
     if resume:
         if config.lora:
-            raise ResumeError("--resume does not cover --lora scans yet (two models' outputs); run the scan again without --resume")
+            raise ResumeError(
+                "--resume does not cover --lora scans yet (two models' outputs); run the scan again without --resume"
+            )
         saved = _resumable(config)
     else:
         runs.check_output_dir(out, force)
@@ -57,26 +69,61 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
     rollouts: dict[str, list[Rollout]] = {d: r for d, r in saved.items() if d in [*config.dtypes, REFERENCE_DTYPE]}
     with stage("check_dtypes"):
         probe = semantic_probe_plan(config, model_path, len(prompt_ids))
-        asked = [d for d in dict.fromkeys([*config.dtypes, *([REFERENCE_DTYPE] if probe["prompts"] else [])]) if d not in rollouts]
+        asked = [
+            d
+            for d in dict.fromkeys([*config.dtypes, *([REFERENCE_DTYPE] if probe["prompts"] else [])])
+            if d not in rollouts
+        ]
         summary["refused_dtypes"] = refused_dtypes(config.engine, model_path, asked, config.trust_remote_code)
         accepted = [d for d in config.dtypes if d not in summary["refused_dtypes"]]
         if not accepted:
-            raise EngineError(f"{config.engine} refuses every requested dtype for this model: " + "; ".join(f"{d}: {r}" for d, r in summary["refused_dtypes"].items()))
+            raise EngineError(
+                f"{config.engine} refuses every requested dtype for this model: "
+                + "; ".join(f"{d}: {r}" for d, r in summary["refused_dtypes"].items())
+            )
         if REFERENCE_DTYPE in summary["refused_dtypes"]:
             probe = {"prompts": 0, "skipped": f"the engine refuses fp32 ({summary['refused_dtypes'][REFERENCE_DTYPE]})"}
         summary["semantic_probe"] = probe
     requests = [(d, prompt_ids, config.samples) for d in accepted]
     if probe["prompts"] and REFERENCE_DTYPE not in accepted:  # FP32 engine on a few prompts: the probe
         requests.append((REFERENCE_DTYPE, prompt_ids[: probe["prompts"]], 1))
-    pairs = scan_pairs(config, accepted, list(summary["refused_dtypes"]), REFERENCE_DTYPE in rollouts or any(d == REFERENCE_DTYPE for d, _, _ in requests))
+    pairs = scan_pairs(
+        config,
+        accepted,
+        list(summary["refused_dtypes"]),
+        REFERENCE_DTYPE in rollouts or any(d == REFERENCE_DTYPE for d, _, _ in requests),
+    )
     summary["reference"] = reference_plan(config, model_path)
     routing = config.engine == "vllm" and is_moe(model_path, config.trust_remote_code)
-    rollouts, scores, routes = sample_and_rescore(config, Side(model_path, config.lora, out / runs.ROLLOUTS, routing=routing), requests, pairs, tokenizer, log, progress, rollouts)
+    rollouts, scores, routes = sample_and_rescore(
+        config,
+        Side(model_path, config.lora, out / runs.ROLLOUTS, routing=routing),
+        requests,
+        pairs,
+        tokenizer,
+        log,
+        progress,
+        rollouts,
+    )
     if config.lora:  # the same scan of the base with the adapter merged in: what the adapter path adds
         with stage("merge_adapter"):
-            folder = merge_into(model_path, config.lora, Path(tempfile.mkdtemp(prefix=".merged-model-", dir=out)), config.trust_remote_code)
+            folder = merge_into(
+                model_path,
+                config.lora,
+                Path(tempfile.mkdtemp(prefix=".merged-model-", dir=out)),
+                config.trust_remote_code,
+            )
         try:
-            merged_rollouts, merged_scores, _ = sample_and_rescore(config, Side(folder, None, out / runs.MERGED_ROLLOUTS, "merged"), requests, pairs, tokenizer, log, progress, {})
+            merged_rollouts, merged_scores, _ = sample_and_rescore(
+                config,
+                Side(folder, None, out / runs.MERGED_ROLLOUTS, "merged"),
+                requests,
+                pairs,
+                tokenizer,
+                log,
+                progress,
+                {},
+            )
         finally:
             shutil.rmtree(folder)
 
@@ -90,7 +137,11 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
             merged_tokens, merged_measures = measured(merged_rollouts, merged_scores, tokenizer, config)
             runs.write_parquet(out / runs.MERGED_TOKENS, merged_tokens)
             merged_pairs = merged_measures.pair_rows()
-            summary["lora"] = {"adapter": asdict(read_adapter(config.lora)) | {"path": str(config.lora)}, "merged_pairs": merged_pairs, "comparison": adapter_gap(pairs_list, merged_pairs)}
+            summary["lora"] = {
+                "adapter": asdict(read_adapter(config.lora)) | {"path": str(config.lora)},
+                "merged_pairs": merged_pairs,
+                "comparison": adapter_gap(pairs_list, merged_pairs),
+            }
             metrics = pd.concat([metrics.assign(variant="lora"), pd.DataFrame(merged_pairs).assign(variant="merged")])
         runs.write_csv(out / runs.METRICS_CSV, metrics)
         if routes:
@@ -104,7 +155,13 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
             "audit": audit,
             "audit_by_pair": audit_by_pair,
             "recommendation": recommend(
-                pairs_list, summary.get("fp16_headroom"), summary["refused_dtypes"], summary["semantic_probe"], config.engine, summary.get("lora", {}).get("comparison"), summary.get("routing", {}).get("gap")
+                pairs_list,
+                summary.get("fp16_headroom"),
+                summary["refused_dtypes"],
+                summary["semantic_probe"],
+                config.engine,
+                summary.get("lora", {}).get("comparison"),
+                summary.get("routing", {}).get("gap"),
             ),
         }
         if config.fail_on:
@@ -115,7 +172,9 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
     return summary
 
 
-def measured(rollouts: dict[str, list[Rollout]], scores: dict, tokenizer, config: ScanConfig) -> tuple[pd.DataFrame, Measures]:
+def measured(
+    rollouts: dict[str, list[Rollout]], scores: dict, tokenizer, config: ScanConfig
+) -> tuple[pd.DataFrame, Measures]:
     """The token rows of a scanned model and everything measured on them."""
     tokens = runs.tokens_frame(rollouts, scores, tokenizer, config.samples)
     measures = Measures(seed=config.sampling.seed)
@@ -135,7 +194,16 @@ class Side:
     routing: bool = False  # an MoE model on vLLM: record the engine's and each trainer's experts
 
 
-def sample_and_rescore(config: ScanConfig, side: Side, requests: list, pairs: list[tuple[str, str]], tokenizer, log: runs.RunLog, progress: Progress, rollouts: dict[str, list[Rollout]]):
+def sample_and_rescore(
+    config: ScanConfig,
+    side: Side,
+    requests: list,
+    pairs: list[tuple[str, str]],
+    tokenizer,
+    log: runs.RunLog,
+    progress: Progress,
+    rollouts: dict[str, list[Rollout]],
+):
     """Engine outputs (μ) for each (engine dtype, prompts, samples) request not already in `rollouts`,
     then the trainer's π for every pair: ({engine dtype: rollouts}, {pair: scores}, {pair: trainer
     routing}). The FP16 trainer's activation headroom of the scanned model goes into the summary."""
@@ -147,7 +215,14 @@ def sample_and_rescore(config: ScanConfig, side: Side, requests: list, pairs: li
             continue
         with stage(f"{prefix}engine_start_{dtype}"):
             options = config.vllm_options() | ({"record_routing": True} if side.routing else {})
-            engine = start_engine(config.engine, side.model_path, dtype, trust_remote_code=config.trust_remote_code, lora=side.lora, **options)
+            engine = start_engine(
+                config.engine,
+                side.model_path,
+                dtype,
+                trust_remote_code=config.trust_remote_code,
+                lora=side.lora,
+                **options,
+            )
         with stage(f"{prefix}generate_{dtype}"):
             advance = progress.stage(f"{label}generate {config.engine} {dtype}", len(prompts_for) * samples)
             try:
@@ -161,7 +236,9 @@ def sample_and_rescore(config: ScanConfig, side: Side, requests: list, pairs: li
     routes: dict[tuple[str, str], tuple] = {}
     for trainer_dtype in dict.fromkeys(t for _, t in pairs):
         with stage(f"{prefix}rescore_{trainer_dtype}"):
-            model = load_trainer(side.model_path, trainer_dtype, trust_remote_code=config.trust_remote_code, lora=side.lora)
+            model = load_trainer(
+                side.model_path, trainer_dtype, trust_remote_code=config.trust_remote_code, lora=side.lora
+            )
             watch = ActivationPeak(model) if trainer_dtype == "fp16" and not side.name else contextlib.nullcontext()
             with watch:
                 for engine_dtype in [e for e, t in pairs if t == trainer_dtype]:
@@ -171,7 +248,15 @@ def sample_and_rescore(config: ScanConfig, side: Side, requests: list, pairs: li
                         chosen = chosen[: config.reference_sequences()]  # the first N, or all
                         text += f" (reference: {len(chosen)} of {len(rollouts[engine_dtype])} sequences, {log.summary['reference']['fp32_gib']:.2f} GiB of FP32 weights)"
                     advance = progress.stage(text, len(chosen))
-                    scores[engine_dtype, trainer_dtype] = rescore(model, trainer_dtype, chosen, config.sampling.temperature, config.sampling.top_p, pad_id, advance)
+                    scores[engine_dtype, trainer_dtype] = rescore(
+                        model,
+                        trainer_dtype,
+                        chosen,
+                        config.sampling.temperature,
+                        config.sampling.top_p,
+                        pad_id,
+                        advance,
+                    )
                     if side.routing and all(r.routed_experts is not None for r in chosen):  # resumed outputs carry none
                         routes[engine_dtype, trainer_dtype] = response_routing(model, chosen, pad_id)
             if isinstance(watch, ActivationPeak):
@@ -180,7 +265,9 @@ def sample_and_rescore(config: ScanConfig, side: Side, requests: list, pairs: li
     return rollouts, {pair: scores[pair] for pair in pairs}, routes  # table rows in the configured order
 
 
-def scan_pairs(config: ScanConfig, accepted: list[str], refused: list[str], reference_generated: bool) -> list[tuple[str, str]]:
+def scan_pairs(
+    config: ScanConfig, accepted: list[str], refused: list[str], reference_generated: bool
+) -> list[tuple[str, str]]:
     """The configured pairs of the dtypes the engine accepted; each refused dtype on the trainer side
     of every accepted one (its headroom and gap are the only FP16 evidence left); and the semantic
     probe, FP32 engine against FP32 trainer, when it ran."""
@@ -201,13 +288,20 @@ def semantic_probe_plan(config: ScanConfig, model_path, n_prompts: int) -> dict:
         return {"prompts": 0, "skipped": "--reference none (the probe is scored by the FP32 trainer)"}
     need, available = fp32_footprint(model_path), available_memory()
     if need > 0.8 * available:
-        return {"prompts": 0, "skipped": f"an FP32 copy of the model needs {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"}
+        return {
+            "prompts": 0,
+            "skipped": f"an FP32 copy of the model needs {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available",
+        }
     return {"prompts": min(config.semantic_probe, n_prompts)}
 
 
 def reference_plan(config: ScanConfig, model_path) -> dict:
     """What the FP32 reference costs and covers, known before it loads: summary.json `reference`."""
-    return {"sequences": config.reference, "fp32_gib": round(fp32_footprint(model_path) / 2**30, 3), "available_gib": round(available_memory() / 2**30, 3)}
+    return {
+        "sequences": config.reference,
+        "fp32_gib": round(fp32_footprint(model_path) / 2**30, 3),
+        "available_gib": round(available_memory() / 2**30, 3),
+    }
 
 
 def _resumable(config: ScanConfig) -> dict[str, list[Rollout]]:
@@ -216,7 +310,11 @@ def _resumable(config: ScanConfig) -> dict[str, list[Rollout]]:
         raise ResumeError(f"--resume: {config.out} holds no scan to resume (no summary.json)")
     previous = runs.read_summary(config.out, ("scan",))["config"]
     current = config.to_json()
-    changed = [f"--{k.replace('_', '-')} ({previous.get(k)} then, {current.get(k)} now)" for k in RESUME_KEYS if previous.get(k) != current.get(k)]
+    changed = [
+        f"--{k.replace('_', '-')} ({previous.get(k)} then, {current.get(k)} now)"
+        for k in RESUME_KEYS
+        if previous.get(k) != current.get(k)
+    ]
     if changed:
         raise ResumeError(f"--resume: the saved run in {config.out} used other settings: {', '.join(changed)}")
     return runs.read_rollouts(config.out)

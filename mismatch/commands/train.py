@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -68,7 +68,9 @@ class Trainer:
     """One run of the loop in one dtype: the policy (FP32 masters + compute model, `train.policy`),
     its optimiser and the live engine."""
 
-    def __init__(self, config: TrainConfig, dtype: str, reward_fn: Callable[[str, str], float] = reward, live: Path | None = None):
+    def __init__(
+        self, config: TrainConfig, dtype: str, reward_fn: Callable[[str, str], float] = reward, live: Path | None = None
+    ):
         """`live`: where a LoRA policy writes the adapter folders the engine loads (removed at close)."""
         self.config, self.dtype = config, dtype
         self.reward_fn = reward_fn
@@ -81,16 +83,37 @@ class Trainer:
         torch.manual_seed(config.seed)
         if config.lora_rank:
             live = live or Path(tempfile.mkdtemp(prefix="mismatch-adapter-"))
-            self.policy = LoraPolicy(self.model_path, dtype, self.device, config.lora_rank, config.lora_alpha, config.lora_target_modules, live)
+            self.policy = LoraPolicy(
+                self.model_path,
+                dtype,
+                self.device,
+                config.lora_rank,
+                config.lora_alpha,
+                config.lora_target_modules,
+                live,
+            )
         else:
             self.policy = FullPolicy(self.model_path, dtype, self.device)
         self.compute = self.policy.compute
         self.optimizer = torch.optim.AdamW(list(self.policy.masters.values()), lr=config.lr, weight_decay=0.0)
         self.scaler = DynamicLossScaler(enabled=dtype == "fp16")
         self.order = np.random.default_rng(config.seed).permutation(len(self.tasks))
-        self.sleeps = config.engine == "vllm" and (config.sleep if config.sleep is not None else self.device.type == "cuda")
-        extra = {"seed": config.seed, "gpu_memory_utilization": engine_share(config, self.device, self.policy.masters.values()), "max_model_len": config.max_model_len, "sleep_mode": self.sleeps}
-        self.engine = start_engine(config.engine, self.model_path, dtype, **self.policy.engine_options(), **(extra if config.engine == "vllm" else {}))
+        self.sleeps = config.engine == "vllm" and (
+            config.sleep if config.sleep is not None else self.device.type == "cuda"
+        )
+        extra = {
+            "seed": config.seed,
+            "gpu_memory_utilization": engine_share(config, self.device, self.policy.masters.values()),
+            "max_model_len": config.max_model_len,
+            "sleep_mode": self.sleeps,
+        }
+        self.engine = start_engine(
+            config.engine,
+            self.model_path,
+            dtype,
+            **self.policy.engine_options(),
+            **(extra if config.engine == "vllm" else {}),
+        )
 
     def batch_indices(self, step: int) -> list[int]:
         n = self.config.prompts_per_step
@@ -99,17 +122,23 @@ class Trainer:
     def step(self, step: int) -> StepResult:
         config, start = self.config, time.perf_counter()
         chosen = self.batch_indices(step)
-        sampling = Sampling(temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed * 100_003 + step)
+        sampling = Sampling(
+            temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed * 100_003 + step
+        )
         rollouts = self.engine.generate([self.prompt_ids[i] for i in chosen], config.group_size, sampling)
         generated = time.perf_counter()
         if self.sleeps:
             self.engine.sleep()  # the learner step gets the engine's memory
         texts = self.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-        rewards = torch.tensor([self.reward_fn(text, self.tasks[chosen[r.prompt_index]].answer) for text, r in zip(texts, rollouts)])
+        rewards = torch.tensor(
+            [self.reward_fn(text, self.tasks[chosen[r.prompt_index]].answer) for text, r in zip(texts, rollouts)]
+        )
         advantages = group_advantages(rewards, config.group_size).to(self.device)
 
         lengths = [len(r.response_ids) for r in rollouts]
-        logp_engine = torch.tensor([lp for r in rollouts for lp in r.logp_engine], dtype=torch.float32, device=self.device)
+        logp_engine = torch.tensor(
+            [lp for r in rollouts for lp in r.logp_engine], dtype=torch.float32, device=self.device
+        )
         loss, logp_old, entropy = self._learn(rollouts, logp_engine, advantages)
         grad_norm, finite = self._apply_gradients()
         if self.sleeps:
@@ -148,7 +177,9 @@ class Trainer:
         }
         return StepResult(row, tokens)
 
-    def _learn(self, rollouts, logp_engine: torch.Tensor, advantages: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def _learn(
+        self, rollouts, logp_engine: torch.Tensor, advantages: torch.Tensor
+    ) -> tuple[float, torch.Tensor, torch.Tensor]:
         """Backpropagate the loss through the compute copy in micro-batches; memory stays bounded.
 
         Pass 1 (no grad) gives log π_θ′ and the entropy; the loss's gradient with respect to each
@@ -157,7 +188,12 @@ class Trainer:
         """
         config = self.config
         groups = list(token_batches(list(range(len(rollouts))), rollouts, MICRO_BATCH_TOKENS))
-        batches = [pad_batch([rollouts[i].prompt_ids for i in g], [rollouts[i].response_ids for i in g], self.pad_id, self.device) for g in groups]
+        batches = [
+            pad_batch(
+                [rollouts[i].prompt_ids for i in g], [rollouts[i].response_ids for i in g], self.pad_id, self.device
+            )
+            for g in groups
+        ]
         with torch.no_grad(), compute_context(self.dtype, self.device):
             parts = [response_logprobs(self.compute, b, config.temperature, with_entropy=True) for b in batches]
         logp_old, entropy = torch.cat([p.logp for p in parts]), torch.cat([p.entropy for p in parts])
@@ -215,7 +251,9 @@ def to_padded(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return torch.nn.utils.rnn.pad_sequence(list(torch.split(flat, lengths)), batch_first=True)
 
 
-def run_training(config: TrainConfig, on_step: Callable[[str, dict], None] | None = None, force: bool = False) -> list[dict]:
+def run_training(
+    config: TrainConfig, on_step: Callable[[str, dict], None] | None = None, force: bool = False
+) -> list[dict]:
     """One run per dtype of `config.dtypes` (same seed and data order), then one report.html over
     all of them in `config.out`. Ctrl-C ends the current run cleanly with what it has, and the
     runs after it are not started. Returns each run's summary."""
@@ -229,11 +267,16 @@ def run_training(config: TrainConfig, on_step: Callable[[str, dict], None] | Non
         summaries.append(train_one(config, dtype, folder, log_step))
         if summaries[-1]["interrupted"]:
             break
-    runs.write_text(config.out / runs.REPORT_HTML, render_training({d: f for d, f in folders.items() if (f / runs.STEP_METRICS).is_file()}))
+    runs.write_text(
+        config.out / runs.REPORT_HTML,
+        render_training({d: f for d, f in folders.items() if (f / runs.STEP_METRICS).is_file()}),
+    )
     return summaries
 
 
-def train_one(config: TrainConfig, dtype: str, out: Path, on_step: Callable[[dict], None] | None = None, reward_fn=reward) -> dict:
+def train_one(
+    config: TrainConfig, dtype: str, out: Path, on_step: Callable[[dict], None] | None = None, reward_fn=reward
+) -> dict:
     """Train in `dtype` into `out`: metrics.csv after every step; at the end metrics.parquet,
     tokens.parquet (μ and π_θ′ per token and step), checkpoints and summary.json."""
     import pandas as pd
@@ -258,7 +301,9 @@ def train_one(config: TrainConfig, dtype: str, out: Path, on_step: Callable[[dic
         trainer.close()
     runs.write_train_steps(out, rows, final=True)
     if tokens:
-        runs.write_parquet(out / runs.TOKENS, pd.concat(tokens, ignore_index=True).assign(engine_dtype=dtype, trainer_dtype=dtype))
+        runs.write_parquet(
+            out / runs.TOKENS, pd.concat(tokens, ignore_index=True).assign(engine_dtype=dtype, trainer_dtype=dtype)
+        )
     trainer.save(out / "checkpoint-final")
     log.summary |= {"interrupted": interrupted, "steps_done": len(rows)}
     log.finish(complete=not interrupted)

@@ -7,8 +7,8 @@ a dump without `step` is one chunk.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,9 @@ SUFFIXES = (".parquet", ".jsonl")
 LIST_COLUMNS = ("token_id", "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "loss_mask")
 BATCH_ROWS = 65_536
 POSITIVE_LIMIT = 0.5  # a log-prob computed in BF16 can round a little above 0; a probability or logit is far above
-EXPECTED = f"{', '.join(REQUIRED)} (and logp_trainer unless --model is given) per token, or the same as lists per sequence"
+EXPECTED = (
+    f"{', '.join(REQUIRED)} (and logp_trainer unless --model is given) per token, or the same as lists per sequence"
+)
 
 
 def files(paths: list[Path]) -> list[Path]:
@@ -47,7 +49,11 @@ def fields(path: Path) -> set[str]:
 
 def detect(paths: list[Path]) -> bool:
     found = files(paths)
-    return bool(found) and all(p.suffix in SUFFIXES and p.is_file() for p in found) and set(REQUIRED) - {"position"} <= fields(found[0])
+    return (
+        bool(found)
+        and all(p.suffix in SUFFIXES and p.is_file() for p in found)
+        and set(REQUIRED) - {"position"} <= fields(found[0])
+    )
 
 
 def read(paths: list[Path]) -> Iterator[Chunk]:
@@ -77,7 +83,9 @@ def _frames(found: list[Path]) -> Iterator[pd.DataFrame]:
 def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     """Sequence rows exploded into token rows (positions 0…n−1); token rows as they are."""
     if len(frame) and frame["token_id"].map(_is_list).any():
-        frame = frame[frame["token_id"].map(lambda ids: _is_list(ids) and len(ids) > 0)].reset_index(drop=True)  # an empty response has no token
+        frame = frame[frame["token_id"].map(lambda ids: _is_list(ids) and len(ids) > 0)].reset_index(
+            drop=True
+        )  # an empty response has no token
         lists = [c for c in LIST_COLUMNS if c in frame]
         lengths = frame["token_id"].map(len)
         for column in lists[1:]:  # a null list (π of a μ-only sequence, no mask) is NaN (all True) at every position
@@ -87,7 +95,9 @@ def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
             if not (frame[column].map(len) == lengths).all():
                 raise DumpError(f"{path}: {column} and token_id have different lengths in some sequence")
         if "prompt_ids" in frame:
-            frame["response_ids"] = frame["token_id"]  # the whole response, tool tokens included: the context to rescore
+            frame["response_ids"] = frame[
+                "token_id"
+            ]  # the whole response, tool tokens included: the context to rescore
         frame = frame.explode(lists, ignore_index=True)
         frame["position"] = _positions(lengths)
         if "loss_mask" in frame:  # a response with tool output: only its sampled tokens are measured
@@ -101,14 +111,22 @@ def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(np.float64)
     for column in ("logp_engine", "logp_trainer"):
         if column in frame and (frame[column] > POSITIVE_LIMIT).any():
-            raise DumpError(f"{path}: {column} has values above {POSITIVE_LIMIT}: it must hold log-probabilities (≤ 0), not probabilities or logits")
+            raise DumpError(
+                f"{path}: {column} has values above {POSITIVE_LIMIT}: it must hold log-probabilities (≤ 0), not probabilities or logits"
+            )
     if "prompt_index" in frame and frame["prompt_index"].isna().any():  # a sequence without a prompt: its own unit
-        frame["prompt_index"] = frame["prompt_index"].astype(object).where(frame["prompt_index"].notna(), "sequence " + frame["seq_id"].astype(str))
+        frame["prompt_index"] = (
+            frame["prompt_index"]
+            .astype(object)
+            .where(frame["prompt_index"].notna(), "sequence " + frame["seq_id"].astype(str))
+        )
     for column in ("seq_id", "prompt_index"):  # ids may be strings (uuids): hashed, the same in every batch
         if column in frame and not pd.api.types.is_integer_dtype(frame[column]):
             numeric = pd.to_numeric(frame[column], errors="coerce")
             whole = numeric.notna().all() and (numeric % 1 == 0).all()
-            frame[column] = numeric if whole else pd.util.hash_array(frame[column].astype(str).to_numpy()).view(np.int64)
+            frame[column] = (
+                numeric if whole else pd.util.hash_array(frame[column].astype(str).to_numpy()).view(np.int64)
+            )
     for column in ("seq_id", "position", "token_id", "step"):
         if column in frame:
             if frame[column].isna().any():
@@ -161,7 +179,9 @@ def _chunk(frames: list[pd.DataFrame]) -> Chunk:
                 continue
             if "response_ids" in rows:
                 contexts[int(seq)] = ([int(i) for i in prompt], [int(i) for i in rows["response_ids"].iat[0]])
-            elif np.array_equal(rows["position"].to_numpy(), np.arange(len(rows))):  # token rows: the response is the rows
+            elif np.array_equal(
+                rows["position"].to_numpy(), np.arange(len(rows))
+            ):  # token rows: the response is the rows
                 contexts[int(seq)] = ([int(i) for i in prompt], rows["token_id"].astype(int).tolist())
         tokens = tokens.drop(columns=[c for c in ("prompt_ids", "response_ids") if c in tokens])
     return Chunk(tokens, contexts)

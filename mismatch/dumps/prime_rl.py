@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -54,7 +54,9 @@ def read(paths: list[Path]) -> Iterator[Chunk]:
         record = first_record(path)
         if record is None or not {*FIELDS, "step", "rank"} <= set(record):
             raise DumpError(f"{path}: not {EXPECTED}")
-        by_step[int(record.get("export_step", record["step"]))].append((int(record["rank"]), path))  # multi-run exports: the run's step
+        by_step[int(record.get("export_step", record["step"]))].append(
+            (int(record["rank"]), path)
+        )  # multi-run exports: the run's step
     for step in sorted(by_step):
         frames, contexts = [], {}
         for _, path in sorted(by_step[step]):
@@ -108,6 +110,7 @@ def _columns(record: dict, where: str) -> dict[str, np.ndarray]:
     }
     if len({len(c) for c in columns.values()}) > 1:
         lengths = ", ".join(f"{name} {len(c)}" for name, c in columns.items())
-        raise DumpError(f"{where}: the per-token lists differ in length ({lengths}); the record is truncated or not a token export")
+        raise DumpError(
+            f"{where}: the per-token lists differ in length ({lengths}); the record is truncated or not a token export"
+        )
     return columns
-

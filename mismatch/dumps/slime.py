@@ -13,8 +13,9 @@ are left out: the trainer never sees them.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -55,7 +56,9 @@ def _load(path: Path) -> dict[str, Any]:
     except Exception as exc:  # a non-torch file fails in many ways (zip, pickle, missing class)
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise DumpError(f"{path}: torch.load failed ({reason}); {EXPECTED}") from None
-    if not (isinstance(dump, dict) and isinstance(dump.get("rollout_id"), int) and isinstance(dump.get("samples"), list)):
+    if not (
+        isinstance(dump, dict) and isinstance(dump.get("rollout_id"), int) and isinstance(dump.get("samples"), list)
+    ):
         raise DumpError(f"{path}: {EXPECTED}")
     if "format_version" in dump:
         raise DumpError(f"{path}: a --save-debug-train-data dump; {EXPECTED}")
@@ -86,7 +89,9 @@ def read(paths: list[Path]) -> Iterator[Chunk]:
             yield Chunk(pd.concat(frames, ignore_index=True), contexts)
 
 
-def _sequences(samples: list, step: int, path: Path, contexts: dict[int, tuple[list[int], list[int]]]) -> list[pd.DataFrame]:
+def _sequences(
+    samples: list, step: int, path: Path, contexts: dict[int, tuple[list[int], list[int]]]
+) -> list[pd.DataFrame]:
     """The trainable response tokens of one rollout's samples, a frame per sample; each sample's
     (prompt, response) token ids go to `contexts`."""
     indices = [s.get("index") if isinstance(s, dict) else None for s in samples]
@@ -99,12 +104,16 @@ def _sequences(samples: list, step: int, path: Path, contexts: dict[int, tuple[l
         tokens = np.asarray(sample["tokens"], dtype=np.int64)
         n = int(sample["response_length"])
         if sample["rollout_log_probs"] is None:
-            raise DumpError(f"{path}: sample {number} has no rollout_log_probs (its generate function did not keep the engine's log-probs)")
+            raise DumpError(
+                f"{path}: sample {number} has no rollout_log_probs (its generate function did not keep the engine's log-probs)"
+            )
         mu = np.asarray(sample["rollout_log_probs"], dtype=np.float64)
         mask = np.ones(n, dtype=bool) if sample.get("loss_mask") is None else np.asarray(sample["loss_mask"]) != 0
         for name, values in (("rollout_log_probs", mu), ("loss_mask", mask)):
             if len(values) != n:
-                raise DumpError(f"{path}: sample {number} has {len(values)} {name} for response_length {n}; the dump is inconsistent")
+                raise DumpError(
+                    f"{path}: sample {number} has {len(values)} {name} for response_length {n}; the dump is inconsistent"
+                )
         if sample.get("remove_sample"):
             mask[:] = False
         if not mask.any():

@@ -22,7 +22,17 @@ class StepWriter:
         self.step: int | None = None
         self.rows: list[dict] = []
 
-    def add(self, step: int, prompt_ids, response_ids, logp_engine, logp_trainer=None, prompt_index=None, temperature: float | None = None, loss_mask=None) -> None:
+    def add(
+        self,
+        step: int,
+        prompt_ids,
+        response_ids,
+        logp_engine,
+        logp_trainer=None,
+        prompt_index=None,
+        temperature: float | None = None,
+        loss_mask=None,
+    ) -> None:
         """Sequences of `step`: per sequence its prompt ids, response ids and per-token μ (and π);
         `loss_mask` (per token) marks the sampled tokens of a response that also holds tool output."""
         if step != self.step:

@@ -10,7 +10,16 @@ from mismatch.errors import ConfigError, EngineError
 ENGINES = ("vllm", "hf")
 
 
-def start_engine(name: str, model: Path, dtype: str, *, trust_remote_code: bool = False, lora: Path | None = None, isolated: bool = True, **vllm_options) -> Engine:
+def start_engine(
+    name: str,
+    model: Path,
+    dtype: str,
+    *,
+    trust_remote_code: bool = False,
+    lora: Path | None = None,
+    isolated: bool = True,
+    **vllm_options,
+) -> Engine:
     """Start engine `name` ("vllm" or "hf") on `model` in `dtype`, with the LoRA adapter folder `lora`
     applied if given; `vllm_options` go to `vllm.LLM` only.
 

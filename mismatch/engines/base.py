@@ -12,7 +12,9 @@ class Engine(Protocol):
     name: str
     dtype: str
 
-    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None) -> list[Rollout]:
+    def generate(
+        self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None
+    ) -> list[Rollout]:
         """`samples` responses per prompt, ordered prompt-major; deterministic for a given seed."""
         ...
 

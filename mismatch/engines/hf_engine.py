@@ -32,9 +32,13 @@ class HFEngine:
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else min(self.eos_ids, default=0)
         # transformers fills every field a call leaves unset from the model's generation_config
         # (repetition_penalty, top_k, min_p …): a bare one leaves exactly the processors the trainer applies.
-        self.model.generation_config = GenerationConfig(eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id)
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id
+        )
 
-    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None) -> list[Rollout]:
+    def generate(
+        self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None
+    ) -> list[Rollout]:
         todo = requests(len(prompts), samples)
         rollouts: list[Rollout] = []
         for start in range(0, len(todo), BATCH):
@@ -47,7 +51,9 @@ class HFEngine:
         return rollouts
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], keys: list[tuple[int, int]], sampling: Sampling) -> list[Rollout]:
+    def _generate_batch(
+        self, prompts: list[list[int]], keys: list[tuple[int, int]], sampling: Sampling
+    ) -> list[Rollout]:
         width = max(map(len, prompts))
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
@@ -77,12 +83,16 @@ class HFEngine:
         return rollouts
 
     def score(self, sequences, topk: int = 0, alone: bool = False):
-        raise EngineError("the hf engine has no separate prefill path to score: its prefill is the trainer's forward; use --engine vllm")
+        raise EngineError(
+            "the hf engine has no separate prefill path to score: its prefill is the trainer's forward; use --engine vllm"
+        )
 
     def load_adapter(self, path: Path) -> None:
         weights = adapter_weights(path)
         if unknown := sorted(set(weights) - dict(self.model.named_parameters()).keys()):
-            raise EngineError(f"the adapter in {path} does not fit the one the hf engine started with ({len(unknown)} tensors unknown, first {unknown[0]})")
+            raise EngineError(
+                f"the adapter in {path} does not fit the one the hf engine started with ({len(unknown)} tensors unknown, first {unknown[0]})"
+            )
         self.load_weights(weights)
 
     @torch.no_grad()

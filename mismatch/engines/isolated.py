@@ -40,7 +40,9 @@ class _Child:
             try:
                 kind, payload = self._pipe.recv()
             except EOFError:
-                raise errors.EngineError(f"the vllm engine process ended unexpectedly (exit code {self._process.exitcode}); run again with --engine hf to compare") from None
+                raise errors.EngineError(
+                    f"the vllm engine process ended unexpectedly (exit code {self._process.exitcode}); run again with --engine hf to compare"
+                ) from None
             if kind == "progress":
                 if progress:
                     progress(payload)
@@ -95,7 +97,9 @@ class IsolatedEngine:
             self._child.stop()
             raise
 
-    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None) -> list[Rollout]:
+    def generate(
+        self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None
+    ) -> list[Rollout]:
         return self._child.call("generate", prompts, samples, sampling, progress=progress)
 
     def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:

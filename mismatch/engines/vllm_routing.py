@@ -18,9 +18,9 @@ same capture hook on the tiny Qwen3-MoE and Mixtral of tests/families.py):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -51,10 +51,14 @@ def vllm_routing(llm) -> Iterator[dict[str, np.ndarray]]:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if not isinstance(llm.llm_engine.engine_core, InprocClient):
-        raise EngineError("recording vLLM's routing needs its engine core in this process: set VLLM_ENABLE_V1_MULTIPROCESSING=0")
+        raise EngineError(
+            "recording vLLM's routing needs its engine core in this process: set VLLM_ENABLE_V1_MULTIPROCESSING=0"
+        )
     (runner,) = llm.collective_rpc(lambda worker: worker.model_runner)
     if not isinstance(runner, GPUModelRunner):
-        raise EngineError(f"recording vLLM's routing needs its V1 model runner, not {type(runner).__name__}; use enable_return_routed_experts")
+        raise EngineError(
+            f"recording vLLM's routing needs its V1 model runner, not {type(runner).__name__}; use enable_return_routed_experts"
+        )
     moe = [m for m in runner.get_model().modules() if isinstance(m, MoERunner) and isinstance(m.router, BaseRouter)]
     if not moe:
         raise EngineError("vLLM's model has no MoE router whose routing can be recorded")
@@ -69,10 +73,14 @@ def vllm_routing(llm) -> Iterator[dict[str, np.ndarray]]:
         ids = topk_ids[:tokens].cpu().numpy()
         for r in np.unique(request):
             mine = request == r
-            key = runner.input_batch.req_ids[r].rsplit("-", 1)[0]  # vLLM appends "-" and 8 random characters to the caller's id
+            key = runner.input_batch.req_ids[r].rsplit("-", 1)[
+                0
+            ]  # vLLM appends "-" and 8 random characters to the caller's id
             table = routed.setdefault(key, np.full((0, *shape), NOT_ROUTED, dtype=np.int16))
             if (needed := int(position[mine].max()) + 1) > len(table):
-                table = routed[key] = np.concatenate([table, np.full((needed - len(table), *shape), NOT_ROUTED, dtype=np.int16)])
+                table = routed[key] = np.concatenate(
+                    [table, np.full((needed - len(table), *shape), NOT_ROUTED, dtype=np.int16)]
+                )
             table[position[mine], layer] = ids[mine]
 
     previous = [m.router.capture_fn for m in moe]
@@ -91,5 +99,7 @@ def scoring_rows(table: np.ndarray, prompt_len: int, response_len: int) -> np.nd
     rows = response_rows(table, prompt_len)[:response_len]
     moe_layers = table.max(axis=(0, 2)) != NOT_ROUTED
     if len(rows) != response_len or (rows[:, moe_layers] == NOT_ROUTED).any():
-        raise EngineError(f"vLLM's recorded routing does not cover the {response_len} response positions of a request; run without MoE routing (--engine hf)")
+        raise EngineError(
+            f"vLLM's recorded routing does not cover the {response_len} response positions of a request; run without MoE routing (--engine hf)"
+        )
     return rows

@@ -39,7 +39,9 @@ class MismatchDumpMixin:
     def __init__(self, *args, mismatch_dir: str | Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.mismatch_dir = Path(mismatch_dir) if mismatch_dir is not None else Path(self.args.output_dir) / "mismatch"
-        self._mismatch_writer = StepWriter(self.mismatch_dir, self.accelerator.process_index, self.accelerator.num_processes)
+        self._mismatch_writer = StepWriter(
+            self.mismatch_dir, self.accelerator.process_index, self.accelerator.num_processes
+        )
         self._mismatch_generations = 0  # generation batches so far: keeps group numbers unique across them
         self._mismatch_policy_step: int | None = None  # global_step when the buffered batch was sampled
         self._mismatch_pi: torch.Tensor | None = None
@@ -60,7 +62,9 @@ class MismatchDumpMixin:
         def generate_with_scores(*gen_args, **gen_kwargs):
             out = generate(*gen_args, output_scores=True, return_dict_in_generate=True, **gen_kwargs)
             tokens = out.sequences[:, -len(out.scores) :]
-            logps = [torch.log_softmax(s.float(), dim=-1).gather(-1, tokens[:, t, None]) for t, s in enumerate(out.scores)]
+            logps = [
+                torch.log_softmax(s.float(), dim=-1).gather(-1, tokens[:, t, None]) for t, s in enumerate(out.scores)
+            ]
             stash["logps"] = torch.cat(logps, dim=1).cpu()
             return out.sequences
 
@@ -96,7 +100,9 @@ class MismatchDumpMixin:
     def _mismatch_record(self, inputs: dict) -> None:
         mu = inputs.get("sampling_per_token_logps")
         if mu is None:
-            raise DumpError("the generation backend returned no log-probs (μ); use vLLM or TRL's plain HF generate, not continuous batching")
+            raise DumpError(
+                "the generation backend returned no log-probs (μ); use vLLM or TRL's plain HF generate, not continuous batching"
+            )
         pi = inputs.get("old_per_token_logps")
         if pi is None:
             if self.state.global_step != self._mismatch_policy_step:

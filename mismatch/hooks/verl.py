@@ -32,7 +32,9 @@ def dump_verl_batch(batch: Any, step: int, out_dir: str | Path, rank: int = 0, w
     response_mask (0 on tool tokens, which are then not measured); returns the file written."""
     tensors = batch.batch
     if "rollout_log_probs" not in tensors.keys():
-        raise DumpError("the batch has no rollout_log_probs (μ): set actor_rollout_ref.rollout.calculate_log_probs=True")
+        raise DumpError(
+            "the batch has no rollout_log_probs (μ): set actor_rollout_ref.rollout.calculate_log_probs=True"
+        )
     prompts, responses = tensors["prompts"].cpu(), tensors["responses"].cpu()
     attention_mask = tensors["attention_mask"].cpu()
     valid = attention_mask[:, -responses.size(1) :].bool()  # the response before padding (tool output included)

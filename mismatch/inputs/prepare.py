@@ -27,7 +27,9 @@ def prepare_inputs(config: ScanConfig) -> Inputs:
     model_path = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     prompt_ids = encode_prompts(tokenizer, prompts, chat_template=config.chat_template)
-    kept, skipped = fit_context(prompt_ids, context_length(model_path, config), config.sampling.max_tokens, config.strict)
+    kept, skipped = fit_context(
+        prompt_ids, context_length(model_path, config), config.sampling.max_tokens, config.strict
+    )
     return Inputs(model_path, tokenizer, kept, skipped)
 
 
@@ -36,10 +38,16 @@ def context_length(model_path, config: ScanConfig) -> int | None:
         return config.max_model_len
     from transformers import AutoConfig
 
-    return getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code), "max_position_embeddings", None)
+    return getattr(
+        AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code),
+        "max_position_embeddings",
+        None,
+    )
 
 
-def fit_context(prompt_ids: list[list[int]], context: int | None, max_tokens: int, strict: bool) -> tuple[list[list[int]], list[int]]:
+def fit_context(
+    prompt_ids: list[list[int]], context: int | None, max_tokens: int, strict: bool
+) -> tuple[list[list[int]], list[int]]:
     """Drop prompts that leave no room for `max_tokens` in the context; their indices are returned."""
     if context is None:
         return prompt_ids, []

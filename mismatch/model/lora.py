@@ -30,22 +30,33 @@ def read_adapter(path: Path) -> Adapter:
     """The adapter folder's settings, refusing what is not a plain LoRA adapter both sides can run."""
     config_file = Path(path) / ADAPTER_CONFIG
     if not config_file.is_file():
-        raise ConfigError(f"--lora {path}: not a PEFT adapter folder (no {ADAPTER_CONFIG}); pass the folder PeftModel.save_pretrained wrote")
+        raise ConfigError(
+            f"--lora {path}: not a PEFT adapter folder (no {ADAPTER_CONFIG}); pass the folder PeftModel.save_pretrained wrote"
+        )
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--lora {path}: {ADAPTER_CONFIG} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise ConfigError(
+            f"--lora {path}: {ADAPTER_CONFIG} is not valid JSON ({exc.msg} at line {exc.lineno})"
+        ) from None
     if config.get("peft_type") != "LORA":
         raise ConfigError(f"--lora {path}: a {config.get('peft_type')} adapter; only LoRA adapters are supported")
     for flag, name in (("use_dora", "DoRA"), ("use_qalora", "QA-LoRA")):
         if config.get(flag):
             raise ConfigError(f"--lora {path}: {name} adapters are not supported (vLLM runs plain LoRA only)")
     if config.get("modules_to_save"):
-        raise ConfigError(f"--lora {path}: modules_to_save {config['modules_to_save']} (fully trained modules) is not supported; merge them into the base model first")
+        raise ConfigError(
+            f"--lora {path}: modules_to_save {config['modules_to_save']} (fully trained modules) is not supported; merge them into the base model first"
+        )
     rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
     vllm_max_rank(rank, f"--lora {path}: rank {rank}")
     targets = config.get("target_modules") or []
-    return Adapter(Path(path), rank, float(config.get("lora_alpha", 8)), sorted(targets) if isinstance(targets, list) else [targets])
+    return Adapter(
+        Path(path),
+        rank,
+        float(config.get("lora_alpha", 8)),
+        sorted(targets) if isinstance(targets, list) else [targets],
+    )
 
 
 def vllm_max_rank(rank: int, what: str = "the LoRA rank") -> int:
@@ -77,7 +88,12 @@ def adapter_weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
     saved = load_file(str(Path(path) / "adapter_model.safetensors"))
-    return {name.removeprefix("base_model.model.").replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): tensor for name, tensor in saved.items()}
+    return {
+        name.removeprefix("base_model.model.")
+        .replace(".lora_A.", ".lora_A.default.")
+        .replace(".lora_B.", ".lora_B.default."): tensor
+        for name, tensor in saved.items()
+    }
 
 
 def new_adapter(model, rank: int, alpha: float, target_modules: list[str]):
@@ -89,9 +105,15 @@ def new_adapter(model, rank: int, alpha: float, target_modules: list[str]):
     if target_modules != ["all-linear"]:
         present = linear_names(model)
         if missing := [t for t in target_modules if t not in present]:
-            raise ConfigError(f"--lora-target-modules: {', '.join(missing)} not in this model; its linear layers: {', '.join(sorted(present))} (or all-linear)")
+            raise ConfigError(
+                f"--lora-target-modules: {', '.join(missing)} not in this model; its linear layers: {', '.join(sorted(present))} (or all-linear)"
+            )
     targets = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0), autocast_adapter_dtype=False)
+    return get_peft_model(
+        model,
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0),
+        autocast_adapter_dtype=False,
+    )
 
 
 def linear_names(model) -> set[str]:
@@ -119,7 +141,11 @@ def adapter_gap(lora_pairs: list[dict], merged_pairs: list[dict]) -> list[dict]:
             verdict = "no_difference"
         rows.append(
             {"engine_dtype": lora["engine_dtype"], "trainer_dtype": lora["trainer_dtype"]}
-            | {f"{metric}_{side}": pair[metric] for side, pair in (("lora", lora), ("merged", other)) for metric in ("k3", "k3_ci_low", "k3_ci_high", "mean_abs_dp")}
+            | {
+                f"{metric}_{side}": pair[metric]
+                for side, pair in (("lora", lora), ("merged", other))
+                for metric in ("k3", "k3_ci_low", "k3_ci_high", "mean_abs_dp")
+            }
             | {"k3_ratio": lora["k3"] / other["k3"] if other["k3"] > 0 else None, "adapter_path": verdict}
         )
     return rows
@@ -133,7 +159,9 @@ def merge_into(base: Path, adapter: Path, folder: Path, trust_remote_code: bool 
 
     from mismatch.model.loading import load_causal_lm
 
-    merged = _peft_model(load_causal_lm(base, torch.float32, trust_remote_code=trust_remote_code), adapter).merge_and_unload()
+    merged = _peft_model(
+        load_causal_lm(base, torch.float32, trust_remote_code=trust_remote_code), adapter
+    ).merge_and_unload()
     merged.save_pretrained(folder)
     AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code).save_pretrained(folder)
     try:

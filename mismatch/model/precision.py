@@ -41,7 +41,9 @@ _MATMUL_OPS = {
     torch.Tensor.bmm,
     torch.baddbmm,
     torch.einsum,
-    *(op for op in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if op is not None),  # MoE experts
+    *(
+        op for op in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if op is not None
+    ),  # MoE experts
 }
 
 
@@ -57,9 +59,15 @@ def flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if is_causal:
         rows, cols = scores.shape[-2:]
-        scores = scores.masked_fill(~torch.ones(rows, cols, dtype=torch.bool, device=scores.device).tril(cols - rows), float("-inf"))
+        scores = scores.masked_fill(
+            ~torch.ones(rows, cols, dtype=torch.bool, device=scores.device).tril(cols - rows), float("-inf")
+        )
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask.float()
+        scores = (
+            scores.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else scores + attn_mask.float()
+        )
     top = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)  # a fully masked row stays finite
     unnormalised = torch.exp(scores - top)
     total = unnormalised.sum(dim=-1, keepdim=True)
@@ -101,7 +109,14 @@ def _to_fp32(value, dtype: torch.dtype):
     return value
 
 
-CPU_FLAGS = ("avx2", "avx512_f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")  # what decides 16-bit speed and kernels
+CPU_FLAGS = (
+    "avx2",
+    "avx512_f",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_bf16",
+    "amx_fp16",
+)  # what decides 16-bit speed and kernels
 
 
 @functools.cache
@@ -143,14 +158,22 @@ def trainer_kernels(dtype: str, device: torch.device) -> str:
         return f"{device.type}: native {dtype}"
     if dtype == "fp32":
         return "cpu: native fp32"
-    gemms = f"fp32 GEMMs over {dtype} values, rounded to {dtype}" if emulated_matmuls(dtype, device) else f"native {dtype} GEMMs"
+    gemms = (
+        f"fp32 GEMMs over {dtype} values, rounded to {dtype}"
+        if emulated_matmuls(dtype, device)
+        else f"native {dtype} GEMMs"
+    )
     return f"cpu: {gemms}; attention rounded as FlashAttention"
 
 
 def machine() -> dict:
     """summary.json `machine`: the CPU class and flags, and how the trainer computes each dtype here."""
     device = default_device()
-    return {"cpu_class": cpu_class(), "cpu_flags": cpu_flags(), "trainer_kernels": {d: trainer_kernels(d, device) for d in DTYPES}}
+    return {
+        "cpu_class": cpu_class(),
+        "cpu_flags": cpu_flags(),
+        "trainer_kernels": {d: trainer_kernels(d, device) for d in DTYPES},
+    }
 
 
 def default_device() -> torch.device:

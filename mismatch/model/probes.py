@@ -20,7 +20,11 @@ class ActivationPeak:
     def __init__(self, model: torch.nn.Module):
         self.value, self.module = 0.0, None
         self.peaks: dict[str, float] = {}  # per module
-        self._handles = [module.register_forward_hook(self._hook(name, isinstance(module, torch.nn.Linear))) for name, module in model.named_modules() if name]
+        self._handles = [
+            module.register_forward_hook(self._hook(name, isinstance(module, torch.nn.Linear)))
+            for name, module in model.named_modules()
+            if name
+        ]
 
     def _hook(self, name: str, check_input: bool):
         def hook(module, inputs, output):
@@ -48,7 +52,13 @@ class ActivationPeak:
         """JSON-ready: on overflow the peak is not a number, so `overflow` says it and the peak is null."""
         overflow = self.value >= FP16_MAX
         peak = None if math.isinf(self.value) else self.value
-        return {"max_abs_activation": peak, "module": self.module, "limit": FP16_MAX, "fraction_of_limit": None if peak is None else peak / FP16_MAX, "overflow": overflow}
+        return {
+            "max_abs_activation": peak,
+            "module": self.module,
+            "limit": FP16_MAX,
+            "fraction_of_limit": None if peak is None else peak / FP16_MAX,
+            "overflow": overflow,
+        }
 
     def per_layer(self) -> dict[int, float]:
         """Largest |activation| inside each numbered decoder layer (`….layers.N.…`)."""

@@ -8,9 +8,9 @@ exists for a whole batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,11 @@ from mismatch.model.lora import with_adapter
 from mismatch.model.precision import DTYPES, compute_context, default_device
 from mismatch.records import Rollout
 
-SCORE_COLUMNS = {"logp_trainer": "logp", "logp_trainer_full": "logp_full", "log_kept_mass": "log_kept_mass"}  # tokens.parquet ← TokenScores
+SCORE_COLUMNS = {
+    "logp_trainer": "logp",
+    "logp_trainer_full": "logp_full",
+    "log_kept_mass": "log_kept_mass",
+}  # tokens.parquet ← TokenScores
 LOGIT_ROWS = 256  # response positions turned into logits at once
 BATCH_TOKENS = 8192  # padded tokens per forward
 
@@ -35,7 +39,9 @@ class PaddedBatch:
     lengths: list[int]  # response length of each sequence
 
 
-def pad_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> PaddedBatch:
+def pad_batch(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> PaddedBatch:
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
     width = max(map(len, seqs))
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -114,13 +120,17 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 def response_logits(model, batch: PaddedBatch):
     """(offset, logits) for the response positions of `batch`, LOGIT_ROWS rows at a time in the
     model's dtype: the decoder runs once, then the model's own output path on each chunk."""
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    hidden = model.base_model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).to(batch.rows.device)  # sharded: the last layer's device
     for start in range(0, len(batch.rows), LOGIT_ROWS):
         yield start, output_logits(model, hidden[batch.rows[start : start + LOGIT_ROWS]])
 
 
-def response_logprobs(model, batch: PaddedBatch, temperature: float, top_p: float = 1.0, with_entropy: bool = False) -> TokenScores:
+def response_logprobs(
+    model, batch: PaddedBatch, temperature: float, top_p: float = 1.0, with_entropy: bool = False
+) -> TokenScores:
     """log π of each response token under temperature (and top-p) as the engine sampled.
 
     The decoder and the output path run in the model's dtype (logits rounded to it, as in
@@ -151,7 +161,9 @@ def response_logprobs(model, batch: PaddedBatch, temperature: float, top_p: floa
                 parts["entropy"].append(-(logp_all.exp() * logp_all.nan_to_num(neginf=0.0)).sum(-1))
     empty = torch.empty(0, dtype=torch.float32, device=batch.input_ids.device)
     joined = {name: torch.cat(values) if values else empty for name, values in parts.items()}
-    return TokenScores(joined["logp"], joined["logp_full"], joined["log_kept_mass"], joined["entropy"] if with_entropy else None)
+    return TokenScores(
+        joined["logp"], joined["logp_full"], joined["log_kept_mass"], joined["entropy"] if with_entropy else None
+    )
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -164,7 +176,14 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def load_trainer(model: Path, dtype: str, device: torch.device | None = None, trust_remote_code: bool = False, device_map=None, lora: Path | None = None):
+def load_trainer(
+    model: Path,
+    dtype: str,
+    device: torch.device | None = None,
+    trust_remote_code: bool = False,
+    device_map=None,
+    lora: Path | None = None,
+):
     """The HF model in `dtype`, with attention that honours its semantics, its output path checked;
     with the LoRA adapter folder `lora` applied as PEFT applies it in training (`mismatch.model.lora`).
 
@@ -200,9 +219,13 @@ def check_output_path(model, dtype: str) -> None:
     finite = torch.isfinite(theirs)  # an FP16 model may overflow here; the scan counts that later
     scale = float(theirs[finite].abs().max()) if finite.any() else 0.0
     ours = ours.to(theirs.device)  # sharded: the head's device and the model output's may differ
-    if not torch.equal(finite, torch.isfinite(ours)) or not torch.allclose(ours[finite], theirs[finite], rtol=1e-3, atol=1e-3 * scale):
+    if not torch.equal(finite, torch.isfinite(ours)) or not torch.allclose(
+        ours[finite], theirs[finite], rtol=1e-3, atol=1e-3 * scale
+    ):
         gap = float((ours[finite] - theirs[finite]).abs().max()) if finite.any() else float("nan")
-        raise ModelError(f"{type(model).__name__}: mismatch cannot reproduce this architecture's logits from its decoder output (max |Δ| {gap:.3g}); it is not supported yet")
+        raise ModelError(
+            f"{type(model).__name__}: mismatch cannot reproduce this architecture's logits from its decoder output (max |Δ| {gap:.3g}); it is not supported yet"
+        )
 
 
 @torch.inference_mode()

@@ -12,9 +12,9 @@ attend to.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,9 @@ class Routing:
 
     layers: list[int]  # decoder-layer index of each MoE layer: the engine's layer axis is every decoder layer
     experts: list[np.ndarray]  # per sequence [positions, MoE layers, k] int16, expert ids sorted ascending
-    margin: list[np.ndarray]  # per sequence [positions, MoE layers] float32, p₍ₖ₎ − p₍ₖ₊₁₎ (inf when k = number of experts)
+    margin: list[
+        np.ndarray
+    ]  # per sequence [positions, MoE layers] float32, p₍ₖ₎ − p₍ₖ₊₁₎ (inf when k = number of experts)
 
 
 def routers(model) -> list[tuple[int, torch.nn.Module, int]]:
@@ -45,7 +47,9 @@ def routers(model) -> list[tuple[int, torch.nn.Module, int]]:
         raise ModelError(f"{type(model).__name__}: no MoE router found (transformers records no router_logits for it)")
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, spec.target_class) and (spec.layer_name is None or f".{spec.layer_name.strip('.')}." in name + "."):
+        if isinstance(module, spec.target_class) and (
+            spec.layer_name is None or f".{spec.layer_name.strip('.')}." in name + "."
+        ):
             layer = re.search(r"\.(\d+)\.", name + ".")
             if layer is None:
                 raise ModelError(f"{type(model).__name__}: router {name} is not inside a numbered decoder layer")
@@ -70,9 +74,15 @@ def trainer_routing(model, batch: PaddedBatch) -> Routing:
         logits = output[index] if isinstance(output, tuple) else output
         probs = logits.reshape(-1, logits.shape[-1]).float().softmax(dim=-1)
         ids = probs.topk(top_k, dim=-1).indices.sort(dim=-1).values
-        own = [o for o in output if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.shape[-1] == top_k] if isinstance(output, tuple) else []
+        own = (
+            [o for o in output if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.shape[-1] == top_k]
+            if isinstance(output, tuple)
+            else []
+        )
         if own and not torch.equal(own[-1].reshape(ids.shape).sort(dim=-1).values, ids):
-            raise ModelError(f"{type(model).__name__}: its router (layer {layer}) does not route by softmax top-k; routing agreement cannot reproduce it")
+            raise ModelError(
+                f"{type(model).__name__}: its router (layer {layer}) does not route by softmax top-k; routing agreement cannot reproduce it"
+            )
         if probs.shape[-1] > top_k:
             best = probs.topk(top_k + 1, dim=-1).values
             margin = best[:, top_k - 1] - best[:, top_k]
@@ -113,7 +123,12 @@ def agreement_by_layer(same: np.ndarray, layers: Sequence[int]) -> list[dict]:
     positions = same.shape[0]
     agree = same.sum(axis=0)
     return [
-        {"layer": int(layer), "share": float(agree[j]) / positions if positions else float("nan"), "agree": int(agree[j]), "positions": positions}
+        {
+            "layer": int(layer),
+            "share": float(agree[j]) / positions if positions else float("nan"),
+            "agree": int(agree[j]),
+            "positions": positions,
+        }
         for j, layer in enumerate(layers)
     ]
 
@@ -173,7 +188,9 @@ def response_routing(model, rollouts, pad_id: int = 0) -> tuple[list[int], list[
     layers: list[int] = []
     for group in token_batches(order, rollouts, BATCH_TOKENS):
         chosen = [rollouts[i] for i in group]
-        routing = trainer_routing(model, pad_batch([r.prompt_ids for r in chosen], [r.response_ids for r in chosen], pad_id, device))
+        routing = trainer_routing(
+            model, pad_batch([r.prompt_ids for r in chosen], [r.response_ids for r in chosen], pad_id, device)
+        )
         layers = routing.layers
         for i, rollout, rows, margin in zip(group, chosen, routing.experts, routing.margin):
             experts[i] = response_rows(rows, len(rollout.prompt_ids))
@@ -194,9 +211,14 @@ def agreement_rows(frame, tokens) -> dict[str, list[dict]]:
     by_layer, versus_fp32, gap = [], [], []
     for (e, t), rows in frame.groupby(["engine_dtype", "trainer_dtype"], sort=False):
         pivot = rows.pivot_table(index=["seq_id", "position"], columns="layer", values="same", aggfunc="first")
-        by_layer += [{"engine_dtype": e, "trainer_dtype": t} | row for row in agreement_by_layer(pivot.to_numpy(dtype=bool), list(pivot.columns))]
+        by_layer += [
+            {"engine_dtype": e, "trainer_dtype": t} | row
+            for row in agreement_by_layer(pivot.to_numpy(dtype=bool), list(pivot.columns))
+        ]
         per_token = pivot.all(axis=1).rename("routing_same").reset_index()
-        scored = tokens[(tokens["engine_dtype"] == e) & (tokens["trainer_dtype"] == t)].merge(per_token, on=["seq_id", "position"])
+        scored = tokens[(tokens["engine_dtype"] == e) & (tokens["trainer_dtype"] == t)].merge(
+            per_token, on=["seq_id", "position"]
+        )
         finite = np.isfinite(scored["logp_trainer"]) & np.isfinite(scored["logp_engine"])
         scored = scored[finite]
         margin = rows.groupby(["seq_id", "position"])["trainer_margin"].min().rename("margin").reset_index()
@@ -205,14 +227,20 @@ def agreement_rows(frame, tokens) -> dict[str, list[dict]]:
         gap.append(
             {"engine_dtype": e, "trainer_dtype": t}
             | routing_and_gap((scored["logp_trainer"] - scored["logp_engine"]).to_numpy(), differs)
-            | {"median_margin_differs": _median(scored["margin"].to_numpy()[differs]), "median_margin_same": _median(scored["margin"].to_numpy()[~differs])}
+            | {
+                "median_margin_differs": _median(scored["margin"].to_numpy()[differs]),
+                "median_margin_same": _median(scored["margin"].to_numpy()[~differs]),
+            }
         )
         reference = frame[(frame["engine_dtype"] == e) & (frame["trainer_dtype"] == "fp32")]
         if t != "fp32" and len(reference):
             both = rows.merge(reference, on=["seq_id", "position", "layer"], suffixes=("", "_fp32"))
             both = both.assign(same_fp32=_same_rows(both["trainer_experts"], both["trainer_experts_fp32"]))
             table = both.pivot_table(index=["seq_id", "position"], columns="layer", values="same_fp32", aggfunc="first")
-            versus_fp32 += [{"engine_dtype": e, "trainer_dtype": t} | row for row in agreement_by_layer(table.to_numpy(dtype=bool), list(table.columns))]
+            versus_fp32 += [
+                {"engine_dtype": e, "trainer_dtype": t} | row
+                for row in agreement_by_layer(table.to_numpy(dtype=bool), list(table.columns))
+            ]
     return {"by_layer": by_layer, "trainer_vs_fp32": versus_fp32, "gap": gap}
 
 

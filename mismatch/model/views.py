@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,7 +19,9 @@ def score_alone(model, dtype: str, rollouts: Sequence[Rollout], pad_id: int) -> 
 
 
 @torch.inference_mode()
-def topk_rows(model, dtype: str, rollouts: Sequence[Rollout], engine: Sequence[Scored], k: int, seq_ids: Sequence[int]) -> pd.DataFrame:
+def topk_rows(
+    model, dtype: str, rollouts: Sequence[Rollout], engine: Sequence[Scored], k: int, seq_ids: Sequence[int]
+) -> pd.DataFrame:
     """One row per (response position, rank) of the engine's top-k: its log-prob there, the
     trainer's log-prob of the same token, and whether the token is also in the trainer's top-k."""
     device = input_device(model)
@@ -33,8 +35,12 @@ def topk_rows(model, dtype: str, rollouts: Sequence[Rollout], engine: Sequence[S
                 for offset, position in enumerate(range(start, start + len(logp))):
                     mine = set(own_top[offset].tolist())
                     for rank, (token, logp_engine) in enumerate(scored.topk[position]):
-                        rows.append((seq, position, rank, token, logp_engine, float(logp[offset, token]), token in mine))
-    return pd.DataFrame(rows, columns=["seq_id", "position", "rank", "token_id", "logp_engine", "logp_trainer", "in_trainer_topk"])
+                        rows.append(
+                            (seq, position, rank, token, logp_engine, float(logp[offset, token]), token in mine)
+                        )
+    return pd.DataFrame(
+        rows, columns=["seq_id", "position", "rank", "token_id", "logp_engine", "logp_trainer", "in_trainer_topk"]
+    )
 
 
 @torch.inference_mode()

@@ -19,7 +19,12 @@ def write_report(run_dir: Path) -> list[Path]:
         from mismatch.report.diagnosis import render_diagnosis, render_diagnosis_markdown
 
         run = runs.load_diagnose(run_dir)
-        return _write([(run_dir / runs.REPORT_HTML, render_diagnosis(run)), (run_dir / runs.SUMMARY_MD, render_diagnosis_markdown(run))])
+        return _write(
+            [
+                (run_dir / runs.REPORT_HTML, render_diagnosis(run)),
+                (run_dir / runs.SUMMARY_MD, render_diagnosis_markdown(run)),
+            ]
+        )
     if kind == "compare":
         config = runs.read_summary(run_dir, ("compare",))["config"]
         return write_compare(Path(config["before"]), Path(config["after"]), run_dir, force=True)
@@ -40,7 +45,12 @@ def write_compare(before_dir: Path, after_dir: Path, out: Path, force: bool = Fa
     check_comparable(before, after)
     runs.check_output_dir(out, force)
     log = runs.RunLog(out, "compare", {"before": str(before_dir), "after": str(after_dir)})
-    written = _write([(out / runs.COMPARE_HTML, render_compare(before, after)), (out / runs.COMPARE_MD, render_compare_markdown(before, after))])
+    written = _write(
+        [
+            (out / runs.COMPARE_HTML, render_compare(before, after)),
+            (out / runs.COMPARE_MD, render_compare_markdown(before, after)),
+        ]
+    )
     log.finish()
     return written
 

@@ -7,7 +7,17 @@ import math
 from mismatch.errors import NotComparable
 from mismatch.runs import ScanRun
 
-COMPARED = ("k3", "k1", "chi2_token", "mean_abs_dp", "max_abs_dp", "max_ratio", "frac_outside_2", "seq_kl", "log_ppl_diff")
+COMPARED = (
+    "k3",
+    "k1",
+    "chi2_token",
+    "mean_abs_dp",
+    "max_abs_dp",
+    "max_ratio",
+    "frac_outside_2",
+    "seq_kl",
+    "log_ppl_diff",
+)
 SAME_SAMPLING = ("temperature", "top_p")
 SETTINGS = ("model", "engine", "prompts", "num_prompts", "samples", "chat_template")
 
@@ -32,14 +42,22 @@ def check_comparable(before: ScanRun, after: ScanRun) -> None:
 def differences(before: ScanRun, after: ScanRun) -> list[tuple[str, str, str]]:
     """Settings that differ between the runs: what the comparison is about (or a caveat)."""
     a_config, b_config = before.summary["config"], after.summary["config"]
-    rows = [(name, str(a_config.get(name)), str(b_config.get(name))) for name in SETTINGS if a_config.get(name) != b_config.get(name)]
+    rows = [
+        (name, str(a_config.get(name)), str(b_config.get(name)))
+        for name in SETTINGS
+        if a_config.get(name) != b_config.get(name)
+    ]
     if a_config["sampling"]["max_tokens"] != b_config["sampling"]["max_tokens"]:
         rows.append(("max_tokens", str(a_config["sampling"]["max_tokens"]), str(b_config["sampling"]["max_tokens"])))
     a_class, b_class = (run.summary.get("machine", {}).get("cpu_class") for run in (before, after))
     if a_class != b_class:
         rows.append(("CPU class (16-bit kernels differ)", str(a_class), str(b_class)))
     a_versions, b_versions = before.summary.get("versions", {}), after.summary.get("versions", {})
-    rows += [(f"{name} version", str(a_versions.get(name)), str(b_versions.get(name))) for name in sorted(set(a_versions) | set(b_versions)) if a_versions.get(name) != b_versions.get(name)]
+    rows += [
+        (f"{name} version", str(a_versions.get(name)), str(b_versions.get(name)))
+        for name in sorted(set(a_versions) | set(b_versions))
+        if a_versions.get(name) != b_versions.get(name)
+    ]
     return rows
 
 
@@ -54,5 +72,7 @@ def side_by_side(before: ScanRun, after: ScanRun) -> list[dict]:
         for metric in COMPARED:
             a, b = pair.get(metric), other.get(metric)
             ratio = b / a if a not in (None, 0) and b is not None and math.isfinite(a) and math.isfinite(b) else None
-            rows.append({"pair": "{} → {}".format(*_key(pair)), "metric": metric, "before": a, "after": b, "ratio": ratio})
+            rows.append(
+                {"pair": "{} → {}".format(*_key(pair)), "metric": metric, "before": a, "after": b, "ratio": ratio}
+            )
     return rows

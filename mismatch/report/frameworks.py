@@ -98,7 +98,14 @@ CORRECTION = [
     },
 ]
 
-SETTINGS = {"switch_to_fp16": FP16, "gap": FP16, "gap_in_fp16": CORRECTION, "fp16_not_enough": CORRECTION, "fp16_unsafe": CORRECTION, "fp16_unavailable": CORRECTION}
+SETTINGS = {
+    "switch_to_fp16": FP16,
+    "gap": FP16,
+    "gap_in_fp16": CORRECTION,
+    "fp16_not_enough": CORRECTION,
+    "fp16_unsafe": CORRECTION,
+    "fp16_unavailable": CORRECTION,
+}
 
 
 def settings_for(verdict: str) -> list[dict]:
@@ -107,15 +114,50 @@ def settings_for(verdict: str) -> list[dict]:
 
 
 METRIC_NOTES = [
-    {"name": "k1", "definition": "mean(−ℓ) = mean(log μ − log π)", "verl": "rollout_corr/kl (older: mismatch/mismatch_kl)", "trl": "—"},
+    {
+        "name": "k1",
+        "definition": "mean(−ℓ) = mean(log μ − log π)",
+        "verl": "rollout_corr/kl (older: mismatch/mismatch_kl)",
+        "trl": "—",
+    },
     {"name": "k2", "definition": "mean(ℓ²/2)", "verl": "—", "trl": "—"},
-    {"name": "k3", "definition": "mean(e^ℓ − 1 − ℓ), unbiased KL[μ‖π]", "verl": "rollout_corr/k3_kl (older: mismatch/mismatch_k3_kl)", "trl": "—"},
+    {
+        "name": "k3",
+        "definition": "mean(e^ℓ − 1 − ℓ), unbiased KL[μ‖π]",
+        "verl": "rollout_corr/k3_kl (older: mismatch/mismatch_k3_kl)",
+        "trl": "—",
+    },
     {"name": "chi2_token", "definition": "mean(e^{2ℓ}) − 1", "verl": "rollout_corr/chi2_token", "trl": "—"},
-    {"name": "mean_abs_dp", "definition": "mean |π − μ| (probabilities)", "verl": "training/rollout_probs_diff_mean", "trl": "— (sampling/sampling_logp_difference/mean is mean |ℓ|)"},
-    {"name": "max_abs_dp", "definition": "max |π − μ|", "verl": "training/rollout_probs_diff_max", "trl": "— (sampling/sampling_logp_difference/max is max |ℓ|)"},
-    {"name": "min_ratio / max_ratio", "definition": "min / max of π/μ", "verl": "rollout_corr/rollout_is_min / _max (raw, when rollout_is is set)", "trl": "sampling/importance_sampling_ratio/min / max (after truncation)"},
+    {
+        "name": "mean_abs_dp",
+        "definition": "mean |π − μ| (probabilities)",
+        "verl": "training/rollout_probs_diff_mean",
+        "trl": "— (sampling/sampling_logp_difference/mean is mean |ℓ|)",
+    },
+    {
+        "name": "max_abs_dp",
+        "definition": "max |π − μ|",
+        "verl": "training/rollout_probs_diff_max",
+        "trl": "— (sampling/sampling_logp_difference/max is max |ℓ|)",
+    },
+    {
+        "name": "min_ratio / max_ratio",
+        "definition": "min / max of π/μ",
+        "verl": "rollout_corr/rollout_is_min / _max (raw, when rollout_is is set)",
+        "trl": "sampling/importance_sampling_ratio/min / max (after truncation)",
+    },
     {"name": "frac_outside_2", "definition": "share of tokens with π/μ outside [½, 2]", "verl": "—", "trl": "—"},
-    {"name": "seq_kl", "definition": "mean over sequences of Σ(−ℓ)", "verl": "— (≈ rollout_corr/kl × mean length)", "trl": "—"},
+    {
+        "name": "seq_kl",
+        "definition": "mean over sequences of Σ(−ℓ)",
+        "verl": "— (≈ rollout_corr/kl × mean length)",
+        "trl": "—",
+    },
     {"name": "seq_slope_per_1k", "definition": "slope of Σℓ against length, per 1000 tokens", "verl": "—", "trl": "—"},
-    {"name": "log_ppl_diff", "definition": "mean over sequences of (mean log μ − mean log π)", "verl": "rollout_corr/log_ppl_diff", "trl": "—"},
+    {
+        "name": "log_ppl_diff",
+        "definition": "mean over sequences of (mean log μ − mean log π)",
+        "verl": "rollout_corr/log_ppl_diff",
+        "trl": "—",
+    },
 ]

@@ -25,7 +25,9 @@ def _number(spec: str):
 
 
 def environment() -> Environment:
-    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(
+        loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html", "j2"])
+    )
     env.filters["sci"] = _number(".2e")
     env.filters["fixed"] = _number(".4f")
     env.filters["ratio"] = lambda value: "—" if value is None else f"{value:.3g}×"
@@ -51,36 +53,49 @@ def figures(run: ScanRun) -> dict[str, str]:
 def render_report(run: ScanRun) -> str:
     """report.html of a scan, or of an analyze run (a user's dump: no engine settings, maybe steps)."""
     recommendation, analyzed = run.summary["recommendation"], isinstance(run, AnalyzeRun)
-    return environment().get_template("report.html.j2").render(
-        title=f"mismatch · {'analyze · ' + ' · '.join(run.summary['config']['paths']) if analyzed else run.summary['config']['model']}",
-        analyzed=analyzed,
-        facts=analyze_facts(run) if analyzed else header_facts(run),
-        health=run.summary.get("health", []),
-        audit=run.summary.get("audit_by_pair", {}),
-        corrections=run.summary.get("corrections", []),
-        drift=run.summary.get("drift", []),
-        lora=run.summary.get("lora"),
-        routing=run.summary.get("routing"),
-        recommendation=recommendation,
-        gate=run.summary.get("gate"),
-        settings=settings_for(recommendation["verdict"]),
-        pairs=run.pairs,
-        probe=run.summary.get("semantic_probe"),
-        probe_only=not analyzed and "fp32" not in run.summary["config"]["dtypes"] and bool(run.summary.get("semantic_probe", {}).get("prompts")),
-        metric_notes=METRIC_NOTES,
-        n_boot=BOOTSTRAP_DRAWS,
-        figures=figures(run),
-        worst=worst_tokens(run, WORST_TOKENS),
-        run_path=run.path,
+    return (
+        environment()
+        .get_template("report.html.j2")
+        .render(
+            title=f"mismatch · {'analyze · ' + ' · '.join(run.summary['config']['paths']) if analyzed else run.summary['config']['model']}",
+            analyzed=analyzed,
+            facts=analyze_facts(run) if analyzed else header_facts(run),
+            health=run.summary.get("health", []),
+            audit=run.summary.get("audit_by_pair", {}),
+            corrections=run.summary.get("corrections", []),
+            drift=run.summary.get("drift", []),
+            lora=run.summary.get("lora"),
+            routing=run.summary.get("routing"),
+            recommendation=recommendation,
+            gate=run.summary.get("gate"),
+            settings=settings_for(recommendation["verdict"]),
+            pairs=run.pairs,
+            probe=run.summary.get("semantic_probe"),
+            probe_only=not analyzed
+            and "fp32" not in run.summary["config"]["dtypes"]
+            and bool(run.summary.get("semantic_probe", {}).get("prompts")),
+            metric_notes=METRIC_NOTES,
+            n_boot=BOOTSTRAP_DRAWS,
+            figures=figures(run),
+            worst=worst_tokens(run, WORST_TOKENS),
+            run_path=run.path,
+        )
     )
 
 
 def render_compare(before: ScanRun, after: ScanRun) -> str:
-    return environment().get_template("compare.html.j2").render(
-        title=f"mismatch · before / after · {before.summary['config']['model']}",
-        before=before,
-        after=after,
-        differences=differences(before, after),
-        rows=side_by_side(before, after),
-        figures={"before": plots.to_data_uri(plots.scatter(before.tokens)), "after": plots.to_data_uri(plots.scatter(after.tokens))},
+    return (
+        environment()
+        .get_template("compare.html.j2")
+        .render(
+            title=f"mismatch · before / after · {before.summary['config']['model']}",
+            before=before,
+            after=after,
+            differences=differences(before, after),
+            rows=side_by_side(before, after),
+            figures={
+                "before": plots.to_data_uri(plots.scatter(before.tokens)),
+                "after": plots.to_data_uri(plots.scatter(after.tokens)),
+            },
+        )
     )

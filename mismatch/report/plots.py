@@ -57,11 +57,30 @@ def scatter(tokens: pd.DataFrame, worst: int = 10):
         counts, _, _ = np.histogram2d(mu, pi, bins=[edges, edges])
         cell = counts[np.clip(np.digitize(mu, edges) - 1, 0, 99), np.clip(np.digitize(pi, edges) - 1, 0, 99)]
         order = np.argsort(cell)
-        points = ax.scatter(mu[order], pi[order], c=cell[order], s=4, cmap="viridis", norm=LogNorm(vmin=1, vmax=max(2, cell.max())), rasterized=True, linewidths=0)
+        points = ax.scatter(
+            mu[order],
+            pi[order],
+            c=cell[order],
+            s=4,
+            cmap="viridis",
+            norm=LogNorm(vmin=1, vmax=max(2, cell.max())),
+            rasterized=True,
+            linewidths=0,
+        )
         ax.plot([0, 1], [0, 1], color="#888", lw=0.8, ls="--")
         far = np.argsort(-np.abs(log_ratio(group["logp_trainer"], group["logp_engine"])))[:worst]
-        ax.scatter(mu[far], pi[far], s=40, facecolors="none", edgecolors="#e4572e", linewidths=1.2, label=f"{len(far)} largest |ℓ|")
-        ax.set(title=pair_label(engine, trainer), xlabel="μ: engine probability", xlim=(0, 1), ylim=(0, 1), aspect="equal")
+        ax.scatter(
+            mu[far],
+            pi[far],
+            s=40,
+            facecolors="none",
+            edgecolors="#e4572e",
+            linewidths=1.2,
+            label=f"{len(far)} largest |ℓ|",
+        )
+        ax.set(
+            title=pair_label(engine, trainer), xlabel="μ: engine probability", xlim=(0, 1), ylim=(0, 1), aspect="equal"
+        )
         ax.legend(loc="upper left", fontsize=7, frameon=False)
     axes[0].set_ylabel("π: trainer probability")
     fig.colorbar(points, ax=list(axes), shrink=0.8, label="tokens in cell")
@@ -74,7 +93,11 @@ def sequence_drift(tokens: pd.DataFrame):
     fig, axes = _panels(len(groups))
     for ax, (engine, trainer, group) in zip(axes, groups):
         keys = ["step", "seq_id"] if "step" in group else ["seq_id"]  # an analyzed run numbers sequences per step
-        seqs = group.assign(ratio=log_ratio(group["logp_trainer"], group["logp_engine"])).groupby(keys).agg(total=("ratio", "sum"), length=("ratio", "size"))
+        seqs = (
+            group.assign(ratio=log_ratio(group["logp_trainer"], group["logp_engine"]))
+            .groupby(keys)
+            .agg(total=("ratio", "sum"), length=("ratio", "size"))
+        )
         ax.scatter(seqs["length"], seqs["total"], s=10, color=COLORS.get(trainer, "#444"), alpha=0.7)
         ax.axhline(0, color="#888", lw=0.8, ls="--")
         if seqs["length"].nunique() > 1:
@@ -113,7 +136,15 @@ def position_profile(tokens: pd.DataFrame, bins: int = 16):
         which = np.clip(np.digitize(group["position"], edges) - 1, 0, len(edges) - 2)
         mean = pd.Series(np.abs(log_ratio(group["logp_trainer"], group["logp_engine"]))).groupby(which).mean()
         centres = (edges[:-1] + edges[1:]) / 2
-        ax.plot(centres[mean.index], mean.to_numpy(), marker="o", ms=3, color=COLORS.get(engine), ls="-" if engine == trainer else ":", label=pair_label(engine, trainer))
+        ax.plot(
+            centres[mean.index],
+            mean.to_numpy(),
+            marker="o",
+            ms=3,
+            color=COLORS.get(engine),
+            ls="-" if engine == trainer else ":",
+            label=pair_label(engine, trainer),
+        )
     ax.set(yscale="log", xlabel="position in the response (token)", ylabel="mean |log π − log μ|")
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
@@ -129,8 +160,18 @@ def over_training(steps: pd.DataFrame, drift: list[dict]):
     fig, axes = _panels(len(STEP_PANELS), sharey=False)
     departs = {(d["pair"], d["metric"]): d["departs_at"] for d in drift}
     for ax, (metric, label, scale) in zip(axes, STEP_PANELS):
-        for (engine, trainer), group in steps.sort_values("step").groupby(["engine_dtype", "trainer_dtype"], sort=False):
-            line = ax.plot(group["step"], group[metric], marker="o", ms=2, lw=1, label=pair_label(engine, trainer), color=COLORS.get(trainer))[0]
+        for (engine, trainer), group in steps.sort_values("step").groupby(
+            ["engine_dtype", "trainer_dtype"], sort=False
+        ):
+            line = ax.plot(
+                group["step"],
+                group[metric],
+                marker="o",
+                ms=2,
+                lw=1,
+                label=pair_label(engine, trainer),
+                color=COLORS.get(trainer),
+            )[0]
             if (at := departs.get((pair_name(engine, trainer), metric))) is not None:
                 ax.axvline(at, color=line.get_color(), ls=":", lw=1)
         if scale == "log" and (steps[metric] > 0).all():

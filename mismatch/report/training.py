@@ -34,7 +34,9 @@ def verdict(steps: dict[str, pd.DataFrame]) -> str:
     """A sentence from the numbers: how the dtypes' mismatch and rewards compare."""
     parts = []
     if {"bf16", "fp16"} <= set(steps):
-        joined = steps["bf16"][["step", "k3"]].merge(steps["fp16"][["step", "k3"]], on="step", suffixes=("_bf16", "_fp16"))
+        joined = steps["bf16"][["step", "k3"]].merge(
+            steps["fp16"][["step", "k3"]], on="step", suffixes=("_bf16", "_fp16")
+        )
         above = int((joined["k3_bf16"] > joined["k3_fp16"]).sum())
         ratio = float(np.median(joined["k3_bf16"] / joined["k3_fp16"]))
         parts.append(f"BF16's k3 was above FP16's at {above} of {len(joined)} steps (median ratio {ratio:.1f}×).")
@@ -56,16 +58,36 @@ def render_training(folders: dict[str, Path]) -> str:
     summary = next(iter(loaded.values())).summary
     config = summary["config"]
     table = pd.concat([frame.assign(dtype=dtype) for dtype, frame in steps.items()], ignore_index=True)
-    return environment().get_template("training.html.j2").render(
-        title=f"mismatch train · {config['model']} · {' vs '.join(folders)}",
-        config=config,
-        policy=summary.get("policy"),
-        verdict=verdict(steps),
-        curves=plots.to_data_uri(curves(steps)),
-        scatter_first=plots.to_data_uri(plots.scatter(tokens[tokens["step"] == first])),
-        scatter_last=plots.to_data_uri(plots.scatter(tokens[tokens["step"] == last])),
-        first=first,
-        last=last,
-        columns=["dtype", "step", "reward_mean", "accuracy", "k3", "mean_abs_dp", "max_abs_dp", "max_ratio", "grad_norm", "loss_scale", "skipped", "entropy", "response_len", "step_time", "learn_time"],
-        rows=table.to_dict("records"),
+    return (
+        environment()
+        .get_template("training.html.j2")
+        .render(
+            title=f"mismatch train · {config['model']} · {' vs '.join(folders)}",
+            config=config,
+            policy=summary.get("policy"),
+            verdict=verdict(steps),
+            curves=plots.to_data_uri(curves(steps)),
+            scatter_first=plots.to_data_uri(plots.scatter(tokens[tokens["step"] == first])),
+            scatter_last=plots.to_data_uri(plots.scatter(tokens[tokens["step"] == last])),
+            first=first,
+            last=last,
+            columns=[
+                "dtype",
+                "step",
+                "reward_mean",
+                "accuracy",
+                "k3",
+                "mean_abs_dp",
+                "max_abs_dp",
+                "max_ratio",
+                "grad_norm",
+                "loss_scale",
+                "skipped",
+                "entropy",
+                "response_len",
+                "step_time",
+                "learn_time",
+            ],
+            rows=table.to_dict("records"),
+        )
     )

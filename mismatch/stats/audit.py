@@ -35,7 +35,11 @@ class Audit:
         self.trainer_only_inf = self.engine_only_inf = 0
 
     def add(self, logp_trainer, logp_engine, seq_ids) -> None:
-        pi, mu, seqs = np.asarray(logp_trainer, dtype=np.float64), np.asarray(logp_engine, dtype=np.float64), np.asarray(seq_ids)
+        pi, mu, seqs = (
+            np.asarray(logp_trainer, dtype=np.float64),
+            np.asarray(logp_engine, dtype=np.float64),
+            np.asarray(seq_ids),
+        )
         self.trainer_only_inf += int((np.isneginf(pi) & np.isfinite(mu)).sum())
         self.engine_only_inf += int((np.isneginf(mu) & np.isfinite(pi)).sum())
         finite = np.isfinite(pi) & np.isfinite(mu)
@@ -70,17 +74,30 @@ class Audit:
 
     def result(self, temperature: float | None = None) -> list[dict]:
         if not self.n:
-            return [{"check": name, "status": "not_measured", "detail": "no token with finite μ and π"} for name in ("truncation", "temperature", "raw_logprobs")]
+            return [
+                {"check": name, "status": "not_measured", "detail": "no token with finite μ and π"}
+                for name in ("truncation", "temperature", "raw_logprobs")
+            ]
         truncation = self._truncation()
         return [truncation, *self._temperature(temperature, confounded=truncation["status"] != "ok")]
 
     def _truncation(self) -> dict:
         m, se = self.offset()
         significant = abs(m) > Z * se
-        level = "fail" if significant and abs(m) > TRUNCATION_FAIL else "warn" if significant and abs(m) > TRUNCATION_WARN else "ok"
+        level = (
+            "fail"
+            if significant and abs(m) > TRUNCATION_FAIL
+            else "warn"
+            if significant and abs(m) > TRUNCATION_WARN
+            else "ok"
+        )
         detail = f"mean(π/μ) − 1 = {m:+.2e} ± {se:.1e} over {self.n} tokens (0 when both sides are full distributions)"
         if level != "ok":
-            side = "the engine's μ is renormalised to a nucleus (top-p/top-k) the trainer's π does not apply" if m < 0 else "the trainer's π is renormalised to a nucleus the engine's μ does not apply"
+            side = (
+                "the engine's μ is renormalised to a nucleus (top-p/top-k) the trainer's π does not apply"
+                if m < 0
+                else "the trainer's π is renormalised to a nucleus the engine's μ does not apply"
+            )
             detail += f": {side}; apply the same top-p/top-k on both sides or log full-distribution log-probs"
         share = self.trainer_only_inf / (self.n + self.trainer_only_inf)
         if share > OUTSIDE_SHARE:
@@ -97,18 +114,39 @@ class Audit:
         b, se = self.slope()
         implied = 1 + b
         significant = abs(b) > Z * se
-        level = "fail" if significant and abs(b) > SLOPE_FAIL else "warn" if significant and abs(b) > SLOPE_WARN else "ok"
+        level = (
+            "fail" if significant and abs(b) > SLOPE_FAIL else "warn" if significant and abs(b) > SLOPE_WARN else "ok"
+        )
         detail = f"ℓ = a + b·log μ with b = {b:+.2e} ± {se:.1e}: T_μ / T_π ≈ {implied:.4f} (1 when both sides use one temperature)"
         if level != "ok":
             detail += f"; μ and π look processed at temperatures in the ratio {implied:.3g}: divide the trainer's logits by the sampling temperature, exactly once"
             if confounded:
                 detail += " (part of this tilt can come from the truncation found above)"
-        temperature_row = {"check": "temperature", "status": level, "detail": detail, "slope": b, "slope_se": se, "implied_ratio": implied}
+        temperature_row = {
+            "check": "temperature",
+            "status": level,
+            "detail": detail,
+            "slope": b,
+            "slope_se": se,
+            "implied_ratio": implied,
+        }
         if temperature is None or temperature == 1.0:
-            raw = {"check": "raw_logprobs", "status": "not_measured", "detail": "needs a sampling temperature ≠ 1 (a `temperature` field or --temperature): at T = 1 raw and processed log-probs coincide"}
+            raw = {
+                "check": "raw_logprobs",
+                "status": "not_measured",
+                "detail": "needs a sampling temperature ≠ 1 (a `temperature` field or --temperature): at T = 1 raw and processed log-probs coincide",
+            }
         else:
-            near = min((abs(implied - target), side) for target, side in ((1 / temperature, "μ are raw (T = 1) log-probs while π is at the sampling temperature"), (temperature, "π is at T = 1 (logits not divided by the temperature) while μ is processed")))
-            matches = level != "ok" and near[0] < 0.5 * abs(b)  # within half the measured tilt of the target (the slope is attenuated)
+            near = min(
+                (abs(implied - target), side)
+                for target, side in (
+                    (1 / temperature, "μ are raw (T = 1) log-probs while π is at the sampling temperature"),
+                    (temperature, "π is at T = 1 (logits not divided by the temperature) while μ is processed"),
+                )
+            )
+            matches = level != "ok" and near[0] < 0.5 * abs(
+                b
+            )  # within half the measured tilt of the target (the slope is attenuated)
             raw = {
                 "check": "raw_logprobs",
                 "status": "fail" if matches else "ok",

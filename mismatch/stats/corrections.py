@@ -43,14 +43,65 @@ class Correction:
 
 
 CORRECTIONS = (
-    Correction("token_tis", "token", "truncate", None, 2.0, "verl rollout_is=token, rollout_is_threshold 2.0 (trainer/config/algorithm/rollout_correction.yaml); slime --tis-clip 2.0"),
-    Correction("icepop", "token", "mask", 0.5, 5.0, "NeMo-RL truncated_importance_sampling_type=icepop, 'ref bounds: 0.5–5' (nemo_rl/algorithms/loss/loss_functions.py); examples/configs/prorlv2.v2.yaml"),
-    Correction("seq_mis", "sum", "mask", 0.5, 2.0, "verl decoupled_seq_is_rs: sequence IS 2.0 with seq_sum_k1 rejection '0.5_2.0' (trainer/config/algorithm.py)"),
-    Correction("geometric", "mean", "reject", 0.999, 1.001, "verl decoupled_geo_rs: seq_mean_k1 rejection '0.999_1.001' (trainer/config/algorithm.py)"),
-    Correction("trl_token_truncate", "token", "truncate", None, 3.0, "TRL GRPOConfig vllm_importance_sampling_mode='token_truncate', clip_max 3.0 (trl/trainer/grpo_config.py)"),
-    Correction("trl_token_mask", "token", "mask", None, 3.0, "TRL vllm_importance_sampling_mode='token_mask', clip_max 3.0"),
-    Correction("trl_sequence_truncate", "sum", "truncate", None, 3.0, "TRL vllm_importance_sampling_mode='sequence_truncate', clip_max 3.0"),
-    Correction("trl_sequence_mask", "sum", "mask", None, 3.0, "TRL's default: vllm_importance_sampling_mode='sequence_mask', clip_max 3.0"),
+    Correction(
+        "token_tis",
+        "token",
+        "truncate",
+        None,
+        2.0,
+        "verl rollout_is=token, rollout_is_threshold 2.0 (trainer/config/algorithm/rollout_correction.yaml); slime --tis-clip 2.0",
+    ),
+    Correction(
+        "icepop",
+        "token",
+        "mask",
+        0.5,
+        5.0,
+        "NeMo-RL truncated_importance_sampling_type=icepop, 'ref bounds: 0.5–5' (nemo_rl/algorithms/loss/loss_functions.py); examples/configs/prorlv2.v2.yaml",
+    ),
+    Correction(
+        "seq_mis",
+        "sum",
+        "mask",
+        0.5,
+        2.0,
+        "verl decoupled_seq_is_rs: sequence IS 2.0 with seq_sum_k1 rejection '0.5_2.0' (trainer/config/algorithm.py)",
+    ),
+    Correction(
+        "geometric",
+        "mean",
+        "reject",
+        0.999,
+        1.001,
+        "verl decoupled_geo_rs: seq_mean_k1 rejection '0.999_1.001' (trainer/config/algorithm.py)",
+    ),
+    Correction(
+        "trl_token_truncate",
+        "token",
+        "truncate",
+        None,
+        3.0,
+        "TRL GRPOConfig vllm_importance_sampling_mode='token_truncate', clip_max 3.0 (trl/trainer/grpo_config.py)",
+    ),
+    Correction(
+        "trl_token_mask", "token", "mask", None, 3.0, "TRL vllm_importance_sampling_mode='token_mask', clip_max 3.0"
+    ),
+    Correction(
+        "trl_sequence_truncate",
+        "sum",
+        "truncate",
+        None,
+        3.0,
+        "TRL vllm_importance_sampling_mode='sequence_truncate', clip_max 3.0",
+    ),
+    Correction(
+        "trl_sequence_mask",
+        "sum",
+        "mask",
+        None,
+        3.0,
+        "TRL's default: vllm_importance_sampling_mode='sequence_mask', clip_max 3.0",
+    ),
 )
 TRL_MODES = tuple(c.name for c in CORRECTIONS if c.name.startswith("trl_"))
 
@@ -63,7 +114,9 @@ def with_thresholds(settings: list[str]) -> tuple[Correction, ...]:
         name, _, value = setting.partition("=")
         names = TRL_MODES if name == "trl" else (name,)
         if not value or any(n not in chosen for n in names):
-            raise ConfigError(f"--correction {setting!r}: use NAME=HIGH or NAME=LOW,HIGH with NAME one of {', '.join([*chosen, 'trl'])}")
+            raise ConfigError(
+                f"--correction {setting!r}: use NAME=HIGH or NAME=LOW,HIGH with NAME one of {', '.join([*chosen, 'trl'])}"
+            )
         try:
             bounds = [float(part) for part in value.split(",")]
         except ValueError:
@@ -71,9 +124,15 @@ def with_thresholds(settings: list[str]) -> tuple[Correction, ...]:
         if len(bounds) > 2 or any(b <= 0 for b in bounds) or (len(bounds) == 2 and bounds[0] >= bounds[1]):
             raise ConfigError(f"--correction {setting!r}: give HIGH, or LOW,HIGH with 0 < LOW < HIGH")
         for n in names:
-            chosen[n] = replace(chosen[n], low=bounds[0], high=bounds[1]) if len(bounds) == 2 else replace(chosen[n], high=bounds[0])
+            chosen[n] = (
+                replace(chosen[n], low=bounds[0], high=bounds[1])
+                if len(bounds) == 2
+                else replace(chosen[n], high=bounds[0])
+            )
             if chosen[n].low is not None and chosen[n].low >= chosen[n].high:
-                raise ConfigError(f"--correction {setting!r}: {n}'s band would be {chosen[n].band()}; give LOW,HIGH with LOW < HIGH")
+                raise ConfigError(
+                    f"--correction {setting!r}: {n}'s band would be {chosen[n].band()}; give LOW,HIGH with LOW < HIGH"
+                )
     return tuple(chosen.values())
 
 
@@ -106,22 +165,42 @@ class _Tally:
     def __init__(self):
         self.units = self.changed_units = self.tokens = self.changed_tokens = self.changed_seqs = self.seqs = 0
         self.sums = dict.fromkeys(("before", "before_sq", "after", "after_sq"), 0.0)
-        self.hist = {"before": np.zeros(len(_EDGES) + 1, dtype=np.int64), "after": np.zeros(len(_EDGES) + 1, dtype=np.int64)}
+        self.hist = {
+            "before": np.zeros(len(_EDGES) + 1, dtype=np.int64),
+            "after": np.zeros(len(_EDGES) + 1, dtype=np.int64),
+        }
         self.zeros_after = 0
         self.extremes = {"before": [np.inf, -np.inf], "after": [np.inf, -np.inf]}
 
-    def add(self, log_before: np.ndarray, after: np.ndarray, changed: np.ndarray, changed_tokens: int, changed_seqs: int, tokens: int, seqs: int) -> None:
+    def add(
+        self,
+        log_before: np.ndarray,
+        after: np.ndarray,
+        changed: np.ndarray,
+        changed_tokens: int,
+        changed_seqs: int,
+        tokens: int,
+        seqs: int,
+    ) -> None:
         before = np.exp(log_before)
         self.units += len(before)
         self.changed_units += int(changed.sum())
-        self.tokens, self.changed_tokens, self.seqs, self.changed_seqs = self.tokens + tokens, self.changed_tokens + changed_tokens, self.seqs + seqs, self.changed_seqs + changed_seqs
+        self.tokens, self.changed_tokens, self.seqs, self.changed_seqs = (
+            self.tokens + tokens,
+            self.changed_tokens + changed_tokens,
+            self.seqs + seqs,
+            self.changed_seqs + changed_seqs,
+        )
         for name, values in (("before", before), ("after", after)):
             self.sums[name] += float(values.sum())
             self.sums[name + "_sq"] += float((values**2).sum())
             positive = values[values > 0]
             self.hist[name] += np.bincount(np.searchsorted(_EDGES, np.log(positive)), minlength=len(_EDGES) + 1)
             if len(values):
-                self.extremes[name] = [min(self.extremes[name][0], values.min()), max(self.extremes[name][1], values.max())]
+                self.extremes[name] = [
+                    min(self.extremes[name][0], values.min()),
+                    max(self.extremes[name][1], values.max()),
+                ]
         self.zeros_after += int((after == 0).sum())
 
     def quantiles(self, name: str) -> dict[str, float]:
@@ -160,7 +239,9 @@ class Replay:
             after, changed = weights(correction, log_rho)
             token_changed = changed if correction.level == "token" else changed[seq_index]
             changed_seqs = int(np.bincount(seq_index, weights=token_changed, minlength=n_seqs).astype(bool).sum())
-            self.tallies[correction.name].add(log_rho, after, changed, int(token_changed.sum()), changed_seqs, len(log_ratio), n_seqs)
+            self.tallies[correction.name].add(
+                log_rho, after, changed, int(token_changed.sum()), changed_seqs, len(log_ratio), n_seqs
+            )
 
     def result(self) -> list[dict]:
         rows = []

@@ -36,7 +36,11 @@ def drift(steps, values, metric: str) -> dict:
     start = baseline_steps(len(steps))
     base = float(np.median(values[:start]))
     out["baseline"] = base
-    beyond = values < base / FACTOR if metric == "min_ratio" else (values > base * FACTOR) & (values > FLOOR.get(metric, 0.0))
+    beyond = (
+        values < base / FACTOR
+        if metric == "min_ratio"
+        else (values > base * FACTOR) & (values > FLOOR.get(metric, 0.0))
+    )
     for i in range(start, len(values) - SUSTAIN + 1):
         if beyond[i : i + SUSTAIN].all():
             out["departs_at"] = int(steps[i])

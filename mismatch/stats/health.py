@@ -6,8 +6,8 @@ framework defines it, and compares it with the documented threshold, the source 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

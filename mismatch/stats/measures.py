@@ -61,7 +61,10 @@ class Measures:
                                   | {f"health:{c['framework']}:{c['metric']}": c["value"] for c in checks})  # fmt: skip
 
     def pair_rows(self) -> list[dict]:
-        return [{"engine_dtype": e, "trainer_dtype": t} | pair.stats.result(self.seed) for (e, t), pair in self.pairs.items()]
+        return [
+            {"engine_dtype": e, "trainer_dtype": t} | pair.stats.result(self.seed)
+            for (e, t), pair in self.pairs.items()
+        ]
 
     def corrections_rows(self) -> list[dict]:
         return [{"pair": pair_name(e, t)} | row for (e, t), pair in self.pairs.items() for row in pair.replay.result()]
@@ -75,21 +78,38 @@ class Measures:
                 value = health.worst(check["metric"], [c["value"] for c in per_step])
                 status = max((c["status"] for c in per_step), key=STATUS_ORDER.get)
                 flagged = sum(c["status"] in ("warn", "fail") for c in per_step)
-                rows.append(check | {"pair": pair_name(e, t), "value": value, "status": status, "steps": len(per_step), "steps_flagged": flagged})
+                rows.append(
+                    check
+                    | {
+                        "pair": pair_name(e, t),
+                        "value": value,
+                        "status": status,
+                        "steps": len(per_step),
+                        "steps_flagged": flagged,
+                    }
+                )
         return rows
 
     def audit_rows(self, temperature: float | None) -> tuple[list[dict], dict[str, list[dict]]]:
         """Each check's worst result over the pairs (with its pair), and every pair's."""
-        by_pair = {pair_name(e, t): [row | {"pair": pair_name(e, t)} for row in pair.audit.result(temperature)] for (e, t), pair in self.pairs.items()}
+        by_pair = {
+            pair_name(e, t): [row | {"pair": pair_name(e, t)} for row in pair.audit.result(temperature)]
+            for (e, t), pair in self.pairs.items()
+        }
         worst = {}
         for rows in by_pair.values():
             for row in rows:
-                if row["check"] not in worst or STATUS_ORDER[row["status"]] > STATUS_ORDER[worst[row["check"]]["status"]]:
+                if (
+                    row["check"] not in worst
+                    or STATUS_ORDER[row["status"]] > STATUS_ORDER[worst[row["check"]]["status"]]
+                ):
                     worst[row["check"]] = row
         return list(worst.values()), by_pair
 
 
-def worst_tokens(tokens: pd.DataFrame, prompt_of, n: int = 20, left: int = 12, right: int = 6, prompt_chars: int = 160) -> list[dict]:
+def worst_tokens(
+    tokens: pd.DataFrame, prompt_of, n: int = 20, left: int = 12, right: int = 6, prompt_chars: int = 160
+) -> list[dict]:
     """The `n` tokens with the largest |log π − log μ|, each with the response text around it and
     the end of its prompt (`prompt_of(engine_dtype, seq_id)`); `step` too where the rows have one."""
     scored = tokens.assign(ratio=log_ratio(tokens["logp_trainer"], tokens["logp_engine"]))

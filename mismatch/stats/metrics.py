@@ -63,7 +63,9 @@ def chi2_token(logp_trainer, logp_engine) -> float:
 
 def abs_dp(logp_trainer, logp_engine) -> np.ndarray:
     """Per-token |π − μ| in probability space."""
-    return np.abs(np.exp(np.asarray(logp_trainer, dtype=np.float64)) - np.exp(np.asarray(logp_engine, dtype=np.float64)))
+    return np.abs(
+        np.exp(np.asarray(logp_trainer, dtype=np.float64)) - np.exp(np.asarray(logp_engine, dtype=np.float64))
+    )
 
 
 def mean_abs_dp(logp_trainer, logp_engine) -> float:
@@ -103,7 +105,10 @@ def _per_sequence(logp_trainer, logp_engine, seq_ids) -> pd.DataFrame:
     )
     # (not `engine=`: that keyword is groupby.agg's own)
     return frame.groupby("seq", sort=True).agg(
-        ratio=("ratio", "sum"), logp_engine=("logp_engine", "sum"), logp_trainer=("logp_trainer", "sum"), length=("ratio", "size")
+        ratio=("ratio", "sum"),
+        logp_engine=("logp_engine", "sum"),
+        logp_trainer=("logp_trainer", "sum"),
+        length=("ratio", "size"),
     )
 
 
@@ -131,19 +136,25 @@ def log_ppl_diff(logp_trainer, logp_engine, seq_ids) -> float:
 BOOTSTRAP_DRAWS = 1000
 
 
-def bootstrap_mean_ci(values, clusters, n_boot: int = BOOTSTRAP_DRAWS, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_mean_ci(
+    values, clusters, n_boot: int = BOOTSTRAP_DRAWS, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile interval of the token-pooled mean of `values`, resampling whole clusters (the
     independent units: prompts, whose samples are correlated, or sequences)."""
     frame = pd.DataFrame({"seq": np.asarray(clusters), "v": np.asarray(values, dtype=np.float64)})
     per_cluster = frame.groupby("seq").agg(total=("v", "sum"), count=("v", "size"))
-    return bootstrap_totals_ci(per_cluster["total"].to_numpy(), per_cluster["count"].to_numpy(dtype=np.float64), n_boot, seed, level)
+    return bootstrap_totals_ci(
+        per_cluster["total"].to_numpy(), per_cluster["count"].to_numpy(dtype=np.float64), n_boot, seed, level
+    )
 
 
 BOOTSTRAP_MAX_CLUSTERS = 20_000  # beyond: the normal interval (the bootstrap would cost clusters × draws)
 _BLOCK = 50  # draws held at once
 
 
-def bootstrap_totals_ci(totals, counts, n_boot: int = BOOTSTRAP_DRAWS, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_totals_ci(
+    totals, counts, n_boot: int = BOOTSTRAP_DRAWS, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """`bootstrap_mean_ci` from each cluster's sum and token count, in cluster order. With more than
     BOOTSTRAP_MAX_CLUSTERS clusters (a long training run) the ratio estimator's normal interval,
     which the bootstrap approaches there."""
@@ -157,7 +168,9 @@ def bootstrap_totals_ci(totals, counts, n_boot: int = BOOTSTRAP_DRAWS, seed: int
     rng = np.random.default_rng(seed)
     means = []
     for start in range(0, n_boot, _BLOCK):  # memory: _BLOCK × clusters, not n_boot × clusters
-        draws = rng.multinomial(len(totals), np.full(len(totals), 1 / len(totals)), size=min(_BLOCK, n_boot - start)).astype(np.float64)
+        draws = rng.multinomial(
+            len(totals), np.full(len(totals), 1 / len(totals)), size=min(_BLOCK, n_boot - start)
+        ).astype(np.float64)
         means.append((draws @ totals) / (draws @ counts))
     means = np.concatenate(means)
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
@@ -182,8 +195,14 @@ class PairStats:
         self.lengths = set()
         self.clusters: list[pd.DataFrame] = []
 
-    def add(self, logp_trainer, logp_engine, seq_ids, clusters=None, logp_trainer_full=None, log_kept_mass=None) -> None:
-        trainer, engine, seqs = np.asarray(logp_trainer, dtype=np.float64), np.asarray(logp_engine, dtype=np.float64), np.asarray(seq_ids)
+    def add(
+        self, logp_trainer, logp_engine, seq_ids, clusters=None, logp_trainer_full=None, log_kept_mass=None
+    ) -> None:
+        trainer, engine, seqs = (
+            np.asarray(logp_trainer, dtype=np.float64),
+            np.asarray(logp_engine, dtype=np.float64),
+            np.asarray(seq_ids),
+        )
         full = trainer if logp_trainer_full is None else np.asarray(logp_trainer_full, dtype=np.float64)
         kept = np.zeros_like(trainer) if log_kept_mass is None else np.asarray(log_kept_mass, dtype=np.float64)
         clusters = seqs if clusters is None else np.asarray(clusters)
@@ -191,7 +210,13 @@ class PairStats:
         finite = valid & np.isfinite(trainer)
         self.n_nonfinite += int((~valid).sum())
         self.n_outside += int((valid & ~np.isfinite(trainer)).sum())
-        trainer, engine, seqs, clusters, kept = trainer[finite], engine[finite], seqs[finite], clusters[finite], kept[finite]
+        trainer, engine, seqs, clusters, kept = (
+            trainer[finite],
+            engine[finite],
+            seqs[finite],
+            clusters[finite],
+            kept[finite],
+        )
         if not len(trainer):
             return
         ratio = log_ratio(trainer, engine)
@@ -202,24 +227,36 @@ class PairStats:
             ("outside_2", np.abs(ratio) > np.log(2)), ("kept_mass", np.exp(kept)), ("neg_log_kept", -kept),
         ):  # fmt: skip
             self.sums[name] += float(np.sum(values))
-        self.max_abs_dp, self.min_ratio, self.max_ratio = max(self.max_abs_dp, dp.max()), min(self.min_ratio, ratio.min()), max(self.max_ratio, ratio.max())
-        per_seq = pd.DataFrame({"seq": seqs, "ratio": ratio, "diff": engine - trainer}).groupby("seq", sort=True).agg(
-            y=("ratio", "sum"), diff=("diff", "sum"), x=("ratio", "size")
+        self.max_abs_dp, self.min_ratio, self.max_ratio = (
+            max(self.max_abs_dp, dp.max()),
+            min(self.min_ratio, ratio.min()),
+            max(self.max_ratio, ratio.max()),
+        )
+        per_seq = (
+            pd.DataFrame({"seq": seqs, "ratio": ratio, "diff": engine - trainer})
+            .groupby("seq", sort=True)
+            .agg(y=("ratio", "sum"), diff=("diff", "sum"), x=("ratio", "size"))
         )
         x, y = per_seq["x"].to_numpy(dtype=np.float64), per_seq["y"].to_numpy()
         self.n_seqs += len(per_seq)
         self.lengths.update(np.unique(x).tolist())
-        for name, values in (("x", x), ("y", y), ("xy", x * y), ("xx", x * x), ("log_ppl", per_seq["diff"].to_numpy() / x)):
+        for name, values in (
+            ("x", x),
+            ("y", y),
+            ("xy", x * y),
+            ("xx", x * x),
+            ("log_ppl", per_seq["diff"].to_numpy() / x),
+        ):
             self.seq_sums[name] += float(np.sum(values))
         self.clusters.append(
-            pd.DataFrame({"cluster": clusters, "k3": k3_values, "mean_abs_dp": dp}).groupby("cluster", sort=True).agg(
-                k3=("k3", "sum"), mean_abs_dp=("mean_abs_dp", "sum"), count=("k3", "size")
-            )
+            pd.DataFrame({"cluster": clusters, "k3": k3_values, "mean_abs_dp": dp})
+            .groupby("cluster", sort=True)
+            .agg(k3=("k3", "sum"), mean_abs_dp=("mean_abs_dp", "sum"), count=("k3", "size"))
         )
         if len(self.clusters) >= 64:  # one frame instead of many small ones: a long run stays small
             self.clusters = [self._cluster_sums()]
 
-    def merge(self, other: "PairStats") -> None:
+    def merge(self, other: PairStats) -> None:
         """Take in the chunks `other` was fed, as if they had been added here (a step's own
         statistics join the run's without the tokens being summed twice)."""
         self.n_tokens, self.n_nonfinite = self.n_tokens + other.n_tokens, self.n_nonfinite + other.n_nonfinite
@@ -227,7 +264,11 @@ class PairStats:
         for mine, theirs in ((self.sums, other.sums), (self.seq_sums, other.seq_sums)):
             for name, value in theirs.items():
                 mine[name] += value
-        self.max_abs_dp, self.min_ratio, self.max_ratio = max(self.max_abs_dp, other.max_abs_dp), min(self.min_ratio, other.min_ratio), max(self.max_ratio, other.max_ratio)
+        self.max_abs_dp, self.min_ratio, self.max_ratio = (
+            max(self.max_abs_dp, other.max_abs_dp),
+            min(self.min_ratio, other.min_ratio),
+            max(self.max_ratio, other.max_ratio),
+        )
         self.lengths |= other.lengths
         self.clusters += other.clusters
         if len(self.clusters) >= 64:
@@ -247,7 +288,10 @@ class PairStats:
             "nucleus_log_bias": self.sums["neg_log_kept"] / n if n else float("nan"),
         }
         if not n:
-            return out | {name: float("nan") for name in (*METRICS, *(f"{m}_ci_{end}" for m in CI_METRICS for end in ("low", "high")))}
+            return out | {
+                name: float("nan")
+                for name in (*METRICS, *(f"{m}_ci_{end}" for m in CI_METRICS for end in ("low", "high")))
+            }
         s, q = self.sums, self.seq_sums
         centred_xx = q["xx"] - q["x"] ** 2 / self.n_seqs
         out |= {
@@ -261,17 +305,23 @@ class PairStats:
             "max_ratio": float(np.exp(self.max_ratio)),
             "frac_outside_2": s["outside_2"] / n,
             "seq_kl": -q["y"] / self.n_seqs,
-            "seq_slope_per_1k": float("nan") if len(self.lengths) < 2 else 1000 * (q["xy"] - q["x"] * q["y"] / self.n_seqs) / centred_xx,
+            "seq_slope_per_1k": float("nan")
+            if len(self.lengths) < 2
+            else 1000 * (q["xy"] - q["x"] * q["y"] / self.n_seqs) / centred_xx,
             "log_ppl_diff": q["log_ppl"] / self.n_seqs,
         }
         clusters = self._cluster_sums()
         counts = clusters["count"].to_numpy(dtype=np.float64)
         for name in CI_METRICS:
-            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_totals_ci(clusters[name].to_numpy(), counts, seed=seed)
+            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_totals_ci(
+                clusters[name].to_numpy(), counts, seed=seed
+            )
         return out
 
 
-def pair_metrics(logp_trainer, logp_engine, seq_ids, seed: int = 0, prompt_ids=None, logp_trainer_full=None, log_kept_mass=None) -> dict[str, float | int]:
+def pair_metrics(
+    logp_trainer, logp_engine, seq_ids, seed: int = 0, prompt_ids=None, logp_trainer_full=None, log_kept_mass=None
+) -> dict[str, float | int]:
     """Every metric for one (engine dtype, trainer dtype) pair, over its measurable tokens.
 
     `logp_trainer` is log π under the trainer's nucleus. A token the engine sampled outside that

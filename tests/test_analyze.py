@@ -83,8 +83,14 @@ def _mu_only_dump(scan_run, path, engine_dtype="bf16"):
     rollouts = pd.read_parquet(scan_run / "rollouts.parquet").query("engine_dtype == @engine_dtype")
     with path.open("w") as handle:
         for r in rollouts.itertuples():
-            record = {"seq_id": int(r.seq_id), "prompt_index": int(r.prompt_index), "prompt_ids": [int(i) for i in r.prompt_ids],
-                      "token_id": [int(i) for i in r.response_ids], "logp_engine": [float(x) for x in r.logp_engine], "temperature": 0.8}  # fmt: skip
+            record = {
+                "seq_id": int(r.seq_id),
+                "prompt_index": int(r.prompt_index),
+                "prompt_ids": [int(i) for i in r.prompt_ids],
+                "token_id": [int(i) for i in r.response_ids],
+                "logp_engine": [float(x) for x in r.logp_engine],
+                "temperature": 0.8,
+            }
             handle.write(json.dumps(record) + "\n")
     return path
 
@@ -105,8 +111,8 @@ def test_mu_only_dump_is_rescored_by_model_as_the_scan_rescored_it(scan_run, tin
     ours = pd.read_parquet(tmp_path / "a" / "tokens.parquet")
     scanned = pd.read_parquet(scan_run / "tokens.parquet").query("engine_dtype == 'bf16'")
     for trainer in ("bf16", "fp32"):
-        a = ours.query("trainer_dtype == @trainer").sort_values(["seq_id", "position"])
-        b = scanned.query("trainer_dtype == @trainer").sort_values(["seq_id", "position"])
+        a = ours[ours["trainer_dtype"] == trainer].sort_values(["seq_id", "position"])
+        b = scanned[scanned["trainer_dtype"] == trainer].sort_values(["seq_id", "position"])
         assert a["token_id"].tolist() == b["token_id"].tolist()
         np.testing.assert_array_equal(a["logp_trainer"].to_numpy(), b["logp_trainer"].to_numpy())
     assert [p["trainer_dtype"] for p in summary["pairs"]] == ["bf16", "fp32"]
@@ -126,13 +132,14 @@ def _steps_dump(folder, steps=12, grow_from=7, seed=0):
             [[1, 2]] * 16,
             [list(rng.integers(3, 50, n)) for n in lengths],
             mu,
-            pi,
+            logp_trainer=pi,
             prompt_index=np.arange(16) // 4,
         )
     writer.flush()
     return folder
 
 
+@pytest.mark.browser
 def test_steps_are_measured_one_by_one_and_the_drift_is_found(tmp_path):
     dump = _steps_dump(tmp_path / "dump")
     result = cli("analyze", dump, "--out", tmp_path / "a")
@@ -183,10 +190,15 @@ def _logits_dump(
     cumulative = np.cumsum(np.exp(log_mu), 1)
     tokens = (cumulative < rng.random((len(z), 1)) * cumulative[:, -1:]).sum(1)
     rows = np.arange(len(z))
-    frame = pd.DataFrame({
-        "seq_id": np.repeat(np.arange(n_seqs), length), "position": np.tile(np.arange(length), n_seqs), "token_id": tokens,
-        "logp_engine": log_mu[rows, tokens], "logp_trainer": log_pi[rows, tokens] + rng.normal(0, noise, len(z)),
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "seq_id": np.repeat(np.arange(n_seqs), length),
+            "position": np.tile(np.arange(length), n_seqs),
+            "token_id": tokens,
+            "logp_engine": log_mu[rows, tokens],
+            "logp_trainer": log_pi[rows, tokens] + rng.normal(0, noise, len(z)),
+        }
+    )
     if recorded_temperature is not None:
         frame["temperature"] = recorded_temperature
     frame.to_parquet(path, index=False)
@@ -327,8 +339,22 @@ def test_prime_rl_and_slime_dumps_analyze_end_to_end(tiny_model, tmp_path):
             mask = [False] * 8 + [True] * 12
             mu = [0.0] * 8 + [float(x) for x in np.log(rng.uniform(0.1, 1, 12))]
             pi = [-5.0] * 8 + [m + float(rng.normal(0, 0.01)) for m in mu[8:]]
-            records.append({"schema_version": 1, "step": step, "rank": 0, "micro_step": 0, "micro_sequence_idx": i, "export_sequence_idx": i, "env_name": "x",
-                            "token_ids": ids, "position_ids": list(range(20)), "loss_mask": mask, "inference_logprobs": mu, "trainer_logprobs": pi})  # fmt: skip
+            records.append(
+                {
+                    "schema_version": 1,
+                    "step": step,
+                    "rank": 0,
+                    "micro_step": 0,
+                    "micro_sequence_idx": i,
+                    "export_sequence_idx": i,
+                    "env_name": "x",
+                    "token_ids": ids,
+                    "position_ids": list(range(20)),
+                    "loss_mask": mask,
+                    "inference_logprobs": mu,
+                    "trainer_logprobs": pi,
+                }
+            )
         (export / f"step_{step}" / "rank_0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     result = cli("analyze", tmp_path / "run", "--out", tmp_path / "p")
     assert result.exit_code == 0, result.output
@@ -337,8 +363,17 @@ def test_prime_rl_and_slime_dumps_analyze_end_to_end(tiny_model, tmp_path):
     mismatch_kl = next(h for h in summary["health"] if h["metric"] == "mismatch_kl/all/mean")
     assert mismatch_kl["steps"] == 2
 
-    samples = [{"tokens": [5, 6, 7, 10 + i, 11 + i, 12 + i], "response_length": 3, "rollout_log_probs": [-0.5, -1.0, -0.2], "loss_mask": [1, 1, 1], "group_index": i // 2, "index": i}
-               for i in range(4)]  # fmt: skip
+    samples = [
+        {
+            "tokens": [5, 6, 7, 10 + i, 11 + i, 12 + i],
+            "response_length": 3,
+            "rollout_log_probs": [-0.5, -1.0, -0.2],
+            "loss_mask": [1, 1, 1],
+            "group_index": i // 2,
+            "index": i,
+        }
+        for i in range(4)
+    ]
     (tmp_path / "slime").mkdir()
     torch.save({"rollout_id": 0, "samples": samples}, tmp_path / "slime" / "0.pt")
     result = cli("analyze", tmp_path / "slime", "--model", tiny_model, "--dtypes", "fp32", "--out", tmp_path / "s")
@@ -352,8 +387,16 @@ def test_prime_rl_and_slime_dumps_analyze_end_to_end(tiny_model, tmp_path):
 
 
 def test_hostile_token_text_from_a_dump_is_escaped(tmp_path):
-    frame = pd.DataFrame({"seq_id": [0, 0, 1], "position": [0, 1, 0], "token_id": [1, 2, 3], "token": ["<script>alert(1)</script>", "|*_", "ok"],
-                          "logp_engine": [-1.0, -0.5, -0.2], "logp_trainer": [-3.0, -0.5, -0.2]})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "seq_id": [0, 0, 1],
+            "position": [0, 1, 0],
+            "token_id": [1, 2, 3],
+            "token": ["<script>alert(1)</script>", "|*_", "ok"],
+            "logp_engine": [-1.0, -0.5, -0.2],
+            "logp_trainer": [-3.0, -0.5, -0.2],
+        }
+    )
     frame.to_parquet(tmp_path / "d.parquet", index=False)
     assert cli("analyze", tmp_path / "d.parquet", "--out", tmp_path / "a").exit_code == 0
     html = (tmp_path / "a" / "report.html").read_text()
@@ -394,8 +437,16 @@ def test_bad_options_and_missing_paths_exit_2(tmp_path):
 
 
 def test_dumps_in_the_wild_string_ids_null_pi_and_probabilities(tmp_path):
-    rows = pd.DataFrame({"seq_id": ["u-1", "u-1", "u-2"], "prompt_index": ["g", "g", "h"], "position": [0, 1, 0], "token_id": [1, 2, 3],
-                         "logp_engine": [-1.0, -0.5, -0.2], "logp_trainer": [-1.1, -0.5, -0.25]})  # fmt: skip
+    rows = pd.DataFrame(
+        {
+            "seq_id": ["u-1", "u-1", "u-2"],
+            "prompt_index": ["g", "g", "h"],
+            "position": [0, 1, 0],
+            "token_id": [1, 2, 3],
+            "logp_engine": [-1.0, -0.5, -0.2],
+            "logp_trainer": [-1.1, -0.5, -0.25],
+        }
+    )
     rows.to_json(tmp_path / "ids.jsonl", orient="records", lines=True)
     assert cli("analyze", tmp_path / "ids.jsonl", "--out", tmp_path / "a").exit_code == 0
     pair = summary_of(tmp_path / "a")["pairs"][0]

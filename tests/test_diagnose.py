@@ -47,6 +47,7 @@ def components(summary, dtype):
     return {c["name"]: c for c in summary["diagnosis"]["components"] if c["engine_dtype"] == dtype}
 
 
+@pytest.mark.engine
 def test_summary_contract_and_terminal(run):
     out, output, summary = run
     assert summary["kind"] == "diagnose" and summary["complete"]
@@ -71,6 +72,7 @@ def test_summary_contract_and_terminal(run):
     }
 
 
+@pytest.mark.engine
 def test_every_component_recomputes_from_tokens(run):
     out, _, summary = run
     tokens = pd.read_parquet(out / "tokens.parquet")
@@ -84,6 +86,7 @@ def test_every_component_recomputes_from_tokens(run):
         assert c["mean_abs_dlogp"] == pytest.approx(np.mean(np.abs(group[compared] - group[reference])))
 
 
+@pytest.mark.engine
 def test_known_answers(run):
     _, _, summary = run
     bf16, fp32 = components(summary, "bf16"), components(summary, "fp32")
@@ -101,6 +104,7 @@ def test_known_answers(run):
     assert fp32["engine_decode_vs_prefill"]["k3"] < 1e-9
 
 
+@pytest.mark.engine
 def test_layers_and_topk(run):
     out, _, summary = run
     fp32_layers, bf16_layers = (entry["layers"] for entry in summary["diagnosis"]["layers"])
@@ -114,6 +118,7 @@ def test_layers_and_topk(run):
     assert fp32_view["mean_overlap"] == 1.0 and fp32_view["mean_tv_topk"] < 1e-5
 
 
+@pytest.mark.engine
 def test_report_and_markdown(run):
     out, _, _ = run
     html = (out / "report.html").read_text()
@@ -124,6 +129,7 @@ def test_report_and_markdown(run):
     assert runner.invoke(app, ["report", str(out)]).exit_code == 0 and (out / "report.html").read_text() == html
 
 
+@pytest.mark.engine
 def test_a_planted_semantic_difference_dominates(tiny_model, tmp_path, monkeypatch):
     """Gemma-2 with the trainer forced onto SDPA (which drops its attention softcap; vLLM applies it)."""
     folder = tmp_path / "gemma2"
@@ -150,6 +156,7 @@ def test_a_planted_semantic_difference_dominates(tiny_model, tmp_path, monkeypat
     assert "engine and trainer compute different things even in FP32" in summary["recommendation"]["actions"][0]
 
 
+@pytest.mark.engine
 def test_from_a_scan_reuses_its_rollouts(tiny_model, tmp_path):
     scan_dir = tmp_path / "scan"
     assert (

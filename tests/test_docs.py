@@ -33,7 +33,9 @@ def resolve(dotted: str) -> object:
     raise ModuleNotFoundError(dotted)
 
 
-NUMBERS = sorted(set(re.findall(r"`([a-z_]+(?:\.[A-Za-z_0-9]+)+)", section("Where each number in a report comes from"))))
+NUMBERS = sorted(
+    set(re.findall(r"`([a-z_]+(?:\.[A-Za-z_0-9]+)+)", section("Where each number in a report comes from")))
+)
 ROOMS = re.findall(r"^\| `([a-z_/]+(?:\.py)?)`", section("Rooms, top to bottom"), flags=re.M)
 
 

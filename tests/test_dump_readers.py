@@ -19,18 +19,34 @@ from mismatch.errors import DumpError
 def _export_record(step, rank, index, token_ids, loss_mask, mu, pi):
     """One record as prime-rl's TokenExporter writes it: every column aligned to token_ids."""
     n = len(token_ids)
-    log_ratio = [None if p is None else p - m for p, m in zip(pi, mu)]
+    # strict=False: test_prime_rl_errors writes a record whose μ is one token short on purpose
+    log_ratio = [None if p is None else p - m for p, m in zip(pi, mu, strict=False)]
     return {
-        "schema_version": 1, "step": step, "rank": rank, "micro_step": 0, "micro_sequence_idx": index,
-        "export_sequence_idx": index, "env_name": "gsm8k", "token_ids": token_ids, "position_ids": list(range(n)),
-        "loss_mask": loss_mask, "advantages": [0.5 if m else 0.0 for m in loss_mask], "inference_logprobs": mu,
-        "trainer_logprobs": pi, "entropy": [1.0] * n,
+        "schema_version": 1,
+        "step": step,
+        "rank": rank,
+        "micro_step": 0,
+        "micro_sequence_idx": index,
+        "export_sequence_idx": index,
+        "env_name": "gsm8k",
+        "token_ids": token_ids,
+        "position_ids": list(range(n)),
+        "loss_mask": loss_mask,
+        "advantages": [0.5 if m else 0.0 for m in loss_mask],
+        "inference_logprobs": mu,
+        "trainer_logprobs": pi,
+        "entropy": [1.0] * n,
         "mismatch_kl": [None if r is None else math.exp(r) - r - 1 for r in log_ratio],
-        "log_importance_ratio": log_ratio, "importance_ratio": [None if r is None else math.exp(r) for r in log_ratio],
-        "prob_delta": [None if p is None else math.exp(p) - math.exp(m) for p, m in zip(pi, mu)],
-        "is_masked": [False] * n, "is_masked_high": [False] * n, "is_masked_low": [False] * n,
-        "rl_weights": [None] * n, "ce_weights": [None] * n, "ref_kl_weights": [None] * n,
-    }  # fmt: skip
+        "log_importance_ratio": log_ratio,
+        "importance_ratio": [None if r is None else math.exp(r) for r in log_ratio],
+        "prob_delta": [None if p is None else math.exp(p) - math.exp(m) for p, m in zip(pi, mu, strict=False)],
+        "is_masked": [False] * n,
+        "is_masked_high": [False] * n,
+        "is_masked_low": [False] * n,
+        "rl_weights": [None] * n,
+        "ce_weights": [None] * n,
+        "ref_kl_weights": [None] * n,
+    }
 
 
 def _write_jsonl(path, records):
@@ -40,14 +56,18 @@ def _write_jsonl(path, records):
 
 # Single turn: 3 prompt tokens (μ = 0.0, π teacher-forced), 3 completion tokens.
 SINGLE = dict(
-    token_ids=[151644, 872, 198, 785, 4226, 151645], loss_mask=[False, False, False, True, True, True],
-    mu=[0.0, 0.0, 0.0, -0.1053, -2.3026, -0.0101], pi=[-11.9312, -9.8125, -0.4219, -0.1001, -2.2919, -0.01],
-)  # fmt: skip
+    token_ids=[151644, 872, 198, 785, 4226, 151645],
+    loss_mask=[False, False, False, True, True, True],
+    mu=[0.0, 0.0, 0.0, -0.1053, -2.3026, -0.0101],
+    pi=[-11.9312, -9.8125, -0.4219, -0.1001, -2.2919, -0.01],
+)
 # Multi turn: prompt 2, completion 2, tool output 2 (loss_mask false, μ 0.0), completion 2; one π non-finite (null).
 MULTI = dict(
-    token_ids=[1, 2, 30, 31, 40, 41, 32, 33], loss_mask=[False, False, True, True, False, False, True, True],
-    mu=[0.0, 0.0, -0.5, -0.25, 0.0, 0.0, -1.5, -0.125], pi=[-9.0, -3.0, -0.4, -0.3, -7.0, -2.0, None, -0.2],
-)  # fmt: skip
+    token_ids=[1, 2, 30, 31, 40, 41, 32, 33],
+    loss_mask=[False, False, True, True, False, False, True, True],
+    mu=[0.0, 0.0, -0.5, -0.25, 0.0, 0.0, -1.5, -0.125],
+    pi=[-9.0, -3.0, -0.4, -0.3, -7.0, -2.0, None, -0.2],
+)
 # A sequence with no trainable token (prime-rl does not write these; the reader skips them).
 UNTRAINED = dict(token_ids=[5, 6], loss_mask=[False, False], mu=[0.0, 0.0], pi=[-1.0, -2.0])
 
@@ -99,8 +119,13 @@ def test_prime_rl_reads_one_chunk_per_step_in_numeric_order(prime_run):
     step1 = chunks[0].tokens
     assert list(step1.columns) == ["seq_id", "position", "token_id", "logp_engine", "logp_trainer", "step"]
     assert {c: str(t) for c, t in step1.dtypes.items()} == {
-        "seq_id": "int64", "position": "int64", "token_id": "int64", "logp_engine": "float64", "logp_trainer": "float64", "step": "int64",
-    }  # fmt: skip
+        "seq_id": "int64",
+        "position": "int64",
+        "token_id": "int64",
+        "logp_engine": "float64",
+        "logp_trainer": "float64",
+        "step": "int64",
+    }
     # rank 0: SINGLE (seq 0), MULTI (seq 1); rank 1: UNTRAINED skipped, SINGLE (seq 2).
     assert step1["seq_id"].unique().tolist() == [0, 1, 2]
     assert sorted(chunks[0].contexts) == [0, 1, 2]
@@ -152,18 +177,43 @@ def test_prime_rl_errors(tmp_path):
 def _sample(index, group, prompt_ids, response_ids, log_probs, *, loss_mask="ones", status="completed", remove=False):
     """A sample dict as slime's Sample.to_dict() produces it (every dataclass field, plus a dynamic `trace`)."""
     return {
-        "group_index": group, "index": index, "rollout_id": None, "prompt": "What is 2+2?", "tokens": prompt_ids + response_ids,
-        "multimodal_inputs": None, "multimodal_train_inputs": None, "multimodal_train_input_id": None,
-        "apply_chat_template_kwargs": {}, "response": "4", "response_length": len(response_ids), "label": "4",
-        "reward": 1.0, "loss_mask": [1] * len(response_ids) if loss_mask == "ones" else loss_mask, "weight_versions": ["1"],
-        "rollout_log_probs": log_probs, "rollout_top_p_token_ids": None, "rollout_top_p_token_offsets": None,
-        "rollout_routed_experts": None, "remove_sample": remove, "teacher_log_probs": None, "status": status,
-        "metadata": {}, "generate_function_path": None, "custom_rm_path": None, "train_metadata": None,
-        "session_id": None, "non_generation_time": 0.0,
-        "spec_info": {"spec_accept_token_num": 0, "spec_draft_token_num": 0, "spec_verify_ct": 0, "completion_token_num": 0},
+        "group_index": group,
+        "index": index,
+        "rollout_id": None,
+        "prompt": "What is 2+2?",
+        "tokens": prompt_ids + response_ids,
+        "multimodal_inputs": None,
+        "multimodal_train_inputs": None,
+        "multimodal_train_input_id": None,
+        "apply_chat_template_kwargs": {},
+        "response": "4",
+        "response_length": len(response_ids),
+        "label": "4",
+        "reward": 1.0,
+        "loss_mask": [1] * len(response_ids) if loss_mask == "ones" else loss_mask,
+        "weight_versions": ["1"],
+        "rollout_log_probs": log_probs,
+        "rollout_top_p_token_ids": None,
+        "rollout_top_p_token_offsets": None,
+        "rollout_routed_experts": None,
+        "remove_sample": remove,
+        "teacher_log_probs": None,
+        "status": status,
+        "metadata": {},
+        "generate_function_path": None,
+        "custom_rm_path": None,
+        "train_metadata": None,
+        "session_id": None,
+        "non_generation_time": 0.0,
+        "spec_info": {
+            "spec_accept_token_num": 0,
+            "spec_draft_token_num": 0,
+            "spec_verify_ct": 0,
+            "completion_token_num": 0,
+        },
         "prefix_cache_info": {"cached_tokens": 0, "total_prompt_tokens": len(prompt_ids)},
         "trace": {"trace_id": f"t{index}", "sample_id": index, "group_id": group, "attempt": 0},
-    }  # fmt: skip
+    }
 
 
 ROLLOUT_3 = [
@@ -214,8 +264,13 @@ def test_slime_reads_one_chunk_per_rollout_in_order(slime_dump):
     rows = chunks[0].tokens
     assert list(rows.columns) == ["seq_id", "position", "token_id", "logp_engine", "step", "prompt_index"]
     assert {c: str(t) for c, t in rows.dtypes.items()} == {
-        "seq_id": "int64", "position": "int64", "token_id": "int64", "logp_engine": "float64", "step": "int64", "prompt_index": "int64",
-    }  # fmt: skip
+        "seq_id": "int64",
+        "position": "int64",
+        "token_id": "int64",
+        "logp_engine": "float64",
+        "step": "int64",
+        "prompt_index": "int64",
+    }
     assert rows["seq_id"].tolist() == [12, 12, 12, 13, 13, 14, 14]  # Sample.index; the removed sample 15 has no rows
     assert rows["position"].tolist() == [0, 1, 2, 0, 1, 0, 3]
     assert rows["token_id"].tolist() == [10, 11, 12, 10, 13, 20, 23]

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import VLLM
 from transformers import AutoTokenizer
 
 from mismatch.engines import start_engine
@@ -16,7 +17,7 @@ def fp32_engine_eos(folder):
     return AutoTokenizer.from_pretrained(folder).eos_token_id
 
 
-@pytest.fixture(scope="module", params=["vllm", "hf"])
+@pytest.fixture(scope="module", params=[VLLM, "hf"])
 def fp32_engine(request, tiny_model):
     engine = start_engine(request.param, tiny_model, "fp32")
     yield engine
@@ -42,7 +43,7 @@ def test_outputs_have_one_logprob_per_token_in_prompt_major_order(fp32_engine, t
 def test_engine_logprobs_match_an_fp32_forward_at_the_sampling_temperature(fp32_engine, tiny_model):
     rollouts = fp32_engine.generate(PROMPTS, 2, SAMPLING)
     trainer = rescore(load_trainer(tiny_model, "fp32"), "fp32", rollouts, SAMPLING.temperature)["logp_trainer"]
-    diff = np.concatenate([t - np.array(r.logp_engine) for t, r in zip(trainer, rollouts)])
+    diff = np.concatenate([t - np.array(r.logp_engine) for t, r in zip(trainer, rollouts, strict=True)])
     assert np.abs(diff).max() < 1e-3
 
 

@@ -35,10 +35,20 @@ class RecordingTrainer(MismatchGRPOTrainer):
 
 def run_grpo(tiny_model, tmp_path, **config) -> RecordingTrainer:
     defaults = dict(
-        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=8, learning_rate=1e-2, report_to="none", use_cpu=True, bf16=False,
-        gradient_checkpointing=False, save_strategy="no", seed=0, temperature=TEMPERATURE,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        seed=0,
+        temperature=TEMPERATURE,
+    )
     dataset = Dataset.from_dict({"prompt": [f"What is {i} + {i + 3}?" for i in range(16)]})
     trainer = RecordingTrainer(
         model=str(tiny_model), reward_funcs=reward_len, args=GRPOConfig(**(defaults | config)), train_dataset=dataset
@@ -48,6 +58,7 @@ def run_grpo(tiny_model, tmp_path, **config) -> RecordingTrainer:
     return trainer
 
 
+@pytest.mark.slow
 def test_trl_hook_dumps_mu_and_pi_per_step(tiny_model, tmp_path):
     # 2 micro-batches per step from one shuffled generation batch of 2 groups: groups must survive the shuffle
     trainer = run_grpo(tiny_model, tmp_path, gradient_accumulation_steps=2)
@@ -80,6 +91,7 @@ def test_trl_hook_dumps_mu_and_pi_per_step(tiny_model, tmp_path):
     np.testing.assert_allclose(mu, expected.numpy(), atol=2e-5, rtol=0)  # KV-cache decode vs one forward: ~4e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config, steps",
     [

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import VLLM
 from typer.testing import CliRunner
 
 from mismatch import runs
@@ -139,6 +140,7 @@ def test_merged_model_is_the_adapted_function(tiny_model, adapter, tmp_path):
     assert (applied - base).abs().max() > 0.1 * applied.abs().max()  # the adapter does change the model
 
 
+@pytest.mark.engine
 def test_scan_lora_reports_applied_and_merged_per_pair(lora_scan):
     out, summary = lora_scan
     assert {"merged_tokens.parquet", "merged_rollouts.parquet", "tokens.parquet"} <= {p.name for p in out.iterdir()}
@@ -163,6 +165,7 @@ def test_scan_lora_reports_applied_and_merged_per_pair(lora_scan):
     assert sorted(csv["variant"].unique()) == ["lora", "merged"]
 
 
+@pytest.mark.engine
 def test_scan_lora_engine_really_applies_the_adapter(lora_scan, tiny_model):
     """The engine's FP32 μ matches the base with the adapter, and not the base alone."""
     out, _ = lora_scan
@@ -174,6 +177,7 @@ def test_scan_lora_engine_really_applies_the_adapter(lora_scan, tiny_model):
     assert np.abs(without - mu).mean() > 0.05
 
 
+@pytest.mark.engine
 def test_scan_lora_report_shows_the_table(lora_scan):
     out, summary = lora_scan
     html, md = (out / "report.html").read_text(), (out / "summary.md").read_text()
@@ -215,7 +219,7 @@ def test_hf_engine_serves_an_adapter_and_takes_a_new_one(tiny_model, adapter, tm
         assert all(torch.equal(served[name], expected[name]) for name in expected if "lora_" in name)
         rollouts = engine.generate([[5, 9, 14]], 2, Sampling(max_tokens=8))
         pi = rescore(load_trainer(tiny_model, "fp32", lora=other), "fp32", rollouts, 1.0)["logp_trainer"]
-        assert max(np.abs(p - np.array(r.logp_engine)).max() for p, r in zip(pi, rollouts)) < 1e-4
+        assert max(np.abs(p - np.array(r.logp_engine)).max() for p, r in zip(pi, rollouts, strict=True)) < 1e-4
     finally:
         engine.close()
 
@@ -224,6 +228,7 @@ def parity_reward(text: str, answer: str) -> float:
     return float(len(text) % 2)
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_lora_policy_trains_and_reaches_the_live_engine(dtype, tiny_model, tmp_path):
     config = TrainConfig(
@@ -271,6 +276,7 @@ def test_lora_policy_trains_and_reaches_the_live_engine(dtype, tiny_model, tmp_p
     assert not (tmp_path / "live").exists()
 
 
+@pytest.mark.engine
 def test_train_lora_compare_cli_counts_parameters_by_hand(tiny_model, tmp_path):
     result = runner.invoke(
         app,
@@ -327,7 +333,7 @@ def test_train_lora_bad_target_is_one_line(tiny_model, tmp_path):
     assert result.exit_code == 2 and "nope_proj" in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("engine", ["hf", "vllm"])
+@pytest.mark.parametrize("engine", ["hf", VLLM])
 def test_an_adapter_for_another_model_is_one_line(engine, tiny_model, adapter, tmp_path):
     """The tiny model's adapter on a narrower model: PEFT (hf engine) or vLLM (its LoRA loader) refuses it."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM

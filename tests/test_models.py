@@ -24,6 +24,7 @@ def test_unknown_builtin():
         resolve_model("builtin:gpt5")
 
 
+@pytest.mark.slow  # converts the 135M-parameter GGUF (~1 min here)
 def test_builtin_smollm2_is_built_from_the_packaged_gguf_once(tmp_path, monkeypatch):
     monkeypatch.setenv("MISMATCH_HOME", str(tmp_path))
     folder = resolve_model("builtin:smollm2-135m")

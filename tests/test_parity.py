@@ -12,6 +12,8 @@ from mismatch.commands.scan import run_scan
 from mismatch.config import ScanConfig
 from mismatch.records import Sampling
 
+pytestmark = pytest.mark.engine
+
 K3_FLOOR = 1e-6  # measured at 1e-13 … 1e-11 (see the table in the README)
 
 

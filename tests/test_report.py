@@ -66,6 +66,7 @@ def test_generated_text_is_escaped(hostile_run):
     assert "<script>" not in markdown and "<img" not in markdown
 
 
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
     seen = open_report(
         hostile_run / "report.html",
@@ -121,6 +122,7 @@ def test_summary_md_stays_under_the_comment_limit_on_a_large_run(hostile_run):
     assert "Worst tokens" in text and "<b>" not in text
 
 
+@pytest.mark.slow  # three more scans (~1 min here)
 def test_compare_side_by_side_and_refusals(hostile_run, tiny_model, tmp_path):
     other = tmp_path / "other"
     # no semantic probe: its FP32/FP32 pair would be shared with the fp32-only run below

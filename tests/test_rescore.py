@@ -14,12 +14,12 @@ def _rollouts(n=5):
     rng = np.random.default_rng(0)
     return [
         Rollout(
-            i,
-            0,
-            rng.integers(3, 300, size=3 + 2 * i).tolist(),
-            rng.integers(3, 300, size=9 - i).tolist(),
-            [0.0] * (9 - i),
-            "length",
+            prompt_index=i,
+            sample_index=0,
+            prompt_ids=rng.integers(3, 300, size=3 + 2 * i).tolist(),
+            response_ids=rng.integers(3, 300, size=9 - i).tolist(),
+            logp_engine=[0.0] * (9 - i),
+            finish_reason="length",
         )
         for i in range(n)
     ]
@@ -29,7 +29,7 @@ def test_logprobs_equal_a_plain_forward_per_sequence(tiny_model):
     model = load_trainer(tiny_model, "fp32")
     rollouts = _rollouts()
     batched = rescore(model, "fp32", rollouts, temperature=0.7)["logp_trainer"]
-    for rollout, got in zip(rollouts, batched):
+    for rollout, got in zip(rollouts, batched, strict=True):
         ids = torch.tensor([rollout.prompt_ids + rollout.response_ids])
         with torch.no_grad():
             logits = model(ids).logits[0, len(rollout.prompt_ids) - 1 : -1].float()
@@ -43,7 +43,7 @@ def test_padding_does_not_change_results(tiny_model):
     rollouts = _rollouts()
     together = rescore(model, "bf16", rollouts, temperature=1.0)["logp_trainer"]
     alone = [rescore(model, "bf16", [r], temperature=1.0)["logp_trainer"][0] for r in rollouts]
-    for a, b in zip(together, alone):
+    for a, b in zip(together, alone, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-2)  # bf16: kernels may block differently per shape
 
 
@@ -102,9 +102,12 @@ def test_every_matmul_like_op_is_emulated_and_goes_through_fp32():
     experts, offsets = torch.randn(3, 32, 24).half(), torch.tensor([5, 11, 16], dtype=torch.int32)
     with GPUNumerics(torch.float16, emulate_matmuls=True):
         got = {
-            "addmm": torch.addmm(bias, a, b), "mm": torch.mm(a, b), "Tensor.addmm": bias.expand(16, 24).addmm(a, b),
-            "einsum": torch.einsum("ij,jk->ik", a, b), "einsum list": torch.einsum("ij,jk->ik", [a, b]),
-        }  # fmt: skip
+            "addmm": torch.addmm(bias, a, b),
+            "mm": torch.mm(a, b),
+            "Tensor.addmm": bias.expand(16, 24).addmm(a, b),
+            "einsum": torch.einsum("ij,jk->ik", a, b),
+            "einsum list": torch.einsum("ij,jk->ik", [a, b]),
+        }
         grouped = F.grouped_mm(a, experts, offs=offsets) if hasattr(F, "grouped_mm") else None
     want = (a.float() @ b.float()).half()
     assert all(v.dtype == torch.float16 for v in got.values())
@@ -112,7 +115,9 @@ def test_every_matmul_like_op_is_emulated_and_goes_through_fp32():
         assert torch.equal(got[name], want), name
     assert torch.equal(got["addmm"], torch.addmm(bias.float(), a.float(), b.float()).half())
     if grouped is not None:
-        rows = [a[s:e].float() @ experts[i].float() for i, (s, e) in enumerate(zip([0, 5, 11], [5, 11, 16]))]
+        rows = [
+            a[s:e].float() @ experts[i].float() for i, (s, e) in enumerate(zip([0, 5, 11], [5, 11, 16], strict=True))
+        ]
         assert grouped.dtype == torch.float16 and torch.allclose(
             grouped.float(), torch.cat(rows).half().float(), rtol=0, atol=1e-2
         )
@@ -164,7 +169,12 @@ def test_trainer_bf16_gap_is_the_same_on_both_cpu_paths(tiny_model, monkeypatch)
     rng = np.random.default_rng(5)
     rollouts = [
         Rollout(
-            i, 0, rng.integers(3, 300, size=6).tolist(), rng.integers(3, 300, size=40).tolist(), [0.0] * 40, "length"
+            prompt_index=i,
+            sample_index=0,
+            prompt_ids=rng.integers(3, 300, size=6).tolist(),
+            response_ids=rng.integers(3, 300, size=40).tolist(),
+            logp_engine=[0.0] * 40,
+            finish_reason="length",
         )
         for i in range(48)
     ]
@@ -223,9 +233,23 @@ def test_a_device_map_placed_trainer_scores_as_the_plain_one(tiny_model):
     )
     assert placed.hf_device_map["model.layers.1"] == "disk" and input_device(placed) == torch.device("cpu")
     rollouts = [
-        Rollout(0, 0, [5, 6, 7], [8, 9, 10, 11], [0.0] * 4, "length"),
-        Rollout(1, 0, [12, 13], [14, 15], [0.0] * 2, "length"),
+        Rollout(
+            prompt_index=0,
+            sample_index=0,
+            prompt_ids=[5, 6, 7],
+            response_ids=[8, 9, 10, 11],
+            logp_engine=[0.0] * 4,
+            finish_reason="length",
+        ),
+        Rollout(
+            prompt_index=1,
+            sample_index=0,
+            prompt_ids=[12, 13],
+            response_ids=[14, 15],
+            logp_engine=[0.0] * 2,
+            finish_reason="length",
+        ),
     ]
     a, b = rescore(plain, "fp32", rollouts, 1.0), rescore(placed, "fp32", rollouts, 1.0)
-    for x, y in zip(a["logp_trainer"], b["logp_trainer"]):
+    for x, y in zip(a["logp_trainer"], b["logp_trainer"], strict=True):
         np.testing.assert_array_equal(x, y)

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import SHARED_SCAN
+from conftest import SHARED_SCAN, VLLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, OpenAIGPTConfig, OpenAIGPTLMHeadModel
 from typer.testing import CliRunner
 
@@ -43,6 +43,7 @@ def test_remote_code_needs_trust(tiny_model, tmp_path):
     assert "--trust-remote-code" in output
 
 
+@pytest.mark.engine
 def test_architecture_vllm_cannot_run_points_to_hf_engine(tiny_model, tmp_path):
     folder = tmp_path / "gpt1"
     OpenAIGPTLMHeadModel(
@@ -68,6 +69,7 @@ def test_architecture_vllm_cannot_run_points_to_hf_engine(tiny_model, tmp_path):
     assert "vLLM does not support this model's architecture ['OpenAIGPTLMHeadModel']; rerun with --engine hf" in output
 
 
+@pytest.mark.engine
 def test_vllm_out_of_memory_names_the_flag(tiny_model, tmp_path):
     output = one_line_error(
         scan(
@@ -89,6 +91,7 @@ def test_vllm_out_of_memory_names_the_flag(tiny_model, tmp_path):
     )
 
 
+@pytest.mark.engine  # the `--engine vllm` scan asks a vLLM process for the dtypes before it fails
 def test_missing_vllm_falls_back_to_hf_with_a_notice(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr("mismatch.engines.vllm_engine.vllm_available", lambda: False)
     result = scan(
@@ -244,7 +247,7 @@ def overflowing_model(tiny_model, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("engine", ["vllm", "hf"])
+@pytest.mark.parametrize("engine", [VLLM, "hf"])
 def test_fp16_overflow_is_counted_and_makes_fp16_unsafe(overflowing_model, engine, tmp_path):
     result = scan(
         "--model",
@@ -293,7 +296,8 @@ def test_headroom_is_measured_on_a_healthy_model(tiny_model, tmp_path):
     assert headroom["fraction_of_limit"] == pytest.approx(headroom["max_abs_activation"] / 65504)
 
 
-@pytest.mark.parametrize("engine", ["vllm", "hf"])
+@pytest.mark.slow  # the shared bf16,fp16 scan once more (~1 min here)
+@pytest.mark.parametrize("engine", [VLLM, "hf"])
 def test_same_seed_same_numbers(tiny_model, engine, tmp_path, shared_scan):
     """The session's shared scan, run again with the same settings: the same pairs and verdict."""
 

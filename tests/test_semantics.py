@@ -30,6 +30,7 @@ def gemma2(tiny_model, tmp_path_factory):
     return folder
 
 
+@pytest.mark.engine
 def test_a_refused_engine_dtype_is_one_line_and_the_scan_goes_on(gemma2, tmp_path):
     result = scan("--model", gemma2, "--engine", "vllm", "--num-prompts", 4, "--max-tokens", 16, "--out", tmp_path)
     assert result.exit_code == 0, result.output
@@ -52,6 +53,7 @@ def test_a_refused_engine_dtype_is_one_line_and_the_scan_goes_on(gemma2, tmp_pat
     assert probe["n_seqs"] == 4 and probe["k3"] < 1e-6  # eager attention keeps the softcap: parity
 
 
+@pytest.mark.engine
 def test_the_semantic_probe_names_an_implementation_difference(gemma2, tmp_path, monkeypatch):
     """transformers' SDPA silently drops Gemma-2's attention softcap; vLLM applies it. With the
     trainer forced onto SDPA the two disagree in FP32, and the verdict must say so."""
@@ -140,7 +142,7 @@ def test_hf_engine_samples_with_exactly_the_trainers_processors(tiny_model, tmp_
     rollouts = engine.generate([[5, 6, 7], [8, 9, 10, 11]], 2, Sampling(temperature=1.0, max_tokens=16, seed=1))
     engine.close()
     pi = rescore(load_trainer(folder, "fp32"), "fp32", rollouts, 1.0)["logp_trainer"]
-    gap = np.concatenate([p - np.array(r.logp_engine) for p, r in zip(pi, rollouts)])
+    gap = np.concatenate([p - np.array(r.logp_engine) for p, r in zip(pi, rollouts, strict=True)])
     assert np.abs(gap).max() < 1e-4
 
 

@@ -43,7 +43,7 @@ def engine_vs_fp32(trainer, tiny_model, tmp_path):
     trainer.save(tmp_path / "now")
     rollouts = trainer.engine.generate(trainer.prompt_ids[:3], 2, trainer_sampling())
     fp32 = rescore(load_trainer(tmp_path / "now", "fp32"), "fp32", rollouts, 1.0)["logp_trainer"]
-    diff = np.concatenate([p - np.array(r.logp_engine) for p, r in zip(fp32, rollouts)])
+    diff = np.concatenate([p - np.array(r.logp_engine) for p, r in zip(fp32, rollouts, strict=True)])
     return np.abs(diff).max(), np.abs(diff).mean()
 
 
@@ -53,6 +53,7 @@ def trainer_sampling():
     return Sampling(temperature=1.0, max_tokens=12, seed=5)
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_weights_reach_the_live_vllm_engine_after_each_step(dtype, tiny_model, tmp_path):
     trainer = make_trainer(tiny_model, tmp_path, dtype)
@@ -68,7 +69,7 @@ def test_weights_reach_the_live_vllm_engine_after_each_step(dtype, tiny_model, t
         # against the *initial* weights the engine would be far off: the sync is what closes the gap
         rollouts = trainer.engine.generate(trainer.prompt_ids[:3], 2, trainer_sampling())
         initial = rescore(load_trainer(tiny_model, "fp32"), "fp32", rollouts, 1.0)["logp_trainer"]
-        stale = np.concatenate([p - np.array(r.logp_engine) for p, r in zip(initial, rollouts)])
+        stale = np.concatenate([p - np.array(r.logp_engine) for p, r in zip(initial, rollouts, strict=True)])
         assert np.abs(stale).mean() > 5 * mean
     finally:
         trainer.close()
@@ -126,6 +127,7 @@ def test_ctrl_c_ends_the_run_cleanly_with_what_it_has(tiny_model, tmp_path):
     assert (tmp_path / "checkpoint-final" / "model.safetensors").is_file()
 
 
+@pytest.mark.engine
 def test_train_compare_cli_writes_both_runs_and_one_report(tiny_model, tmp_path):
     result = CliRunner().invoke(
         app,
@@ -204,6 +206,7 @@ def test_train_bad_options(args, message, tmp_path):
     assert result.exit_code == 2 and message in result.output
 
 
+@pytest.mark.engine
 def test_sleep_mode_on_a_cpu_is_vllms_own_one_line_refusal(tiny_model, tmp_path):
     """vLLM 0.32 offers sleep mode on CUDA, ROCm and XPU only: `--sleep` here ends at engine start, in one line."""
     result = CliRunner().invoke(

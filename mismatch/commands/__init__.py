@@ -1,4 +1,6 @@
-"""The four commands as library functions (`run_scan`, `run_diagnose`, `run_analyze`,
-`run_training`): each takes a checked config, runs the flow inputs → engine → rescoring →
-statistics → verdict → run folder → report, and returns the summary. Imported only by the CLI
-(and by callers outside the package: the bench, a notebook)."""
+"""The four commands as library functions, one shape: `run_scan`, `run_diagnose`, `run_analyze` and
+`run_training` take a checked config, what to report progress to (a `Progress`; for training, a
+callback per step), then keyword-only `force` (write into a folder that is not empty; scan also has
+`resume`). Each runs the flow inputs → engine → rescoring → statistics → verdict → run folder →
+report and returns the summary written as summary.json (training: one per dtype). Imported only by
+the CLI (and by callers outside the package: the bench, a notebook)."""

@@ -9,6 +9,8 @@ chunk, read whole).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -20,11 +22,13 @@ from mismatch.errors import DumpError, RunFolderError
 from mismatch.records import Rollout
 from mismatch.report import write_report
 from mismatch.stats.corrections import with_thresholds
-from mismatch.stats.drift import DRIFT_METRICS, drift
-from mismatch.stats.measures import Measures, pair_name, worst_tokens
+from mismatch.stats.drift import DRIFT_METRICS, DriftRow, drift
+from mismatch.stats.measures import Measures, WorstToken, pair_name, worst_tokens
 from mismatch.verdict.recommend import recommend_run
 
-ENGINE, TRAINER = "engine", "trainer"  # pair names where the dump does not give its dtypes
+# pair names where the dump does not give its dtypes
+ENGINE = "engine"
+TRAINER = "trainer"
 WORST = 25
 ASSUMED_TEMPERATURE = "not recorded in the dump: 1 assumed (give --temperature)"
 
@@ -32,20 +36,22 @@ ASSUMED_TEMPERATURE = "not recorded in the dump: 1 assumed (give --temperature)"
 class _Rescorer:
     """The user's model as trainer, in each requested dtype, over the dump's token ids."""
 
-    def __init__(self, config: AnalyzeConfig):
+    def __init__(self, model: str, config: AnalyzeConfig):
         from mismatch.model.loading import load_tokenizer, resolve_model
 
         self.config = config
-        self.path = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
+        self.path = resolve_model(model, trust_remote_code=config.trust_remote_code)
         self.tokenizer = load_tokenizer(self.path, trust_remote_code=config.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.model = None
+        self.dtype = ""
 
     def load(self, dtype: str) -> None:
         from mismatch.model.rescore import load_trainer
 
         self.model = None  # free the previous dtype's weights first
-        self.dtype, self.model = dtype, load_trainer(self.path, dtype, trust_remote_code=self.config.trust_remote_code)
+        self.dtype = dtype
+        self.model = load_trainer(self.path, dtype, trust_remote_code=self.config.trust_remote_code)
 
     def score(self, chunk: Chunk, temperature: float) -> pd.DataFrame:
         """The chunk's rows with `logp_trainer` (and the nucleus columns) from our forward."""
@@ -56,72 +62,88 @@ class _Rescorer:
         missing = [s for s in seqs if s not in chunk.contexts]
         if missing:
             raise DumpError(
-                f"sequence {missing[0]} has no prompt token ids, so --model cannot rescore it: add a prompt_ids field (a list per sequence)"
+                f"sequence {missing[0]} has no prompt token ids, so --model cannot rescore it: "
+                "add a prompt_ids field (a list per sequence)"
             )
-        rollouts = [Rollout(0, 0, *chunk.contexts[s], [], "") for s in seqs]
-        scores = rescore(self.model, self.dtype, rollouts, temperature, self.config.top_p, self.pad_id)
-        starts = dict(zip(seqs, np.cumsum([0] + [len(r.response_ids) for r in rollouts[:-1]])))
+        rollouts = [
+            Rollout(
+                prompt_index=0,
+                sample_index=0,
+                prompt_ids=chunk.contexts[s][0],
+                response_ids=chunk.contexts[s][1],
+                logp_engine=[],
+                finish_reason="",
+            )
+            for s in seqs
+        ]
+        scores = rescore(
+            self.model, self.dtype, rollouts, temperature=temperature, top_p=self.config.top_p, pad_id=self.pad_id
+        )
+        starts = dict(zip(seqs, np.cumsum([0] + [len(r.response_ids) for r in rollouts[:-1]]), strict=True))
         at = tokens["seq_id"].map(starts).to_numpy() + tokens["position"].to_numpy()
-        if (
-            tokens["position"].to_numpy()
-            >= tokens["seq_id"].map({s: len(r.response_ids) for s, r in zip(seqs, rollouts)}).to_numpy()
-        ).any():
+        lengths = {s: len(r.response_ids) for s, r in zip(seqs, rollouts, strict=True)}
+        if (tokens["position"].to_numpy() >= tokens["seq_id"].map(lengths).to_numpy()).any():
             raise DumpError("a token row's position is beyond its sequence's response ids")
         wrong = np.concatenate([r.response_ids for r in rollouts])[at] != tokens["token_id"].to_numpy()
         if wrong.any():  # π would be scored for another token than the one μ is of
             raise DumpError(
-                f"sequence {tokens['seq_id'].to_numpy()[wrong][0]}: token_id differs from its response ids at position {tokens['position'].to_numpy()[wrong][0]} (positions count from 0 at the first response token)"
+                f"sequence {tokens['seq_id'].to_numpy()[wrong][0]}: token_id differs from its response ids "
+                f"at position {tokens['position'].to_numpy()[wrong][0]} "
+                "(positions count from 0 at the first response token)"
             )
         return tokens.assign(
             **{name: np.concatenate(values)[at] for name, values in scores.items()}, trainer_dtype=self.dtype
         )
 
 
-def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, force: bool = False) -> dict:
+def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, *, force: bool = False) -> dict[str, Any]:
     """Analyze the dump in `config.paths` into `config.out`; return its summary (also summary.json)."""
     progress = progress or Silent()
     runs.check_output_dir(config.out, force)
     reader = find_reader(config.paths, config.format)
     log = runs.RunLog(config.out, "analyze", config.to_json())
-    summary, stage = log.summary, log.stage
+    summary = log.summary
+    stage = log.stage
     summary["format"] = reader.NAME
-    summary["seed"] = config.seed if config.seed is not None else _scan_seed(config.paths)
-    measures = Measures(with_thresholds(config.corrections), summary["seed"])
-    worst: list[dict] = []
+    seed = config.seed if config.seed is not None else _scan_seed(config.paths)
+    summary["seed"] = seed
+    measures = Measures(with_thresholds(config.corrections), seed)
+    worst: list[WorstToken] = []
     steps: set[int] = set()
     temperature = config.temperature
     summary["temperature_source"] = "--temperature"
     rescorer = None
     if config.model:
         with stage("load_tokenizer"):
-            rescorer = _Rescorer(config)
+            rescorer = _Rescorer(config.model, config)
     with runs.parquet_sink(config.out / runs.TOKENS, runs.ANALYZE_TOKEN_COLUMNS) as write:
         for trainer in [None, *(config.dtypes if rescorer else [])]:
+            scorer = rescorer if trainer else None  # rescores the dump's tokens in `trainer`; None: the dump's π
             with stage(f"read_{trainer or 'dump'}"):
-                if trainer:
-                    rescorer.load(trainer)
+                if scorer and trainer:
+                    scorer.load(trainer)
                 advance = progress.stage(f"{reader.NAME}: " + (f"rescore in {trainer}" if trainer else "read"), None)
                 for chunk in reader.read(config.paths):
                     if temperature is None:
                         temperature, summary["temperature_source"] = _dump_temperature(chunk)
-                    if (
-                        "dump_has_trainer" not in summary
-                    ):  # decided on the first step; a later step's missing π counts as non-finite
+                    # decided on the first step; a later step's missing π counts as non-finite
+                    if "dump_has_trainer" not in summary:
                         summary["dump_has_trainer"] = _has_trainer(chunk)
                     if trainer is None and not summary["dump_has_trainer"]:
                         if rescorer is None:
                             raise DumpError(
-                                f"{config.paths[0]} carries only μ (no logp_trainer): pass --model (and --temperature, --top-p as sampled) to compute π"
+                                f"{config.paths[0]} carries only μ (no logp_trainer): "
+                                "pass --model (and --temperature, --top-p as sampled) to compute π"
                             )
                         break
-                    tokens = _rows(rescorer.score(chunk, temperature) if trainer else chunk.tokens, rescorer)
+                    tokens = _rows(scorer.score(chunk, temperature) if scorer else chunk.tokens, rescorer)
                     write(tokens)
                     has_steps = "step" in chunk.tokens
                     if has_steps:
                         steps.update(tokens["step"].unique().tolist())
                     measures.add(
                         tokens.assign(cluster=_clusters(tokens, has_steps)),
-                        int(tokens["step"].iat[0]) if has_steps else None,
+                        int(tokens["step"].to_numpy()[0]) if has_steps else None,
                     )
                     worst = _worst(worst, tokens, chunk, rescorer)
                     advance(1)
@@ -138,18 +160,22 @@ def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, force: 
             None if summary["temperature_source"] == ASSUMED_TEMPERATURE else temperature
         )
         health = measures.health_rows()
+        corrections = measures.corrections_rows()
+        drifts = _drift(step_frame) if len(steps) > 1 else []
         summary |= {
             "temperature": temperature,
             "n_steps": len(steps),
             "pairs": pairs,
-            "corrections": measures.corrections_rows(),
+            "corrections": corrections,
             "health": health,
             "audit": audit,
             "audit_by_pair": audit_by_pair,
-            "drift": _drift(step_frame) if len(steps) > 1 else [],
+            "drift": drifts,
             "worst_tokens": worst,
         }
-        summary["recommendation"] = recommend_run(pairs, health, audit, summary["drift"], summary["corrections"])
+        summary["recommendation"] = recommend_run(
+            pairs, health=health, audit=audit, drift=drifts, corrections=corrections
+        )
     log.finish()
     with stage("report"):
         write_report(config.out)
@@ -175,14 +201,14 @@ def _has_trainer(chunk: Chunk) -> bool:
 def _dump_temperature(chunk: Chunk) -> tuple[float, str]:
     """The sampling temperature the dump records, else 1 (what rescoring then applies)."""
     if "temperature" in chunk.tokens and chunk.tokens["temperature"].notna().any():
-        return float(chunk.tokens["temperature"].dropna().iat[0]), "the dump"
+        return float(chunk.tokens["temperature"].dropna().to_numpy()[0]), "the dump"
     return 1.0, ASSUMED_TEMPERATURE
 
 
 def _rows(tokens: pd.DataFrame, rescorer) -> pd.DataFrame:
     """Open-format rows completed to ANALYZE_TOKEN_COLUMNS (defaults where the dump is silent)."""
     tokens = tokens.copy()
-    defaults = {"step": 0, "engine_dtype": ENGINE, "trainer_dtype": TRAINER, "finish_reason": None}
+    defaults: dict[str, Any] = {"step": 0, "engine_dtype": ENGINE, "trainer_dtype": TRAINER, "finish_reason": None}
     for column, value in defaults.items():
         if column not in tokens:
             tokens[column] = value
@@ -207,13 +233,12 @@ def _clusters(tokens: pd.DataFrame, has_steps: bool) -> pd.Series:
     """The resampled unit: the prompt, within its step (prompt numbers restart every step)."""
     if not has_steps:
         return tokens["prompt_index"]
-    keys = (
-        pd.util.hash_pandas_object(tokens[["step", "prompt_index"]], index=False).to_numpy().view(np.int64)
-    )  # one int per (step, prompt)
+    # one int per (step, prompt)
+    keys = pd.util.hash_pandas_object(tokens[["step", "prompt_index"]], index=False).to_numpy().view(np.int64)
     return pd.Series(keys, index=tokens.index)
 
 
-def _worst(kept: list[dict], tokens: pd.DataFrame, chunk: Chunk, rescorer) -> list[dict]:
+def _worst(kept: list[WorstToken], tokens: pd.DataFrame, chunk: Chunk, rescorer) -> list[WorstToken]:
     def prompt_of(engine_dtype, seq_id) -> str:
         context = chunk.contexts.get(int(seq_id))
         return rescorer.tokenizer.decode(context[0]) if rescorer and context else ""
@@ -222,9 +247,9 @@ def _worst(kept: list[dict], tokens: pd.DataFrame, chunk: Chunk, rescorer) -> li
     return sorted(kept + found, key=lambda row: row["abs_log_ratio"], reverse=True)[:WORST]
 
 
-def _drift(step_frame: pd.DataFrame) -> list[dict]:
+def _drift(step_frame: pd.DataFrame) -> list[DriftRow]:
     return [
-        {"pair": pair_name(engine, trainer)} | drift(group["step"], group[metric], metric)
+        DriftRow(pair=pair_name(engine, trainer), **drift(group["step"], group[metric], metric))
         for (engine, trainer), group in step_frame.sort_values("step").groupby(
             ["engine_dtype", "trainer_dtype"], sort=False
         )

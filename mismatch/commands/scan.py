@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ from mismatch.model.loading import available_memory, fp32_footprint
 from mismatch.model.lora import adapter_gap, merge_into, read_adapter
 from mismatch.model.probes import ActivationPeak
 from mismatch.model.rescore import load_trainer, rescore
-from mismatch.model.routing import agreement_rows, is_moe, response_routing
+from mismatch.model.routing import Routing, agreement_rows, is_moe, response_routing
 from mismatch.records import Rollout
 from mismatch.report import write_report
 from mismatch.stats.measures import Measures
@@ -41,7 +42,9 @@ RESUME_KEYS = (
 )
 
 
-def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool = False, force: bool = False) -> dict:
+def run_scan(
+    config: ScanConfig, progress: Progress | None = None, *, resume: bool = False, force: bool = False
+) -> dict[str, Any]:
     """Run a scan into `config.out` and return its summary (also written as summary.json).
 
     The folder must be empty unless `force`; with `resume` the engine outputs already saved there
@@ -59,12 +62,16 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
         runs.check_output_dir(out, force)
         saved = {}
     log = runs.RunLog(out, "scan", config.to_json())
-    summary, stage = log.summary, log.stage
+    summary = log.summary
+    stage = log.stage
 
     with stage("prepare"):
         inputs = prepare_inputs(config)
-        model_path, tokenizer, prompt_ids = inputs.model_path, inputs.tokenizer, inputs.prompt_ids
-        summary["skipped_prompts"], summary["config"]["model_path"] = inputs.skipped, str(model_path)
+        model_path = inputs.model_path
+        tokenizer = inputs.tokenizer
+        prompt_ids = inputs.prompt_ids
+        summary["skipped_prompts"] = inputs.skipped
+        summary["config"]["model_path"] = str(model_path)
 
     rollouts: dict[str, list[Rollout]] = {d: r for d, r in saved.items() if d in [*config.dtypes, REFERENCE_DTYPE]}
     with stage("check_dtypes"):
@@ -74,36 +81,33 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
             for d in dict.fromkeys([*config.dtypes, *([REFERENCE_DTYPE] if probe["prompts"] else [])])
             if d not in rollouts
         ]
-        summary["refused_dtypes"] = refused_dtypes(config.engine, model_path, asked, config.trust_remote_code)
-        accepted = [d for d in config.dtypes if d not in summary["refused_dtypes"]]
+        refused = refused_dtypes(config.engine, model_path, asked, config.trust_remote_code)
+        summary["refused_dtypes"] = refused
+        accepted = [d for d in config.dtypes if d not in refused]
         if not accepted:
             raise EngineError(
                 f"{config.engine} refuses every requested dtype for this model: "
-                + "; ".join(f"{d}: {r}" for d, r in summary["refused_dtypes"].items())
+                + "; ".join(f"{d}: {r}" for d, r in refused.items())
             )
-        if REFERENCE_DTYPE in summary["refused_dtypes"]:
-            probe = {"prompts": 0, "skipped": f"the engine refuses fp32 ({summary['refused_dtypes'][REFERENCE_DTYPE]})"}
+        if REFERENCE_DTYPE in refused:
+            probe = {"prompts": 0, "skipped": f"the engine refuses fp32 ({refused[REFERENCE_DTYPE]})"}
         summary["semantic_probe"] = probe
-    requests = [(d, prompt_ids, config.samples) for d in accepted]
+    requests: list[Request] = [(d, prompt_ids, config.samples) for d in accepted]
     if probe["prompts"] and REFERENCE_DTYPE not in accepted:  # FP32 engine on a few prompts: the probe
         requests.append((REFERENCE_DTYPE, prompt_ids[: probe["prompts"]], 1))
-    pairs = scan_pairs(
-        config,
-        accepted,
-        list(summary["refused_dtypes"]),
-        REFERENCE_DTYPE in rollouts or any(d == REFERENCE_DTYPE for d, _, _ in requests),
-    )
+    reference_generated = REFERENCE_DTYPE in rollouts or any(d == REFERENCE_DTYPE for d, _, _ in requests)
+    pairs = scan_pairs(config, accepted, list(refused), reference_generated)
     summary["reference"] = reference_plan(config, model_path)
     routing = config.engine == "vllm" and is_moe(model_path, config.trust_remote_code)
-    rollouts, scores, routes = sample_and_rescore(
+    scanned = sample_and_rescore(
         config,
         Side(model_path, config.lora, out / runs.ROLLOUTS, routing=routing),
         requests,
         pairs,
-        tokenizer,
-        log,
-        progress,
-        rollouts,
+        tokenizer=tokenizer,
+        log=log,
+        progress=progress,
+        rollouts=rollouts,
     )
     if config.lora:  # the same scan of the base with the adapter merged in: what the adapter path adds
         with stage("merge_adapter"):
@@ -114,27 +118,27 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
                 config.trust_remote_code,
             )
         try:
-            merged_rollouts, merged_scores, _ = sample_and_rescore(
+            merged = sample_and_rescore(
                 config,
                 Side(folder, None, out / runs.MERGED_ROLLOUTS, "merged"),
                 requests,
                 pairs,
-                tokenizer,
-                log,
-                progress,
-                {},
+                tokenizer=tokenizer,
+                log=log,
+                progress=progress,
+                rollouts={},
             )
         finally:
             shutil.rmtree(folder)
 
     with stage("metrics"):
-        tokens, measures = measured(rollouts, scores, tokenizer, config)
+        tokens, measures = measured(scanned, tokenizer, config)
         pairs_list = measures.pair_rows()
         audit, audit_by_pair = measures.audit_rows(config.sampling.temperature)
         runs.write_parquet(out / runs.TOKENS, tokens)
         metrics = pd.DataFrame(pairs_list)
         if config.lora:
-            merged_tokens, merged_measures = measured(merged_rollouts, merged_scores, tokenizer, config)
+            merged_tokens, merged_measures = measured(merged, tokenizer, config)
             runs.write_parquet(out / runs.MERGED_TOKENS, merged_tokens)
             merged_pairs = merged_measures.pair_rows()
             summary["lora"] = {
@@ -144,10 +148,12 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
             }
             metrics = pd.concat([metrics.assign(variant="lora"), pd.DataFrame(merged_pairs).assign(variant="merged")])
         runs.write_csv(out / runs.METRICS_CSV, metrics)
-        if routes:
-            routed = runs.routing_frame(rollouts, routes, config.samples)
+        if scanned.routes:
+            routed = runs.routing_frame(scanned.rollouts, scanned.routes, config.samples)
             runs.write_parquet(out / runs.ROUTING, routed)
             summary["routing"] = agreement_rows(routed, tokens)
+        adapter_comparison = summary["lora"]["comparison"] if config.lora else None
+        routing_gap = summary["routing"]["gap"] if scanned.routes else None
         summary |= {
             "pairs": pairs_list,
             "corrections": measures.corrections_rows(),
@@ -156,12 +162,12 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
             "audit_by_pair": audit_by_pair,
             "recommendation": recommend(
                 pairs_list,
-                summary.get("fp16_headroom"),
-                summary["refused_dtypes"],
-                summary["semantic_probe"],
-                config.engine,
-                summary.get("lora", {}).get("comparison"),
-                summary.get("routing", {}).get("gap"),
+                fp16_headroom=summary.get("fp16_headroom"),
+                refused=refused,
+                probe=probe,
+                engine=config.engine,
+                lora=adapter_comparison,
+                routing=routing_gap,
             ),
         }
         if config.fail_on:
@@ -172,11 +178,9 @@ def run_scan(config: ScanConfig, progress: Progress | None = None, resume: bool 
     return summary
 
 
-def measured(
-    rollouts: dict[str, list[Rollout]], scores: dict, tokenizer, config: ScanConfig
-) -> tuple[pd.DataFrame, Measures]:
+def measured(scanned: Scanned, tokenizer, config: ScanConfig) -> tuple[pd.DataFrame, Measures]:
     """The token rows of a scanned model and everything measured on them."""
-    tokens = runs.tokens_frame(rollouts, scores, tokenizer, config.samples)
+    tokens = runs.tokens_frame(scanned.rollouts, scanned.scores, tokenizer, config.samples)
     measures = Measures(seed=config.sampling.seed)
     measures.add(tokens)
     return tokens, measures
@@ -194,20 +198,37 @@ class Side:
     routing: bool = False  # an MoE model on vLLM: record the engine's and each trainer's experts
 
 
+Request = tuple[str, list[list[int]], int]
+"""What one engine generates: (engine dtype, prompts' token ids, samples per prompt)."""
+
+Pair = tuple[str, str]
+"""(engine dtype, trainer dtype)."""
+
+
+@dataclass
+class Scanned:
+    """One scanned model's engine outputs and the trainer's view of them."""
+
+    rollouts: dict[str, list[Rollout]]  # engine dtype → its sampled sequences
+    scores: dict[Pair, dict[str, list[np.ndarray]]]  # pair → `rescore`'s columns, in the configured order
+    routes: dict[Pair, Routing]  # pair → the trainer's routing (`response_routing`): MoE models on vLLM only
+
+
 def sample_and_rescore(
     config: ScanConfig,
     side: Side,
-    requests: list,
-    pairs: list[tuple[str, str]],
+    requests: list[Request],
+    pairs: list[Pair],
+    *,
     tokenizer,
     log: runs.RunLog,
     progress: Progress,
     rollouts: dict[str, list[Rollout]],
-):
-    """Engine outputs (μ) for each (engine dtype, prompts, samples) request not already in `rollouts`,
-    then the trainer's π for every pair: ({engine dtype: rollouts}, {pair: scores}, {pair: trainer
-    routing}). The FP16 trainer's activation headroom of the scanned model goes into the summary."""
-    stage, prefix = log.stage, f"{side.name}_" if side.name else ""
+) -> Scanned:
+    """Engine outputs (μ) for each request not already in `rollouts`, then the trainer's π for every
+    pair. The FP16 trainer's activation headroom of the scanned model goes into the summary."""
+    stage = log.stage
+    prefix = f"{side.name}_" if side.name else ""
     label = f"{side.name} " if side.name else ""
     for dtype, prompts_for, samples in requests:
         if len(rollouts.get(dtype, [])) == len(prompts_for) * samples:  # saved by the run being resumed
@@ -232,8 +253,8 @@ def sample_and_rescore(
             runs.write_parquet(side.rollouts_file, runs.rollouts_frame(rollouts, tokenizer, config.samples))
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores: dict[tuple[str, str], dict[str, list[np.ndarray]]] = {}
-    routes: dict[tuple[str, str], tuple] = {}
+    scores: dict[Pair, dict[str, list[np.ndarray]]] = {}
+    routes: dict[Pair, Routing] = {}
     for trainer_dtype in dict.fromkeys(t for _, t in pairs):
         with stage(f"{prefix}rescore_{trainer_dtype}"):
             model = load_trainer(
@@ -246,28 +267,31 @@ def sample_and_rescore(
                     text = f"{label}rescore {engine_dtype} → {trainer_dtype}"
                     if trainer_dtype == REFERENCE_DTYPE and engine_dtype != REFERENCE_DTYPE:
                         chosen = chosen[: config.reference_sequences()]  # the first N, or all
-                        text += f" (reference: {len(chosen)} of {len(rollouts[engine_dtype])} sequences, {log.summary['reference']['fp32_gib']:.2f} GiB of FP32 weights)"
+                        fp32_gib = log.summary["reference"]["fp32_gib"]
+                        text += (
+                            f" (reference: {len(chosen)} of {len(rollouts[engine_dtype])} sequences,"
+                            f" {fp32_gib:.2f} GiB of FP32 weights)"
+                        )
                     advance = progress.stage(text, len(chosen))
                     scores[engine_dtype, trainer_dtype] = rescore(
                         model,
                         trainer_dtype,
                         chosen,
-                        config.sampling.temperature,
-                        config.sampling.top_p,
-                        pad_id,
-                        advance,
+                        temperature=config.sampling.temperature,
+                        top_p=config.sampling.top_p,
+                        pad_id=pad_id,
+                        progress=advance,
                     )
-                    if side.routing and all(r.routed_experts is not None for r in chosen):  # resumed outputs carry none
+                    # resumed outputs carry no routing
+                    if side.routing and all(r.routed_experts is not None for r in chosen):
                         routes[engine_dtype, trainer_dtype] = response_routing(model, chosen, pad_id)
             if isinstance(watch, ActivationPeak):
                 log.summary["fp16_headroom"] = watch.summary()
             del model
-    return rollouts, {pair: scores[pair] for pair in pairs}, routes  # table rows in the configured order
+    return Scanned(rollouts, {pair: scores[pair] for pair in pairs}, routes)  # table rows in the configured order
 
 
-def scan_pairs(
-    config: ScanConfig, accepted: list[str], refused: list[str], reference_generated: bool
-) -> list[tuple[str, str]]:
+def scan_pairs(config: ScanConfig, accepted: list[str], refused: list[str], reference_generated: bool) -> list[Pair]:
     """The configured pairs of the dtypes the engine accepted; each refused dtype on the trainer side
     of every accepted one (its headroom and gap are the only FP16 evidence left); and the semantic
     probe, FP32 engine against FP32 trainer, when it ran."""
@@ -278,7 +302,7 @@ def scan_pairs(
     return list(dict.fromkeys(pairs))
 
 
-def semantic_probe_plan(config: ScanConfig, model_path, n_prompts: int) -> dict:
+def semantic_probe_plan(config: ScanConfig, model_path, n_prompts: int) -> dict[str, Any]:
     """How many prompts the FP32-engine-against-FP32-trainer probe scores, or why it is skipped."""
     if REFERENCE_DTYPE in config.dtypes:
         return {"prompts": n_prompts, "note": "the fp32 engine dtype is scanned in full"}
@@ -286,7 +310,8 @@ def semantic_probe_plan(config: ScanConfig, model_path, n_prompts: int) -> dict:
         return {"prompts": 0, "skipped": "--semantic-probe 0"}
     if config.reference == "none":
         return {"prompts": 0, "skipped": "--reference none (the probe is scored by the FP32 trainer)"}
-    need, available = fp32_footprint(model_path), available_memory()
+    need = fp32_footprint(model_path)
+    available = available_memory()
     if need > 0.8 * available:
         return {
             "prompts": 0,
@@ -295,7 +320,7 @@ def semantic_probe_plan(config: ScanConfig, model_path, n_prompts: int) -> dict:
     return {"prompts": min(config.semantic_probe, n_prompts)}
 
 
-def reference_plan(config: ScanConfig, model_path) -> dict:
+def reference_plan(config: ScanConfig, model_path) -> dict[str, Any]:
     """What the FP32 reference costs and covers, known before it loads: summary.json `reference`."""
     return {
         "sequences": config.reference,

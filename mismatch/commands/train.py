@@ -1,4 +1,5 @@
-"""The GRPO loop: engine rollouts in --dtype → rewards → π_θ′ (the learner before the update) → loss → step → weight sync.
+"""The GRPO loop: engine rollouts in --dtype → rewards → π_θ′ (the learner before the update) → loss
+→ step → weight sync.
 
 Mixed precision as FSDP / DeepSpeed do it: FP32 master weights hold the optimiser state; a compute
 copy in --dtype runs forward and backward (on CPU, FP16 through the same faithful fast path as
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,19 +40,31 @@ MICRO_BATCH_TOKENS = 2048  # padded tokens per forward/backward in the learner
 STEP_METRICS = (metrics.k1, metrics.k3, metrics.mean_abs_dp, metrics.max_abs_dp, metrics.min_ratio, metrics.max_ratio)
 
 
-def tasks_for(config: TrainConfig) -> list[Prompt]:
+def tasks_for(config: TrainConfig) -> tuple[list[Prompt], list[str]]:
+    """The prompts and the answer each one's reward is computed against."""
     if config.prompts is None:
-        return arithmetic_prompts(config.num_prompts, seed=config.seed)
-    tasks = load_prompts(config.prompts)
-    if any(t.answer is None for t in tasks):
+        tasks = arithmetic_prompts(config.num_prompts, seed=config.seed)
+    else:
+        tasks = load_prompts(config.prompts)
+    answers = [t.answer for t in tasks if t.answer is not None]
+    if len(answers) < len(tasks):
         raise PromptError(f"{config.prompts}: every row needs an 'answer' for the reward")
-    return tasks
+    return tasks, answers
 
 
 @dataclass
 class StepResult:
     row: dict  # the step's logged numbers
     tokens: dict = field(default_factory=dict)  # per-token μ and π_θ′ of the step's rollouts
+
+
+@dataclass
+class Learned:
+    """The loss of a learner step and the per-token numbers of its no-grad pass."""
+
+    loss: float
+    logp_old: torch.Tensor  # log π_θ′ of every response token, the rollouts end to end
+    entropy: torch.Tensor  # of each position's distribution, the same layout
 
 
 def engine_share(config: TrainConfig, device: torch.device, masters) -> float | None:
@@ -69,28 +83,35 @@ class Trainer:
     its optimiser and the live engine."""
 
     def __init__(
-        self, config: TrainConfig, dtype: str, reward_fn: Callable[[str, str], float] = reward, live: Path | None = None
+        self,
+        config: TrainConfig,
+        dtype: str,
+        *,
+        reward_fn: Callable[[str, str], float] = reward,
+        live: Path | None = None,
     ):
         """`live`: where a LoRA policy writes the adapter folders the engine loads (removed at close)."""
-        self.config, self.dtype = config, dtype
+        self.config = config
+        self.dtype = dtype
         self.reward_fn = reward_fn
         self.device = default_device()
         self.model_path = resolve_model(config.model)
         self.tokenizer = load_tokenizer(self.model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.tasks = tasks_for(config)
+        self.tasks, self.answers = tasks_for(config)
         self.prompt_ids = encode_prompts(self.tokenizer, self.tasks)
         torch.manual_seed(config.seed)
+        self.policy: LoraPolicy | FullPolicy
         if config.lora_rank:
-            live = live or Path(tempfile.mkdtemp(prefix="mismatch-adapter-"))
+            assert config.lora_alpha is not None  # TrainConfig sets it (2 × rank) when not given
             self.policy = LoraPolicy(
                 self.model_path,
                 dtype,
                 self.device,
-                config.lora_rank,
-                config.lora_alpha,
-                config.lora_target_modules,
-                live,
+                rank=config.lora_rank,
+                alpha=config.lora_alpha,
+                target_modules=config.lora_target_modules,
+                live=live or Path(tempfile.mkdtemp(prefix="mismatch-adapter-")),
             )
         else:
             self.policy = FullPolicy(self.model_path, dtype, self.device)
@@ -101,7 +122,7 @@ class Trainer:
         self.sleeps = config.engine == "vllm" and (
             config.sleep if config.sleep is not None else self.device.type == "cuda"
         )
-        extra = {
+        extra: dict[str, Any] = {
             "seed": config.seed,
             "gpu_memory_utilization": engine_share(config, self.device, self.policy.masters.values()),
             "max_model_len": config.max_model_len,
@@ -120,7 +141,8 @@ class Trainer:
         return [int(self.order[(step * n + i) % len(self.order)]) for i in range(n)]
 
     def step(self, step: int) -> StepResult:
-        config, start = self.config, time.perf_counter()
+        config = self.config
+        start = time.perf_counter()
         chosen = self.batch_indices(step)
         sampling = Sampling(
             temperature=config.temperature, max_tokens=config.max_tokens, seed=config.seed * 100_003 + step
@@ -131,7 +153,10 @@ class Trainer:
             self.engine.sleep()  # the learner step gets the engine's memory
         texts = self.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
         rewards = torch.tensor(
-            [self.reward_fn(text, self.tasks[chosen[r.prompt_index]].answer) for text, r in zip(texts, rollouts)]
+            [
+                self.reward_fn(text, self.answers[chosen[r.prompt_index]])
+                for text, r in zip(texts, rollouts, strict=True)
+            ]
         )
         advantages = group_advantages(rewards, config.group_size).to(self.device)
 
@@ -139,7 +164,7 @@ class Trainer:
         logp_engine = torch.tensor(
             [lp for r in rollouts for lp in r.logp_engine], dtype=torch.float32, device=self.device
         )
-        loss, logp_old, entropy = self._learn(rollouts, logp_engine, advantages)
+        learned = self._learn(rollouts, logp_engine, advantages)
         grad_norm, finite = self._apply_gradients()
         if self.sleeps:
             torch.cuda.empty_cache()  # this process's cached blocks back to the GPU, for the engine to take
@@ -148,18 +173,19 @@ class Trainer:
         if finite:
             self.sync_weights()
 
-        mu, pi = logp_engine.double().cpu().numpy(), logp_old.double().cpu().numpy()
+        mu = logp_engine.double().cpu().numpy()
+        pi = learned.logp_old.double().cpu().numpy()
         row = {
             "step": step,
             "reward_mean": float(rewards.mean()),
             "accuracy": float((rewards == 1).float().mean()),
             **{f.__name__: f(pi, mu) for f in STEP_METRICS},
-            "loss": loss,
+            "loss": learned.loss,
             "grad_norm": grad_norm,
             "loss_scale": self.scaler.scale,
             "skipped": not finite,
             "skipped_total": self.scaler.skipped,
-            "entropy": float(entropy.mean()),
+            "entropy": float(learned.entropy.mean()),
             "response_len": float(np.mean(lengths)),
             "step_time": time.perf_counter() - start,
             "generate_time": generated - start,
@@ -177,9 +203,7 @@ class Trainer:
         }
         return StepResult(row, tokens)
 
-    def _learn(
-        self, rollouts, logp_engine: torch.Tensor, advantages: torch.Tensor
-    ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def _learn(self, rollouts, logp_engine: torch.Tensor, advantages: torch.Tensor) -> Learned:
         """Backpropagate the loss through the compute copy in micro-batches; memory stays bounded.
 
         Pass 1 (no grad) gives log π_θ′ and the entropy; the loss's gradient with respect to each
@@ -196,18 +220,25 @@ class Trainer:
         ]
         with torch.no_grad(), compute_context(self.dtype, self.device):
             parts = [response_logprobs(self.compute, b, config.temperature, with_entropy=True) for b in batches]
-        logp_old, entropy = torch.cat([p.logp for p in parts]), torch.cat([p.entropy for p in parts])
+        logp_old = torch.cat([p.logp for p in parts])
+        entropy = torch.cat([cast(torch.Tensor, p.entropy) for p in parts])  # asked for: never None
         lengths = [len(r.response_ids) for r in rollouts]
         logp = logp_old.clone().requires_grad_()
-        padded = [to_padded(t, lengths) for t in (logp, logp_old, logp_engine)]
-        loss = LOSSES[config.algo](*padded, advantages, to_padded(torch.ones_like(logp_old), lengths))
+        loss = LOSSES[config.algo](
+            to_padded(logp, lengths),
+            logp_old=to_padded(logp_old, lengths),
+            logp_engine=to_padded(logp_engine, lengths),
+            adv=advantages,
+            mask=to_padded(torch.ones_like(logp_old), lengths),
+        )
         (grad_logp,) = torch.autograd.grad(loss * self.scaler.scale, logp)
         self.compute.zero_grad(set_to_none=True)
-        for batch, grad in zip(batches, torch.split(grad_logp, [sum(b.lengths) for b in batches])):
+        micro_grads = torch.split(grad_logp, [sum(b.lengths) for b in batches])
+        for batch, grad in zip(batches, micro_grads, strict=True):
             with compute_context(self.dtype, self.device):
                 micro = response_logprobs(self.compute, batch, config.temperature).logp
             micro.backward(grad)
-        return loss.item(), logp_old, entropy
+        return Learned(loss.item(), logp_old, entropy)
 
     def _apply_gradients(self) -> tuple[float, bool]:
         """Unscale the compute copy's gradients into FP32 master grads; clip and step if finite."""
@@ -252,7 +283,7 @@ def to_padded(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 
 
 def run_training(
-    config: TrainConfig, on_step: Callable[[str, dict], None] | None = None, force: bool = False
+    config: TrainConfig, on_step: Callable[[str, dict], None] | None = None, *, force: bool = False
 ) -> list[dict]:
     """One run per dtype of `config.dtypes` (same seed and data order), then one report.html over
     all of them in `config.out`. Ctrl-C ends the current run cleanly with what it has, and the
@@ -264,7 +295,7 @@ def run_training(
     summaries = []
     for dtype, folder in folders.items():
         log_step = (lambda row, d=dtype: on_step(d, row)) if on_step else None
-        summaries.append(train_one(config, dtype, folder, log_step))
+        summaries.append(train_one(config, dtype, folder, on_step=log_step))
         if summaries[-1]["interrupted"]:
             break
     runs.write_text(
@@ -275,16 +306,23 @@ def run_training(
 
 
 def train_one(
-    config: TrainConfig, dtype: str, out: Path, on_step: Callable[[dict], None] | None = None, reward_fn=reward
+    config: TrainConfig,
+    dtype: str,
+    out: Path,
+    *,
+    on_step: Callable[[dict], None] | None = None,
+    reward_fn: Callable[[str, str], float] = reward,
 ) -> dict:
     """Train in `dtype` into `out`: metrics.csv after every step; at the end metrics.parquet,
     tokens.parquet (μ and π_θ′ per token and step), checkpoints and summary.json."""
     import pandas as pd
 
     log = runs.RunLog(out, "train", config.to_json(dtype))
-    trainer = Trainer(config, dtype, reward_fn, live=out / ".live-adapter")
+    trainer = Trainer(config, dtype, reward_fn=reward_fn, live=out / ".live-adapter")
     log.summary["policy"] = parameter_counts(trainer.policy)
-    rows, tokens, interrupted = [], [], False
+    rows: list[dict] = []
+    tokens: list[pd.DataFrame] = []
+    interrupted = False
     try:
         for step in range(config.steps):
             result = trainer.step(step)

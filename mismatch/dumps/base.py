@@ -15,9 +15,16 @@ import pandas as pd
 
 REQUIRED = ("seq_id", "position", "token_id", "logp_engine")
 OPTIONAL = (
-    "logp_trainer", "step", "prompt_index", "engine_dtype", "trainer_dtype", "token",
-    "logp_trainer_full", "log_kept_mass", "temperature",
-)  # fmt: skip
+    "logp_trainer",
+    "step",
+    "prompt_index",
+    "engine_dtype",
+    "trainer_dtype",
+    "token",
+    "logp_trainer_full",
+    "log_kept_mass",
+    "temperature",
+)
 # logp_trainer: π, left out when the dump has only μ (then `--model` computes it). prompt_index:
 # the prompt (GRPO group) a sequence answers, the unit the intervals resample. temperature: the
 # sampling temperature, where the dump records it (the audit's raw-versus-processed check).

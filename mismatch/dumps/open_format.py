@@ -22,7 +22,8 @@ NAME = "open"
 SUFFIXES = (".parquet", ".jsonl")
 LIST_COLUMNS = ("token_id", "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "loss_mask")
 BATCH_ROWS = 65_536
-POSITIVE_LIMIT = 0.5  # a log-prob computed in BF16 can round a little above 0; a probability or logit is far above
+# a log-prob computed in BF16 can round a little above 0; a probability or logit is far above
+POSITIVE_LIMIT = 0.5
 EXPECTED = (
     f"{', '.join(REQUIRED)} (and logp_trainer unless --model is given) per token, or the same as lists per sequence"
 )
@@ -83,21 +84,21 @@ def _frames(found: list[Path]) -> Iterator[pd.DataFrame]:
 def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     """Sequence rows exploded into token rows (positions 0…n−1); token rows as they are."""
     if len(frame) and frame["token_id"].map(_is_list).any():
-        frame = frame[frame["token_id"].map(lambda ids: _is_list(ids) and len(ids) > 0)].reset_index(
-            drop=True
-        )  # an empty response has no token
+        # an empty response has no token
+        frame = frame[frame["token_id"].map(lambda ids: _is_list(ids) and len(ids) > 0)].reset_index(drop=True)
         lists = [c for c in LIST_COLUMNS if c in frame]
         lengths = frame["token_id"].map(len)
-        for column in lists[1:]:  # a null list (π of a μ-only sequence, no mask) is NaN (all True) at every position
+        # a null list (π of a μ-only sequence, no mask) is NaN (all True) at every position
+        for column in lists[1:]:
             fill = True if column == "loss_mask" else np.nan
-            frame[column] = [values if _is_list(values) else [fill] * n for values, n in zip(frame[column], lengths)]
+            frame[column] = [
+                values if _is_list(values) else [fill] * n for values, n in zip(frame[column], lengths, strict=True)
+            ]
         for column in lists[1:]:
             if not (frame[column].map(len) == lengths).all():
                 raise DumpError(f"{path}: {column} and token_id have different lengths in some sequence")
-        if "prompt_ids" in frame:
-            frame["response_ids"] = frame[
-                "token_id"
-            ]  # the whole response, tool tokens included: the context to rescore
+        if "prompt_ids" in frame:  # the whole response, tool tokens included: the context to rescore
+            frame["response_ids"] = frame["token_id"]
         frame = frame.explode(lists, ignore_index=True)
         frame["position"] = _positions(lengths)
         if "loss_mask" in frame:  # a response with tool output: only its sampled tokens are measured
@@ -112,7 +113,8 @@ def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     for column in ("logp_engine", "logp_trainer"):
         if column in frame and (frame[column] > POSITIVE_LIMIT).any():
             raise DumpError(
-                f"{path}: {column} has values above {POSITIVE_LIMIT}: it must hold log-probabilities (≤ 0), not probabilities or logits"
+                f"{path}: {column} has values above {POSITIVE_LIMIT}: "
+                "it must hold log-probabilities (≤ 0), not probabilities or logits"
             )
     if "prompt_index" in frame and frame["prompt_index"].isna().any():  # a sequence without a prompt: its own unit
         frame["prompt_index"] = (
@@ -148,20 +150,23 @@ def _positions(lengths: pd.Series) -> np.ndarray:
 def by_step(frames: Iterator[pd.DataFrame]) -> Iterator[Chunk]:
     """Token-row frames regrouped into one chunk per step (rows of a step must be contiguous)."""
     buffer: list[pd.DataFrame] = []
-    current, seen = None, set()
+    current: int | None = None
+    seen: set[int] = set()
     for frame in frames:
         if "step" not in frame:
             buffer.append(frame)
             continue
-        starts = np.flatnonzero(np.r_[True, frame["step"].to_numpy()[1:] != frame["step"].to_numpy()[:-1]])
-        for begin, end in zip(starts, [*starts[1:], len(frame)]):
-            step = int(frame["step"].iat[begin])
+        steps = frame["step"].to_numpy()
+        starts = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1]])
+        for begin, end in zip(starts, [*starts[1:], len(frame)], strict=True):
+            step = int(steps[begin])
             if step != current:
                 if buffer:
                     yield _chunk(buffer)
                 if step in seen:
                     raise DumpError(f"the rows of step {step} are not together; write (or sort) the dump by step")
-                buffer, current = [], step
+                buffer = []
+                current = step
                 seen.add(step)
             buffer.append(frame.iloc[begin:end])
     if buffer:
@@ -170,18 +175,18 @@ def by_step(frames: Iterator[pd.DataFrame]) -> Iterator[Chunk]:
 
 def _chunk(frames: list[pd.DataFrame]) -> Chunk:
     tokens = pd.concat(frames, ignore_index=True)
-    contexts = {}
+    contexts: dict[int, tuple[list[int], list[int]]] = {}
     if "prompt_ids" in tokens:
         for seq, rows in tokens.groupby("seq_id", sort=False):
+            assert isinstance(seq, (int, np.integer))  # seq_id is an int64 column (`_token_rows`)
             rows = rows.sort_values("position")
             prompt = rows["prompt_ids"].iat[0]
             if not _is_list(prompt):  # null (JSON null, NaN): this sequence cannot be rescored
                 continue
             if "response_ids" in rows:
                 contexts[int(seq)] = ([int(i) for i in prompt], [int(i) for i in rows["response_ids"].iat[0]])
-            elif np.array_equal(
-                rows["position"].to_numpy(), np.arange(len(rows))
-            ):  # token rows: the response is the rows
+            # token rows: the response is the rows
+            elif np.array_equal(rows["position"].to_numpy(), np.arange(len(rows))):
                 contexts[int(seq)] = ([int(i) for i in prompt], rows["token_id"].astype(int).tolist())
         tokens = tokens.drop(columns=[c for c in ("prompt_ids", "response_ids") if c in tokens])
     return Chunk(tokens, contexts)

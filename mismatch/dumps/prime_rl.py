@@ -2,10 +2,11 @@
 
 The trainer writes `<run_dir>/token_exports/step_<n>/rank_<r>.jsonl`: one JSON record per sample
 (each packed micro-batch split back into its sequences), with per-token lists aligned to
-`token_ids` (prompt and tool tokens included). The reader keeps the tokens whose `loss_mask` is True, with μ = `inference_logprobs` and π = `trainer_logprobs`;
-the response starts at the first loss-masked token, so `position` counts from there and the tokens
-before it are the prompt. Non-finite values, written as JSON null, become NaN. One chunk per step,
-steps in numeric order, every rank of a step together; the export has no prompt (group) id.
+`token_ids` (prompt and tool tokens included). The reader keeps the tokens whose `loss_mask` is
+True, with μ = `inference_logprobs` and π = `trainer_logprobs`; the response starts at the first
+loss-masked token, so `position` counts from there and the tokens before it are the prompt.
+Non-finite values, written as JSON null, become NaN. One chunk per step, steps in numeric order,
+every rank of a step together; the export has no prompt (group) id.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ def read(paths: list[Path]) -> Iterator[Chunk]:
         record = first_record(path)
         if record is None or not {*FIELDS, "step", "rank"} <= set(record):
             raise DumpError(f"{path}: not {EXPECTED}")
-        by_step[int(record.get("export_step", record["step"]))].append(
-            (int(record["rank"]), path)
-        )  # multi-run exports: the run's step
+        step = int(record.get("export_step", record["step"]))  # multi-run exports: the run's step
+        by_step[step].append((int(record["rank"]), path))
     for step in sorted(by_step):
-        frames, contexts = [], {}
+        frames: list[pd.DataFrame] = []
+        contexts: dict[int, tuple[list[int], list[int]]] = {}
         for _, path in sorted(by_step[step]):
             frames += _sequences(path, contexts)
         if frames:
@@ -86,13 +87,14 @@ def _sequences(path: Path, contexts: dict[int, tuple[list[int], list[int]]]) -> 
             first = int(np.argmax(mask))
             seq_id = len(contexts)
             ids = columns["token_ids"]
-            frames.append(pd.DataFrame({
+            frame = {
                 "seq_id": np.full(int(mask.sum()), seq_id, dtype=np.int64),
                 "position": np.flatnonzero(mask).astype(np.int64) - first,
                 "token_id": ids[mask],
                 "logp_engine": columns["inference_logprobs"][mask],
                 "logp_trainer": columns["trainer_logprobs"][mask],
-            }))  # fmt: skip
+            }
+            frames.append(pd.DataFrame(frame))
             contexts[seq_id] = (ids[:first].tolist(), ids[first:].tolist())
     return frames
 

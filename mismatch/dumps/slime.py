@@ -105,30 +105,34 @@ def _sequences(
         n = int(sample["response_length"])
         if sample["rollout_log_probs"] is None:
             raise DumpError(
-                f"{path}: sample {number} has no rollout_log_probs (its generate function did not keep the engine's log-probs)"
+                f"{path}: sample {number} has no rollout_log_probs "
+                "(its generate function did not keep the engine's log-probs)"
             )
         mu = np.asarray(sample["rollout_log_probs"], dtype=np.float64)
         mask = np.ones(n, dtype=bool) if sample.get("loss_mask") is None else np.asarray(sample["loss_mask"]) != 0
         for name, values in (("rollout_log_probs", mu), ("loss_mask", mask)):
             if len(values) != n:
                 raise DumpError(
-                    f"{path}: sample {number} has {len(values)} {name} for response_length {n}; the dump is inconsistent"
+                    f"{path}: sample {number} has {len(values)} {name} for response_length {n}; "
+                    "the dump is inconsistent"
                 )
         if sample.get("remove_sample"):
             mask[:] = False
         if not mask.any():
             continue
-        seq_id = int(indices[number]) if unique else number
-        prompt, response = tokens[: len(tokens) - n], tokens[len(tokens) - n :]
-        frame = pd.DataFrame({
+        seq_id = int(sample["index"]) if unique else number
+        prompt = tokens[: len(tokens) - n]
+        response = tokens[len(tokens) - n :]
+        columns = {
             "seq_id": np.full(int(mask.sum()), seq_id, dtype=np.int64),
             "position": np.flatnonzero(mask).astype(np.int64),
             "token_id": response[mask],
             "logp_engine": mu[mask],
             "step": np.int64(step),
-        })  # fmt: skip
+        }
+        frame = pd.DataFrame(columns)
         if None not in groups:
-            frame["prompt_index"] = np.int64(groups[number])
+            frame["prompt_index"] = np.int64(sample["group_index"])
         frames.append(frame)
         contexts[seq_id] = (prompt.tolist(), response.tolist())
     return frames

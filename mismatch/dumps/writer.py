@@ -18,7 +18,9 @@ class StepWriter:
     """Collects the sequences of one optimizer step and writes them when the step changes."""
 
     def __init__(self, out_dir: Path | str, rank: int = 0, world_size: int = 1):
-        self.out_dir, self.rank, self.world_size = Path(out_dir), rank, world_size
+        self.out_dir = Path(out_dir)
+        self.rank = rank
+        self.world_size = world_size
         self.step: int | None = None
         self.rows: list[dict] = []
 
@@ -28,6 +30,7 @@ class StepWriter:
         prompt_ids,
         response_ids,
         logp_engine,
+        *,
         logp_trainer=None,
         prompt_index=None,
         temperature: float | None = None,
@@ -38,7 +41,7 @@ class StepWriter:
         if step != self.step:
             self.flush()
             self.step = step
-        for i, (prompt, response, mu) in enumerate(zip(prompt_ids, response_ids, logp_engine)):
+        for i, (prompt, response, mu) in enumerate(zip(prompt_ids, response_ids, logp_engine, strict=True)):
             row = {
                 "step": step,
                 "seq_id": len(self.rows) * self.world_size + self.rank,  # unique within the step across ranks

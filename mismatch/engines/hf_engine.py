@@ -11,7 +11,7 @@ from mismatch.errors import EngineError
 from mismatch.model.loading import load_causal_lm
 from mismatch.model.lora import adapter_weights, with_adapter
 from mismatch.model.precision import DTYPES, compute_context, default_device
-from mismatch.records import Advance, Rollout, Sampling, request_seed, requests
+from mismatch.records import Advance, Rollout, Sampling, Scored, request_seed, requests
 
 BATCH = 16
 
@@ -75,23 +75,34 @@ class HFEngine:
         steps = [torch.log_softmax(s.float(), -1).gather(-1, new_tokens[:, i, None]) for i, s in enumerate(out.scores)]
         logps = torch.cat(steps, dim=1)
         rollouts = []
-        for row, ((p, s), prompt) in enumerate(zip(keys, prompts)):
+        for row, ((p, s), prompt) in enumerate(zip(keys, prompts, strict=True)):
             ids = new_tokens[row].tolist()
             end = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), None)
             ids = ids[:end] if end else ids
-            rollouts.append(Rollout(p, s, prompt, ids, logps[row, : len(ids)].tolist(), "stop" if end else "length"))
+            rollouts.append(
+                Rollout(
+                    prompt_index=p,
+                    sample_index=s,
+                    prompt_ids=prompt,
+                    response_ids=ids,
+                    logp_engine=logps[row, : len(ids)].tolist(),
+                    finish_reason="stop" if end else "length",
+                )
+            )
         return rollouts
 
-    def score(self, sequences, topk: int = 0, alone: bool = False):
+    def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:
         raise EngineError(
-            "the hf engine has no separate prefill path to score: its prefill is the trainer's forward; use --engine vllm"
+            "the hf engine has no separate prefill path to score: its prefill is the trainer's forward; "
+            "use --engine vllm"
         )
 
     def load_adapter(self, path: Path) -> None:
         weights = adapter_weights(path)
         if unknown := sorted(set(weights) - dict(self.model.named_parameters()).keys()):
             raise EngineError(
-                f"the adapter in {path} does not fit the one the hf engine started with ({len(unknown)} tensors unknown, first {unknown[0]})"
+                f"the adapter in {path} does not fit the one the hf engine started with "
+                f"({len(unknown)} tensors unknown, first {unknown[0]})"
             )
         self.load_weights(weights)
 

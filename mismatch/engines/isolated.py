@@ -41,7 +41,8 @@ class _Child:
                 kind, payload = self._pipe.recv()
             except EOFError:
                 raise errors.EngineError(
-                    f"the vllm engine process ended unexpectedly (exit code {self._process.exitcode}); run again with --engine hf to compare"
+                    f"the vllm engine process ended unexpectedly (exit code {self._process.exitcode}); "
+                    "run again with --engine hf to compare"
                 ) from None
             if kind == "progress":
                 if progress:
@@ -137,11 +138,11 @@ def refused_dtypes(model: Path, dtypes: list[str], trust_remote_code: bool) -> d
 
 def _serve(pipe) -> None:
     """The child: answer calls until `close` (or until the parent goes away)."""
-    from mismatch import quiet  # noqa: F401 (the child's own terminal stays quiet too)
+    from mismatch import quiet  # noqa: F401  # imported for its settings: the child's own terminal stays quiet too
     from mismatch.engines import vllm_engine
 
     vllm_engine.settle_cpu_process()
-    engine = None
+    engine: vllm_engine.VLLMEngine | None = None
     try:
         while True:
             try:
@@ -155,8 +156,12 @@ def _serve(pipe) -> None:
             elif command == "refused":
                 pipe.send(("result", vllm_engine.refused_dtypes(*args)))
             elif command == "generate":
-                pipe.send(("result", engine.generate(*args, progress=lambda n: pipe.send(("progress", n)))))
+                assert engine is not None  # the parent sends "start" first
+                prompts, samples, sampling = args
+                rollouts = engine.generate(prompts, samples, sampling, progress=lambda n: pipe.send(("progress", n)))
+                pipe.send(("result", rollouts))
             elif command == "score":
+                assert engine is not None
                 pipe.send(("result", engine.score(*args)))
             elif command in ("load_weights", "load_adapter", "sleep", "wake_up"):
                 getattr(engine, command)(*args)

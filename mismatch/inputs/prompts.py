@@ -29,7 +29,9 @@ def arithmetic_prompts(n: int, seed: int = 0) -> list[Prompt]:
     prompts = []
     for _ in range(n):
         op = rng.choice("+-*")
-        a, b = (rng.randint(2, 99), rng.randint(2, 99)) if op != "*" else (rng.randint(2, 19), rng.randint(2, 19))
+        largest = 19 if op == "*" else 99
+        a = rng.randint(2, largest)
+        b = rng.randint(2, largest)
         answer = {"+": a + b, "-": a - b, "*": a * b}[op]
         text = f"What is {a} {op} {b}? Think step by step, then give the final answer as a single number."
         prompts.append(Prompt.from_text(text, str(answer)))

@@ -28,7 +28,7 @@ class FullPolicy:
     kind = "full"
 
     def __init__(self, model_path: Path, dtype: str, device: torch.device):
-        self.master = load_trainer(model_path, "fp32", device)
+        self.master = load_trainer(model_path, "fp32", device=device)
         self.compute = self.master if dtype == "fp32" else copy.deepcopy(self.master).to(DTYPES[dtype])
         self.masters = dict(self.master.named_parameters())
 
@@ -56,12 +56,13 @@ class LoraPolicy:
         model_path: Path,
         dtype: str,
         device: torch.device,
+        *,
         rank: int,
         alpha: float,
         target_modules: list[str],
         live: Path,
     ):
-        base = load_trainer(model_path, dtype, device)
+        base = load_trainer(model_path, dtype, device=device)
         self.peft = new_adapter(base, rank, alpha, target_modules)
         self.compute = self.peft.base_model.model  # the transformers model, LoRA layers inside
         trainable = {name: p for name, p in self.compute.named_parameters() if p.requires_grad}
@@ -70,7 +71,8 @@ class LoraPolicy:
             if dtype == "fp32"
             else {name: torch.nn.Parameter(p.detach().float().clone()) for name, p in trainable.items()}
         )
-        self.live, self.version = live, 0
+        self.live = live
+        self.version = 0
         self.save(self._folder())
 
     def _folder(self) -> Path:

@@ -11,9 +11,18 @@ class DynamicLossScaler:
     grows) for BF16 / FP32, where it still reports and skips non-finite gradients."""
 
     def __init__(
-        self, enabled: bool, init_scale: float = 2.0**16, backoff: float = 0.5, growth: float = 2.0, interval: int = 200
+        self,
+        enabled: bool,
+        *,
+        init_scale: float = 2.0**16,
+        backoff: float = 0.5,
+        growth: float = 2.0,
+        interval: int = 200,
     ):
-        self.enabled, self.backoff, self.growth, self.interval = enabled, backoff, growth, interval
+        self.enabled = enabled
+        self.backoff = backoff
+        self.growth = growth
+        self.interval = interval
         self.scale = init_scale if enabled else 1.0
         self.good_steps = 0
         self.skipped = 0

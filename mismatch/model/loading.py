@@ -39,7 +39,8 @@ def resolve_model(spec: str, trust_remote_code: bool = False) -> Path:
         path = _hub_model(spec, tried=f"no local folder {path}", trust_remote_code=trust_remote_code)
     if "auto_map" in json.loads((path / "config.json").read_text(encoding="utf-8")) and not trust_remote_code:
         raise ModelError(
-            f"{spec} runs its own Python code (auto_map in config.json); read it, then pass --trust-remote-code to allow it"
+            f"{spec} runs its own Python code (auto_map in config.json); "
+            "read it, then pass --trust-remote-code to allow it"
         )
     return path
 
@@ -105,7 +106,8 @@ def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    folder, name = str(gguf.parent), gguf.name
+    folder = str(gguf.parent)
+    name = gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
     config = AutoConfig.from_pretrained(folder, gguf_file=name)

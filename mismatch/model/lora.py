@@ -9,8 +9,10 @@ keeps them in the model dtype. That difference is part of the gap a LoRA run tra
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mismatch.errors import ConfigError, ModelError, first_line
 
@@ -31,7 +33,8 @@ def read_adapter(path: Path) -> Adapter:
     config_file = Path(path) / ADAPTER_CONFIG
     if not config_file.is_file():
         raise ConfigError(
-            f"--lora {path}: not a PEFT adapter folder (no {ADAPTER_CONFIG}); pass the folder PeftModel.save_pretrained wrote"
+            f"--lora {path}: not a PEFT adapter folder (no {ADAPTER_CONFIG}); "
+            "pass the folder PeftModel.save_pretrained wrote"
         )
     try:
         config = json.loads(config_file.read_text())
@@ -46,7 +49,8 @@ def read_adapter(path: Path) -> Adapter:
             raise ConfigError(f"--lora {path}: {name} adapters are not supported (vLLM runs plain LoRA only)")
     if config.get("modules_to_save"):
         raise ConfigError(
-            f"--lora {path}: modules_to_save {config['modules_to_save']} (fully trained modules) is not supported; merge them into the base model first"
+            f"--lora {path}: modules_to_save {config['modules_to_save']} (fully trained modules) is not supported; "
+            "merge them into the base model first"
         )
     rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
     vllm_max_rank(rank, f"--lora {path}: rank {rank}")
@@ -106,14 +110,17 @@ def new_adapter(model, rank: int, alpha: float, target_modules: list[str]):
         present = linear_names(model)
         if missing := [t for t in target_modules if t not in present]:
             raise ConfigError(
-                f"--lora-target-modules: {', '.join(missing)} not in this model; its linear layers: {', '.join(sorted(present))} (or all-linear)"
+                f"--lora-target-modules: {', '.join(missing)} not in this model; "
+                f"its linear layers: {', '.join(sorted(present))} (or all-linear)"
             )
     targets = "all-linear" if target_modules == ["all-linear"] else list(target_modules)
-    return get_peft_model(
-        model,
-        LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0),
-        autocast_adapter_dtype=False,
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates an int; it scales by alpha / r, a float too
+        target_modules=targets,
+        lora_dropout=0.0,
     )
+    return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
 def linear_names(model) -> set[str]:
@@ -122,7 +129,7 @@ def linear_names(model) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
-def adapter_gap(lora_pairs: list[dict], merged_pairs: list[dict]) -> list[dict]:
+def adapter_gap(lora_pairs: Sequence[Mapping[str, Any]], merged_pairs: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Per pair scanned both ways: k3 and mean |Δp| with the adapter applied by each side, and with
     it merged into the weights; `k3_ratio` = k3_lora / k3_merged. `adapter_path` says whether the
     adapter path adds mismatch: "adds" (or "removes") when the two k3 intervals do not overlap,

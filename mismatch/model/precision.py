@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,12 @@ from torch.overrides import TorchFunctionMode
 
 from mismatch.records import DTYPE_NAMES
 
-DTYPES: dict[str, torch.dtype] = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32)))
-VLLM_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES: dict[str, torch.dtype] = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32), strict=True))
+VLLM_DTYPE_NAMES: dict[str, Literal["bfloat16", "float16", "float32"]] = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp32": "float32",
+}
 
 
 _MATMUL_OPS = {
@@ -41,9 +46,8 @@ _MATMUL_OPS = {
     torch.Tensor.bmm,
     torch.baddbmm,
     torch.einsum,
-    *(
-        op for op in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if op is not None
-    ),  # MoE experts
+    # MoE experts
+    *(op for op in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if op is not None),
 }
 
 
@@ -51,11 +55,15 @@ def flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     """16-bit scaled-dot-product attention as FlashAttention computes it on a GPU, in the inputs'
     dtype: scores and their softmax statistics in FP32, the unnormalised probabilities exp(s − max)
     rounded to the 16-bit type before they multiply V (FP32 accumulation), the row sum taken
-    unrounded, the output rounded to the 16-bit type."""
+    unrounded, the output rounded to the 16-bit type. The signature is
+    `F.scaled_dot_product_attention`'s, whose calls `GPUNumerics` hands over as they come."""
     dtype = query.dtype
-    q, k, v = query.float(), key.float(), value.float()
+    q = query.float()
+    k = key.float()
+    v = value.float()
     if enable_gqa and k.shape[-3] != q.shape[-3]:
-        k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3) for t in (k, v))
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
     scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if is_causal:
         rows, cols = scores.shape[-2:]
@@ -109,14 +117,7 @@ def _to_fp32(value, dtype: torch.dtype):
     return value
 
 
-CPU_FLAGS = (
-    "avx2",
-    "avx512_f",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_bf16",
-    "amx_fp16",
-)  # what decides 16-bit speed and kernels
+CPU_FLAGS = ("avx2", "avx512_f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")  # decide 16-bit speed, kernels
 
 
 @functools.cache

@@ -18,7 +18,8 @@ class ActivationPeak:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.value, self.module = 0.0, None
+        self.value = 0.0
+        self.module: str | None = None
         self.peaks: dict[str, float] = {}  # per module
         self._handles = [
             module.register_forward_hook(self._hook(name, isinstance(module, torch.nn.Linear)))
@@ -37,7 +38,8 @@ class ActivationPeak:
                     peak = math.inf if math.isnan(peak) else peak
                     self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
                     if peak > self.value:
-                        self.value, self.module = peak, name
+                        self.value = peak
+                        self.module = name
 
         return hook
 

@@ -21,16 +21,13 @@ from mismatch.model.lora import with_adapter
 from mismatch.model.precision import DTYPES, compute_context, default_device
 from mismatch.records import Rollout
 
-SCORE_COLUMNS = {
-    "logp_trainer": "logp",
-    "logp_trainer_full": "logp_full",
-    "log_kept_mass": "log_kept_mass",
-}  # tokens.parquet ← TokenScores
+# tokens.parquet ← TokenScores
+SCORE_COLUMNS = {"logp_trainer": "logp", "logp_trainer_full": "logp_full", "log_kept_mass": "log_kept_mass"}
 LOGIT_ROWS = 256  # response positions turned into logits at once
 BATCH_TOKENS = 8192  # padded tokens per forward
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PaddedBatch:
     input_ids: torch.Tensor  # [B, L], right-padded
     attention_mask: torch.Tensor  # [B, L]
@@ -42,22 +39,23 @@ class PaddedBatch:
 def pad_batch(
     prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device: torch.device
 ) -> PaddedBatch:
-    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
     width = max(map(len, seqs))
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    rows, targets = [], []
-    for b, (seq, prompt) in enumerate(zip(seqs, prompts)):
+    rows: list[int] = []
+    targets: list[int] = []
+    for b, (seq, prompt) in enumerate(zip(seqs, prompts, strict=True)):
         input_ids[b, : len(seq)] = torch.tensor(seq)
         attention_mask[b, : len(seq)] = 1
         rows += range(b * width + len(prompt) - 1, b * width + len(seq) - 1)
         targets += seq[len(prompt) :]
     return PaddedBatch(
-        input_ids.to(device),
-        attention_mask.to(device),
-        torch.tensor(rows, dtype=torch.long, device=device),
-        torch.tensor(targets, dtype=torch.long, device=device),
-        [len(r) for r in responses],
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        targets=torch.tensor(targets, dtype=torch.long, device=device),
+        lengths=[len(r) for r in responses],
     )
 
 
@@ -129,7 +127,7 @@ def response_logits(model, batch: PaddedBatch):
 
 
 def response_logprobs(
-    model, batch: PaddedBatch, temperature: float, top_p: float = 1.0, with_entropy: bool = False
+    model, batch: PaddedBatch, temperature: float, *, top_p: float = 1.0, with_entropy: bool = False
 ) -> TokenScores:
     """log π of each response token under temperature (and top-p) as the engine sampled.
 
@@ -151,7 +149,8 @@ def response_logprobs(
             inside = torch.isfinite(logits.gather(-1, targets).squeeze(-1))
             logp = torch.where(inside, target - kept, torch.full_like(target, float("-inf")))
         else:
-            kept, logp = total, target - total
+            kept = total
+            logp = target - total
         parts["logp"].append(logp)
         parts["logp_full"].append(target - total)
         parts["log_kept_mass"].append(kept - total)
@@ -179,6 +178,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def load_trainer(
     model: Path,
     dtype: str,
+    *,
     device: torch.device | None = None,
     trust_remote_code: bool = False,
     device_map=None,
@@ -224,7 +224,8 @@ def check_output_path(model, dtype: str) -> None:
     ):
         gap = float((ours[finite] - theirs[finite]).abs().max()) if finite.any() else float("nan")
         raise ModelError(
-            f"{type(model).__name__}: mismatch cannot reproduce this architecture's logits from its decoder output (max |Δ| {gap:.3g}); it is not supported yet"
+            f"{type(model).__name__}: mismatch cannot reproduce this architecture's logits from its decoder output "
+            f"(max |Δ| {gap:.3g}); it is not supported yet"
         )
 
 
@@ -234,6 +235,7 @@ def rescore(
     dtype: str,
     rollouts: Sequence[Rollout],
     temperature: float,
+    *,
     top_p: float = 1.0,
     pad_id: int = 0,
     progress: Callable[[int], None] | None = None,
@@ -247,10 +249,10 @@ def rescore(
         chosen = [rollouts[i] for i in group]
         batch = pad_batch([r.prompt_ids for r in chosen], [r.response_ids for r in chosen], pad_id, device)
         with compute_context(dtype, device):
-            scores = response_logprobs(model, batch, temperature, top_p)
+            scores = response_logprobs(model, batch, temperature, top_p=top_p)
         for name, field in SCORE_COLUMNS.items():
             values = getattr(scores, field).double().cpu().numpy()
-            for i, piece in zip(group, np.split(values, np.cumsum(batch.lengths)[:-1])):
+            for i, piece in zip(group, np.split(values, np.cumsum(batch.lengths)[:-1]), strict=True):
                 result[name][i] = piece
         if progress:
             progress(len(group))
@@ -267,7 +269,8 @@ def token_batches(order: list[int], rollouts: Sequence[Rollout], budget: int):
         length = len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids)
         if group and max(longest, length) * (len(group) + 1) > budget:
             yield group
-            group, longest = [], 0
+            group = []
+            longest = 0
         group.append(i)
         longest = max(longest, length)
     if group:

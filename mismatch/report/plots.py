@@ -6,15 +6,15 @@ import base64
 import io
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
+from mismatch.stats.measures import pair_name
+from mismatch.stats.metrics import log_ratio
 
-from mismatch.stats.measures import pair_name  # noqa: E402
-from mismatch.stats.metrics import log_ratio  # noqa: E402
+matplotlib.use("Agg")  # files only, never a window (pyplot picks its backend at the first figure)
 
 PANEL = 3.6  # inches per panel
 COLORS = {"bf16": "#d1495b", "fp16": "#00798c", "fp32": "#30638e"}
@@ -52,8 +52,9 @@ def scatter(tokens: pd.DataFrame, worst: int = 10):
     groups = list(pair_groups(tokens))
     fig, axes = _panels(len(groups), height=PANEL + 0.3)
     edges = np.linspace(0, 1, 101)
-    for ax, (engine, trainer, group) in zip(axes, groups):
-        mu, pi = np.exp(group["logp_engine"].to_numpy()), np.exp(group["logp_trainer"].to_numpy())
+    for ax, (engine, trainer, group) in zip(axes, groups, strict=True):
+        mu = np.exp(group["logp_engine"].to_numpy())
+        pi = np.exp(group["logp_trainer"].to_numpy())
         counts, _, _ = np.histogram2d(mu, pi, bins=[edges, edges])
         cell = counts[np.clip(np.digitize(mu, edges) - 1, 0, 99), np.clip(np.digitize(pi, edges) - 1, 0, 99)]
         order = np.argsort(cell)
@@ -91,7 +92,7 @@ def sequence_drift(tokens: pd.DataFrame):
     """Σℓ per sequence against its response length, with the least-squares line (slope per 1k tokens)."""
     groups = list(pair_groups(tokens))
     fig, axes = _panels(len(groups))
-    for ax, (engine, trainer, group) in zip(axes, groups):
+    for ax, (engine, trainer, group) in zip(axes, groups, strict=True):
         keys = ["step", "seq_id"] if "step" in group else ["seq_id"]  # an analyzed run numbers sequences per step
         seqs = (
             group.assign(ratio=log_ratio(group["logp_trainer"], group["logp_engine"]))
@@ -118,7 +119,7 @@ def ratio_histogram(tokens: pd.DataFrame):
     reach = max((np.abs(r).max() for r in ratios if len(r)), default=1.0) or 1e-6
     bins = np.linspace(-reach, reach, 81)
     fig, axes = _panels(len(groups))
-    for ax, (engine, trainer, _), ratio in zip(axes, groups, ratios):
+    for ax, (engine, trainer, _), ratio in zip(axes, groups, ratios, strict=True):
         ax.hist(ratio, bins=bins, color=COLORS.get(trainer, "#444"), log=True)
         ax.axvline(0, color="#888", lw=0.8, ls="--")
         ax.set(title=pair_label(engine, trainer), xlabel="ℓ = log π − log μ")
@@ -151,15 +152,20 @@ def position_profile(tokens: pd.DataFrame, bins: int = 16):
     return fig
 
 
-STEP_PANELS = (("k3", "k3 (KL[μ‖π])", "log"), ("mean_abs_dp", "mean |π − μ|", "log"), ("min_ratio", "min π/μ", "linear"),
-               ("max_ratio", "max π/μ", "linear"), ("frac_outside_2", "share outside [1/2, 2]", "linear"))  # fmt: skip
+STEP_PANELS = (  # metric, title, y scale
+    ("k3", "k3 (KL[μ‖π])", "log"),
+    ("mean_abs_dp", "mean |π − μ|", "log"),
+    ("min_ratio", "min π/μ", "linear"),
+    ("max_ratio", "max π/μ", "linear"),
+    ("frac_outside_2", "share outside [1/2, 2]", "linear"),
+)
 
 
 def over_training(steps: pd.DataFrame, drift: list[dict]):
     """Each metric per training step, one line per pair; a dotted line where it departs from its start."""
     fig, axes = _panels(len(STEP_PANELS), sharey=False)
     departs = {(d["pair"], d["metric"]): d["departs_at"] for d in drift}
-    for ax, (metric, label, scale) in zip(axes, STEP_PANELS):
+    for ax, (metric, label, scale) in zip(axes, STEP_PANELS, strict=True):
         for (engine, trainer), group in steps.sort_values("step").groupby(
             ["engine_dtype", "trainer_dtype"], sort=False
         ):

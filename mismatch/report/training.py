@@ -42,10 +42,10 @@ def verdict(steps: dict[str, pd.DataFrame]) -> str:
         parts.append(f"BF16's k3 was above FP16's at {above} of {len(joined)} steps (median ratio {ratio:.1f}×).")
     for dtype, frame in steps.items():
         half = max(1, len(frame) // 2)
+        second = frame["accuracy"].iloc[half:].mean() if len(frame) > 1 else frame["accuracy"].iloc[0]
         parts.append(
             f"{dtype}: accuracy {frame['accuracy'].iloc[:half].mean():.3f} in the first half of the steps → "
-            f"{frame['accuracy'].iloc[half:].mean() if len(frame) > 1 else frame['accuracy'].iloc[0]:.3f} in the second; "
-            f"{int(frame['skipped'].sum())} skipped step(s)."
+            f"{second:.3f} in the second; {int(frame['skipped'].sum())} skipped step(s)."
         )
     return " ".join(parts)
 
@@ -54,7 +54,8 @@ def render_training(folders: dict[str, Path]) -> str:
     loaded = {dtype: load_train(folder) for dtype, folder in folders.items()}
     steps = {dtype: run.steps for dtype, run in loaded.items()}
     tokens = pd.concat([run.tokens for run in loaded.values() if len(run.tokens)], ignore_index=True)
-    first, last = int(tokens["step"].min()), int(tokens["step"].max())
+    first = int(tokens["step"].min())
+    last = int(tokens["step"].max())
     summary = next(iter(loaded.values())).summary
     config = summary["config"]
     table = pd.concat([frame.assign(dtype=dtype) for dtype, frame in steps.items()], ignore_index=True)

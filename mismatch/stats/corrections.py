@@ -14,6 +14,7 @@ keeps sums and a log-weight histogram, never the tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TypedDict
 
 import numpy as np
 
@@ -25,7 +26,7 @@ BIN = 1e-3  # log-weight histogram resolution: quantiles within ±0.05% of the w
 _EDGES = np.arange(-SAFETY_BOUND, SAFETY_BOUND + BIN, BIN)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Correction:
     name: str
     ratio: str  # token | sum | mean
@@ -39,68 +40,79 @@ class Correction:
         return "token" if self.ratio == "token" else "sequence"
 
     def band(self) -> str:
-        return f"[{'—' if self.low is None else f'{self.low:g}'}, {'—' if self.high is None else f'{self.high:g}'}]"
+        low = "—" if self.low is None else f"{self.low:g}"
+        high = "—" if self.high is None else f"{self.high:g}"
+        return f"[{low}, {high}]"
 
 
+_VERL_CONFIG = "(trainer/config/algorithm.py)"
 CORRECTIONS = (
     Correction(
-        "token_tis",
-        "token",
-        "truncate",
-        None,
-        2.0,
-        "verl rollout_is=token, rollout_is_threshold 2.0 (trainer/config/algorithm/rollout_correction.yaml); slime --tis-clip 2.0",
+        name="token_tis",
+        ratio="token",
+        action="truncate",
+        low=None,
+        high=2.0,
+        source="verl rollout_is=token, rollout_is_threshold 2.0 (trainer/config/algorithm/rollout_correction.yaml); "
+        "slime --tis-clip 2.0",
     ),
     Correction(
-        "icepop",
-        "token",
-        "mask",
-        0.5,
-        5.0,
-        "NeMo-RL truncated_importance_sampling_type=icepop, 'ref bounds: 0.5–5' (nemo_rl/algorithms/loss/loss_functions.py); examples/configs/prorlv2.v2.yaml",
+        name="icepop",
+        ratio="token",
+        action="mask",
+        low=0.5,
+        high=5.0,
+        source="NeMo-RL truncated_importance_sampling_type=icepop, 'ref bounds: 0.5–5' "
+        "(nemo_rl/algorithms/loss/loss_functions.py); examples/configs/prorlv2.v2.yaml",
     ),
     Correction(
-        "seq_mis",
-        "sum",
-        "mask",
-        0.5,
-        2.0,
-        "verl decoupled_seq_is_rs: sequence IS 2.0 with seq_sum_k1 rejection '0.5_2.0' (trainer/config/algorithm.py)",
+        name="seq_mis",
+        ratio="sum",
+        action="mask",
+        low=0.5,
+        high=2.0,
+        source=f"verl decoupled_seq_is_rs: sequence IS 2.0 with seq_sum_k1 rejection '0.5_2.0' {_VERL_CONFIG}",
     ),
     Correction(
-        "geometric",
-        "mean",
-        "reject",
-        0.999,
-        1.001,
-        "verl decoupled_geo_rs: seq_mean_k1 rejection '0.999_1.001' (trainer/config/algorithm.py)",
+        name="geometric",
+        ratio="mean",
+        action="reject",
+        low=0.999,
+        high=1.001,
+        source=f"verl decoupled_geo_rs: seq_mean_k1 rejection '0.999_1.001' {_VERL_CONFIG}",
     ),
     Correction(
-        "trl_token_truncate",
-        "token",
-        "truncate",
-        None,
-        3.0,
-        "TRL GRPOConfig vllm_importance_sampling_mode='token_truncate', clip_max 3.0 (trl/trainer/grpo_config.py)",
+        name="trl_token_truncate",
+        ratio="token",
+        action="truncate",
+        low=None,
+        high=3.0,
+        source="TRL GRPOConfig vllm_importance_sampling_mode='token_truncate', clip_max 3.0 "
+        "(trl/trainer/grpo_config.py)",
     ),
     Correction(
-        "trl_token_mask", "token", "mask", None, 3.0, "TRL vllm_importance_sampling_mode='token_mask', clip_max 3.0"
+        name="trl_token_mask",
+        ratio="token",
+        action="mask",
+        low=None,
+        high=3.0,
+        source="TRL vllm_importance_sampling_mode='token_mask', clip_max 3.0",
     ),
     Correction(
-        "trl_sequence_truncate",
-        "sum",
-        "truncate",
-        None,
-        3.0,
-        "TRL vllm_importance_sampling_mode='sequence_truncate', clip_max 3.0",
+        name="trl_sequence_truncate",
+        ratio="sum",
+        action="truncate",
+        low=None,
+        high=3.0,
+        source="TRL vllm_importance_sampling_mode='sequence_truncate', clip_max 3.0",
     ),
     Correction(
-        "trl_sequence_mask",
-        "sum",
-        "mask",
-        None,
-        3.0,
-        "TRL's default: vllm_importance_sampling_mode='sequence_mask', clip_max 3.0",
+        name="trl_sequence_mask",
+        ratio="sum",
+        action="mask",
+        low=None,
+        high=3.0,
+        source="TRL's default: vllm_importance_sampling_mode='sequence_mask', clip_max 3.0",
     ),
 )
 TRL_MODES = tuple(c.name for c in CORRECTIONS if c.name.startswith("trl_"))
@@ -115,7 +127,8 @@ def with_thresholds(settings: list[str]) -> tuple[Correction, ...]:
         names = TRL_MODES if name == "trl" else (name,)
         if not value or any(n not in chosen for n in names):
             raise ConfigError(
-                f"--correction {setting!r}: use NAME=HIGH or NAME=LOW,HIGH with NAME one of {', '.join([*chosen, 'trl'])}"
+                f"--correction {setting!r}: use NAME=HIGH or NAME=LOW,HIGH with NAME one of "
+                f"{', '.join([*chosen, 'trl'])}"
             )
         try:
             bounds = [float(part) for part in value.split(",")]
@@ -124,15 +137,15 @@ def with_thresholds(settings: list[str]) -> tuple[Correction, ...]:
         if len(bounds) > 2 or any(b <= 0 for b in bounds) or (len(bounds) == 2 and bounds[0] >= bounds[1]):
             raise ConfigError(f"--correction {setting!r}: give HIGH, or LOW,HIGH with 0 < LOW < HIGH")
         for n in names:
-            chosen[n] = (
-                replace(chosen[n], low=bounds[0], high=bounds[1])
-                if len(bounds) == 2
-                else replace(chosen[n], high=bounds[0])
-            )
-            if chosen[n].low is not None and chosen[n].low >= chosen[n].high:
+            if len(bounds) == 2:
+                corrected = replace(chosen[n], low=bounds[0], high=bounds[1])
+            else:
+                corrected = replace(chosen[n], high=bounds[0])
+            if corrected.low is not None and corrected.high is not None and corrected.low >= corrected.high:
                 raise ConfigError(
-                    f"--correction {setting!r}: {n}'s band would be {chosen[n].band()}; give LOW,HIGH with LOW < HIGH"
+                    f"--correction {setting!r}: {n}'s band would be {corrected.band()}; give LOW,HIGH with LOW < HIGH"
                 )
+            chosen[n] = corrected
     return tuple(chosen.values())
 
 
@@ -140,7 +153,7 @@ def ratios(correction: Correction, log_ratio: np.ndarray, seq_index: np.ndarray,
     """log ρ of each unit: per token, or per sequence (`seq_index` numbers the sequences 0…n−1)."""
     if correction.ratio == "token":
         return np.clip(log_ratio, -SAFETY_BOUND, SAFETY_BOUND)
-    total = np.bincount(seq_index, weights=log_ratio, minlength=n_seqs)
+    total: np.ndarray = np.bincount(seq_index, weights=log_ratio, minlength=n_seqs)
     if correction.ratio == "mean":
         total = total / np.bincount(seq_index, minlength=n_seqs)
     return np.clip(total, -SAFETY_BOUND, SAFETY_BOUND)
@@ -159,11 +172,47 @@ def weights(correction: Correction, log_rho: np.ndarray) -> tuple[np.ndarray, np
     return np.where(outside, 0.0, 1.0), outside
 
 
+class CorrectionResult(TypedDict):
+    """What one correction would do on the tokens replayed (`Replay.result`)."""
+
+    correction: str
+    level: str  # token | sequence
+    action: str  # truncate | mask | reject
+    band: str
+    low: float | None
+    high: float | None
+    source: str
+    units: int  # tokens or sequences, by level
+    share_tokens_changed: float
+    share_seqs_changed: float
+    share_units_zeroed: float
+    mean_weight_before: float
+    mean_weight_after: float
+    ess_before: float
+    ess_after: float
+    min_weight_before: float
+    max_weight_before: float
+    max_weight_after: float
+    quantiles_before: dict[str, float]  # p1, p10, p50, p90, p99
+    quantiles_after: dict[str, float]
+
+
+class CorrectionRow(CorrectionResult):
+    """One row of summary.json's `corrections`: the pair (`engine→trainer`), then its `CorrectionResult`."""
+
+    pair: str
+
+
 class _Tally:
     """Streaming sums of one correction: changed units, Σw and Σw² before and after, histograms."""
 
-    def __init__(self):
-        self.units = self.changed_units = self.tokens = self.changed_tokens = self.changed_seqs = self.seqs = 0
+    def __init__(self) -> None:
+        self.units = 0
+        self.changed_units = 0
+        self.tokens = 0
+        self.changed_tokens = 0
+        self.seqs = 0
+        self.changed_seqs = 0
         self.sums = dict.fromkeys(("before", "before_sq", "after", "after_sq"), 0.0)
         self.hist = {
             "before": np.zeros(len(_EDGES) + 1, dtype=np.int64),
@@ -177,6 +226,7 @@ class _Tally:
         log_before: np.ndarray,
         after: np.ndarray,
         changed: np.ndarray,
+        *,
         changed_tokens: int,
         changed_seqs: int,
         tokens: int,
@@ -185,12 +235,10 @@ class _Tally:
         before = np.exp(log_before)
         self.units += len(before)
         self.changed_units += int(changed.sum())
-        self.tokens, self.changed_tokens, self.seqs, self.changed_seqs = (
-            self.tokens + tokens,
-            self.changed_tokens + changed_tokens,
-            self.seqs + seqs,
-            self.changed_seqs + changed_seqs,
-        )
+        self.tokens += tokens
+        self.changed_tokens += changed_tokens
+        self.seqs += seqs
+        self.changed_seqs += changed_seqs
         for name, values in (("before", before), ("after", after)):
             self.sums[name] += float(values.sum())
             self.sums[name + "_sq"] += float((values**2).sum())
@@ -209,7 +257,7 @@ class _Tally:
         zeros = self.zeros_after if name == "after" else 0
         cumulative = zeros + np.cumsum(counts)
         centres = np.exp(np.concatenate([[_EDGES[0]], (_EDGES[:-1] + _EDGES[1:]) / 2, [_EDGES[-1]]]))
-        out = {}
+        out: dict[str, float] = {}
         for q in QUANTILES:
             rank = q * (self.units - 1) + 1  # the k-th smallest value, 1-based
             out[f"p{round(100 * q):g}"] = 0.0 if rank <= zeros else float(centres[np.searchsorted(cumulative, rank)])
@@ -217,7 +265,8 @@ class _Tally:
 
     def ess(self, name: str) -> float:
         """Kish's effective sample size as a fraction of the units: (Σw)² / (n Σw²)."""
-        total, square = self.sums[name], self.sums[name + "_sq"]
+        total = self.sums[name]
+        square = self.sums[name + "_sq"]
         return total**2 / (self.units * square) if square > 0 else 0.0
 
 
@@ -240,11 +289,18 @@ class Replay:
             token_changed = changed if correction.level == "token" else changed[seq_index]
             changed_seqs = int(np.bincount(seq_index, weights=token_changed, minlength=n_seqs).astype(bool).sum())
             self.tallies[correction.name].add(
-                log_rho, after, changed, int(token_changed.sum()), changed_seqs, len(log_ratio), n_seqs
+                log_rho,
+                after,
+                changed,
+                changed_tokens=int(token_changed.sum()),
+                changed_seqs=changed_seqs,
+                tokens=len(log_ratio),
+                seqs=n_seqs,
             )
 
-    def result(self) -> list[dict]:
-        rows = []
+    def result(self) -> list[CorrectionResult]:
+        """Per correction that saw a unit: what it changed, the weights before and after."""
+        rows: list[CorrectionResult] = []
         for correction in self.corrections:
             tally = self.tallies[correction.name]
             if not tally.units:

@@ -3,6 +3,8 @@ its start (the paper's observation: the mismatch grows as the policy moves)."""
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 
 DRIFT_METRICS = ("k3", "mean_abs_dp", "min_ratio", "max_ratio", "frac_outside_2")
@@ -17,17 +19,43 @@ def baseline_steps(n_steps: int) -> int:
     return max(1, min(max(3, n_steps // 10), n_steps - 1))
 
 
-def drift(steps, values, metric: str) -> dict:
+class Drift(TypedDict):
+    """A metric over the run (`drift`)."""
+
+    metric: str
+    steps: int  # with a finite value
+    trend: float  # a factor or a difference (`trend_kind`) from first to last step; NaN under two steps
+    trend_kind: str  # factor | difference
+    baseline: float  # the median of the first steps
+    departs_at: int | None
+    last: float
+
+
+class DriftRow(Drift):
+    """One row of summary.json's `drift` (analyze): the pair, then its `Drift`."""
+
+    pair: str
+
+
+def drift(steps, values, metric: str) -> Drift:
     """Trend over the run (the least-squares line from first to last step; for the metrics of
     `LOG_SCALE`, fitted on the log and read as a factor, when every value is positive) and the first
     step from which the metric stays beyond FACTOR × its baseline (the median of the first steps)
     and above its FLOOR, for SUSTAIN steps."""
-    steps, values = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
     keep = np.isfinite(values)
-    steps, values = steps[keep], values[keep]
+    steps = np.asarray(steps, dtype=np.float64)[keep]
+    values = values[keep]
     factor = metric in LOG_SCALE and bool(np.all(values > 0))
-    out = {"metric": metric, "steps": int(len(steps)), "trend": float("nan"), "trend_kind": "factor" if factor else "difference",
-           "baseline": float("nan"), "departs_at": None, "last": float(values[-1]) if len(values) else float("nan")}  # fmt: skip
+    out: Drift = {
+        "metric": metric,
+        "steps": int(len(steps)),
+        "trend": float("nan"),
+        "trend_kind": "factor" if factor else "difference",
+        "baseline": float("nan"),
+        "departs_at": None,
+        "last": float(values[-1]) if len(values) else float("nan"),
+    }
     if len(steps) < 2 or np.ptp(steps) == 0:
         return out
     slope = float(np.polyfit(steps, np.log(values) if factor else values, 1)[0])

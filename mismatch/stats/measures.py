@@ -5,13 +5,17 @@ pair, the correction replay, the health checks and the audit. A scan feeds its t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypedDict
+
 import numpy as np
 import pandas as pd
 
 from mismatch.stats import health
-from mismatch.stats.audit import Audit
-from mismatch.stats.corrections import CORRECTIONS, Correction, Replay
-from mismatch.stats.metrics import PairStats, log_ratio
+from mismatch.stats.audit import Audit, AuditRow
+from mismatch.stats.corrections import CORRECTIONS, Correction, CorrectionRow, Replay
+from mismatch.stats.health import CheckResult, HealthRow
+from mismatch.stats.metrics import PairRow, PairStats, log_ratio
 
 PAIR = ["engine_dtype", "trainer_dtype"]
 STATUS_ORDER = {"not_measured": 0, "ok": 1, "warn": 2, "fail": 3}
@@ -21,10 +25,41 @@ def pair_name(engine_dtype: str, trainer_dtype: str) -> str:
     return f"{engine_dtype}→{trainer_dtype}"
 
 
+StepRow = dict[str, object]  # step, the dtypes, PairMetrics, then `health:FRAMEWORK:METRIC` per check
+
+
+class TokenInContext(TypedDict):
+    """A sampled token with the response text around it and the end of its prompt; μ, π and π/μ."""
+
+    seq_id: int
+    position: int
+    before: str
+    token: str
+    after: str
+    mu: float
+    pi: float
+    ratio: float
+    abs_log_ratio: float
+    prompt: str
+
+
+class _WorstTokenRequired(TokenInContext):
+    pair: str
+
+
+class WorstToken(_WorstTokenRequired, total=False):
+    """A token with one of the largest |log π − log μ| (summary.json's `worst_tokens`): `pair`, then `step`
+    where the rows have steps, then its `TokenInContext`."""
+
+    step: int
+
+
 class _Pair:
     def __init__(self, corrections: tuple[Correction, ...]):
-        self.stats, self.replay, self.audit = PairStats(), Replay(corrections), Audit()
-        self.health: list[list[dict]] = []  # one list of checks per chunk (step)
+        self.stats = PairStats()
+        self.replay = Replay(corrections)
+        self.audit = Audit()
+        self.health: list[list[CheckResult]] = []  # one list of checks per chunk (step)
 
 
 class Measures:
@@ -32,23 +67,26 @@ class Measures:
     checks and metrics of every chunk (a step of a training run)."""
 
     def __init__(self, corrections: tuple[Correction, ...] = CORRECTIONS, seed: int = 0):
-        self.corrections, self.seed = corrections, seed
+        self.corrections = corrections
+        self.seed = seed
         self.pairs: dict[tuple[str, str], _Pair] = {}
-        self.steps: list[dict] = []
+        self.steps: list[StepRow] = []
 
     def add(self, tokens: pd.DataFrame, step: int | None = None) -> None:
         """Token rows (TOKEN_COLUMNS; `cluster` overrides `prompt_index` as the resampled unit)."""
         for (engine_dtype, trainer_dtype), group in tokens.groupby(PAIR, sort=False):
+            engine_dtype = str(engine_dtype)
+            trainer_dtype = str(trainer_dtype)
             pair = self.pairs.setdefault((engine_dtype, trainer_dtype), _Pair(self.corrections))
             args = (group["logp_trainer"], group["logp_engine"], group["seq_id"])
             clusters = group["cluster"] if "cluster" in group else group["prompt_index"]
             full = group["logp_trainer_full"] if "logp_trainer_full" in group else None
             kept = group["log_kept_mass"] if "log_kept_mass" in group else None
             if step is None:
-                pair.stats.add(*args, clusters, full, kept)
+                pair.stats.add(*args, clusters, logp_trainer_full=full, log_kept_mass=kept)
             else:  # the step's own metrics, then the run's from the same sums
                 step_stats = PairStats()
-                step_stats.add(*args, clusters, full, kept)
+                step_stats.add(*args, clusters, logp_trainer_full=full, log_kept_mass=kept)
                 pair.stats.merge(step_stats)
             pair.audit.add(*args)
             finite = np.isfinite(group["logp_trainer"].to_numpy()) & np.isfinite(group["logp_engine"].to_numpy())
@@ -57,30 +95,37 @@ class Measures:
             checks = health.evaluate(group["logp_trainer"], group["logp_engine"])
             pair.health.append(checks)
             if step is not None:
-                self.steps.append({"step": step, "engine_dtype": engine_dtype, "trainer_dtype": trainer_dtype} | step_stats.result(self.seed)
-                                  | {f"health:{c['framework']}:{c['metric']}": c["value"] for c in checks})  # fmt: skip
+                step_row: StepRow = {
+                    "step": step,
+                    "engine_dtype": engine_dtype,
+                    "trainer_dtype": trainer_dtype,
+                    **step_stats.result(self.seed),
+                }
+                for c in checks:
+                    step_row[f"health:{c['framework']}:{c['metric']}"] = c["value"]
+                self.steps.append(step_row)
 
-    def pair_rows(self) -> list[dict]:
+    def pair_rows(self) -> list[PairRow]:
         return [
-            {"engine_dtype": e, "trainer_dtype": t} | pair.stats.result(self.seed)
+            {"engine_dtype": e, "trainer_dtype": t, **pair.stats.result(self.seed)}
             for (e, t), pair in self.pairs.items()
         ]
 
-    def corrections_rows(self) -> list[dict]:
-        return [{"pair": pair_name(e, t)} | row for (e, t), pair in self.pairs.items() for row in pair.replay.result()]
+    def corrections_rows(self) -> list[CorrectionRow]:
+        return [{"pair": pair_name(e, t), **row} for (e, t), pair in self.pairs.items() for row in pair.replay.result()]
 
-    def health_rows(self) -> list[dict]:
+    def health_rows(self) -> list[HealthRow]:
         """Per pair and check: the worst step's value and status, and how many steps failed."""
-        rows = []
+        rows: list[HealthRow] = []
         for (e, t), pair in self.pairs.items():
             for i, check in enumerate(pair.health[0]):
                 per_step = [chunk[i] for chunk in pair.health]
                 value = health.worst(check["metric"], [c["value"] for c in per_step])
-                status = max((c["status"] for c in per_step), key=STATUS_ORDER.get)
+                status = max((c["status"] for c in per_step), key=STATUS_ORDER.__getitem__)
                 flagged = sum(c["status"] in ("warn", "fail") for c in per_step)
                 rows.append(
-                    check
-                    | {
+                    {
+                        **check,
                         "pair": pair_name(e, t),
                         "value": value,
                         "status": status,
@@ -90,13 +135,13 @@ class Measures:
                 )
         return rows
 
-    def audit_rows(self, temperature: float | None) -> tuple[list[dict], dict[str, list[dict]]]:
+    def audit_rows(self, temperature: float | None) -> tuple[list[AuditRow], dict[str, list[AuditRow]]]:
         """Each check's worst result over the pairs (with its pair), and every pair's."""
-        by_pair = {
-            pair_name(e, t): [row | {"pair": pair_name(e, t)} for row in pair.audit.result(temperature)]
+        by_pair: dict[str, list[AuditRow]] = {
+            pair_name(e, t): [{**row, "pair": pair_name(e, t)} for row in pair.audit.result(temperature)]
             for (e, t), pair in self.pairs.items()
         }
-        worst = {}
+        worst: dict[str, AuditRow] = {}
         for rows in by_pair.values():
             for row in rows:
                 if (
@@ -108,8 +153,14 @@ class Measures:
 
 
 def worst_tokens(
-    tokens: pd.DataFrame, prompt_of, n: int = 20, left: int = 12, right: int = 6, prompt_chars: int = 160
-) -> list[dict]:
+    tokens: pd.DataFrame,
+    prompt_of: Callable[[str, int], str],
+    n: int = 20,
+    *,
+    left: int = 12,
+    right: int = 6,
+    prompt_chars: int = 160,
+) -> list[WorstToken]:
     """The `n` tokens with the largest |log π − log μ|, each with the response text around it and
     the end of its prompt (`prompt_of(engine_dtype, seq_id)`); `step` too where the rows have one."""
     scored = tokens.assign(ratio=log_ratio(tokens["logp_trainer"], tokens["logp_engine"]))
@@ -118,25 +169,28 @@ def worst_tokens(
     keys = ["step", "engine_dtype", "seq_id"] if "step" in tokens else ["engine_dtype", "seq_id"]
     wanted = top[keys].drop_duplicates()
     sequences = tokens.merge(wanted, on=keys).drop_duplicates([*keys, "position"]).sort_values("position")
-    text = {key: dict(zip(rows["position"], rows["token"])) for key, rows in sequences.groupby(keys, sort=False)}
-    rows = []
+    text = {
+        key: dict(zip(rows["position"], rows["token"], strict=True))
+        for key, rows in sequences.groupby(keys, sort=False)
+    }
+    found: list[WorstToken] = []
     for row in top.itertuples():
         key = tuple(getattr(row, k) for k in keys)
         response = text[key]
-        rows.append(
-            {
-                "pair": pair_name(row.engine_dtype, row.trainer_dtype),
-                **({"step": int(row.step)} if "step" in tokens else {}),
-                "seq_id": int(row.seq_id),
-                "position": int(row.position),
-                "before": "".join(response.get(p, "") for p in range(max(0, row.position - left), row.position)),
-                "token": row.token,
-                "after": "".join(response.get(p, "") for p in range(row.position + 1, row.position + 1 + right)),
-                "mu": float(np.exp(row.logp_engine)),
-                "pi": float(np.exp(row.logp_trainer)),
-                "ratio": float(np.exp(row.ratio)),
-                "abs_log_ratio": float(abs(row.ratio)),
-                "prompt": prompt_of(row.engine_dtype, row.seq_id)[-prompt_chars:],
-            }
+        context: TokenInContext = {
+            "seq_id": int(row.seq_id),
+            "position": int(row.position),
+            "before": "".join(response.get(p, "") for p in range(max(0, row.position - left), row.position)),
+            "token": row.token,
+            "after": "".join(response.get(p, "") for p in range(row.position + 1, row.position + 1 + right)),
+            "mu": float(np.exp(row.logp_engine)),
+            "pi": float(np.exp(row.logp_trainer)),
+            "ratio": float(np.exp(row.ratio)),
+            "abs_log_ratio": float(abs(row.ratio)),
+            "prompt": prompt_of(row.engine_dtype, row.seq_id)[-prompt_chars:],
+        }
+        name = pair_name(row.engine_dtype, row.trainer_dtype)
+        found.append(
+            {"pair": name, "step": int(row.step), **context} if "step" in tokens else {"pair": name, **context}
         )
-    return rows
+    return found

@@ -9,25 +9,18 @@ from __future__ import annotations
 import math
 import operator
 import re
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
+from typing import TypedDict
 
 from mismatch.errors import ConfigError
 from mismatch.records import DTYPE_NAMES
-from mismatch.stats.metrics import METRICS, NUCLEUS_METRICS
+from mismatch.stats.metrics import INTERVALS, METRICS, NUCLEUS_METRICS, PairRow
 
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 _SYNTAX = re.compile(
     r"^\s*(?:(?P<engine>\w+)/(?P<trainer>\w+)\s*:)?\s*(?P<metric>\w+)\s*(?P<op>>=|<=|>|<)\s*(?P<value>\S+)\s*$"
 )
-GATED = (
-    *METRICS,
-    *NUCLEUS_METRICS,
-    "n_nonfinite",
-    "k3_ci_low",
-    "k3_ci_high",
-    "mean_abs_dp_ci_low",
-    "mean_abs_dp_ci_high",
-)
+GATED = (*METRICS, *NUCLEUS_METRICS, "n_nonfinite", *INTERVALS)
 
 
 @dataclass(frozen=True)
@@ -36,6 +29,7 @@ class Condition:
     metric: str
     op: str
     threshold: float
+    _: KW_ONLY
     pair: tuple[str, str] | None = None
 
     def pairs_in(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -59,7 +53,7 @@ def parse_condition(text: str) -> Condition:
         pair = (match["engine"], match["trainer"])
         if not set(pair) <= set(DTYPE_NAMES):
             raise ConfigError(f"--fail-on {text!r}: pair dtypes must be among {', '.join(DTYPE_NAMES)}")
-    return Condition(text.strip(), match["metric"], match["op"], threshold, pair)
+    return Condition(text.strip(), match["metric"], match["op"], threshold, pair=pair)
 
 
 def check_pairs(conditions: list[Condition], scanned: list[tuple[str, str]]) -> None:
@@ -67,7 +61,8 @@ def check_pairs(conditions: list[Condition], scanned: list[tuple[str, str]]) -> 
     for condition in conditions:
         if condition.pair and condition.pair not in scanned:
             raise ConfigError(
-                f"--fail-on {condition.text!r}: the scan does not measure {'/'.join(condition.pair)} (pairs: {', '.join('/'.join(p) for p in scanned)})"
+                f"--fail-on {condition.text!r}: the scan does not measure {'/'.join(condition.pair)} "
+                f"(pairs: {', '.join('/'.join(p) for p in scanned)})"
             )
         if not condition.pairs_in(scanned):
             raise ConfigError(
@@ -75,12 +70,20 @@ def check_pairs(conditions: list[Condition], scanned: list[tuple[str, str]]) -> 
             )
 
 
-def evaluate(conditions: list[Condition], pairs: list[dict]) -> dict:
-    """{"conditions": [...], "failed": [...], "not_measured": [...]}: each failure says which pair
-    and what value; a metric that is undefined for a pair (e.g. the length slope when every
-    response has the same length) is listed as not measured, never as a failure."""
+class GateResult(TypedDict):
+    """summary.json's `gate`: the conditions as given, and what failed or could not be measured."""
+
+    conditions: list[str]
+    failed: list[str]
+    not_measured: list[str]
+
+
+def evaluate(conditions: list[Condition], pairs: list[PairRow]) -> GateResult:
+    """Each failure says which pair and what value; a metric that is undefined for a pair (e.g. the
+    length slope when every response has the same length) is listed as not measured, never as a failure."""
     by_pair = {(p["engine_dtype"], p["trainer_dtype"]): p for p in pairs}
-    failed, not_measured = [], []
+    failed: list[str] = []
+    not_measured: list[str] = []
     for condition in conditions:
         for pair in condition.pairs_in(list(by_pair)):
             name = f"{'/'.join(pair)}:{condition.metric}"
@@ -88,7 +91,7 @@ def evaluate(conditions: list[Condition], pairs: list[dict]) -> dict:
                 not_measured.append(f"{name}: the pair was not measured (gate {condition.text} not applied)")
                 continue
             value = by_pair[pair].get(condition.metric)
-            if value is None or (isinstance(value, float) and math.isnan(value)):
+            if not isinstance(value, int | float) or math.isnan(value):  # None: NaN read back from summary.json
                 not_measured.append(f"{name} is undefined for this run (gate {condition.text} not applied)")
             elif OPERATORS[condition.op](value, condition.threshold):
                 failed.append(f"{name} = {value:.4g} {condition.op} {condition.threshold:g}")

@@ -179,7 +179,7 @@ def command(config: type | None = None, *, leave_out: Collection[str] = ()) -> C
                 raise typer.Exit(2) from None
 
         # typer reads the options from the signature
-        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]  # typeshed's wrapper type lacks it
+        run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]  # not in typeshed's wrapper
         run.__annotations__ = {p.name: p.annotation for p in parameters}
         return app.command(function.__name__)(run)
 
@@ -210,6 +210,7 @@ def main(
 
 @command(ScanConfig)
 def scan(
+    *,
     model: Model = DEFAULT_MODEL,
     engine: Engine = None,
     dtypes: Dtypes = "bf16,fp16",
@@ -277,6 +278,7 @@ NOT_DIAGNOSED = ("tensor_parallel_size", "pipeline_parallel_size", "fail_on", "s
 
 @command(DiagnoseConfig, leave_out=(*NOT_DIAGNOSED, "reference", "lora"))
 def diagnose(
+    *,
     model: Model = DEFAULT_MODEL,
     dtypes: Dtypes = "bf16,fp16",
     max_tokens: MaxTokens = Sampling.max_tokens,
@@ -369,6 +371,7 @@ def compare(
 
 @command(TrainConfig)
 def train(
+    *,
     model: Model = DEFAULT_MODEL,
     engine: Engine = None,
     dtype: Dtype = "bf16",

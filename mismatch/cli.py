@@ -42,6 +42,7 @@ from mismatch.config import (
     pairs_mode,
 )
 from mismatch.engines import default_engine
+from mismatch.engines.vllm_support import vllm_range_notice
 from mismatch.errors import ConfigError, MismatchError
 from mismatch.model.loading import DEFAULT_MODEL
 from mismatch.records import Sampling, parse_dtypes
@@ -236,6 +237,8 @@ def scan(
         all_pairs=pairs_mode(pairs),
         **options,
     )
+    if config.engine == "vllm":
+        notice_vllm_range()
     from mismatch.commands.scan import run_scan  # heavy imports after the arguments are known to be good
 
     try:
@@ -303,6 +306,7 @@ def diagnose(
         semantic_probe=0,  # diagnose measures the semantic component on every sequence
         **settings,
     )
+    notice_vllm_range()
     from mismatch.commands.diagnose import run_diagnose
 
     with RichProgress() as progress:
@@ -388,6 +392,8 @@ def train(
         out=out or default_run_dir(model, "train"),
         **options,
     )
+    if config.engine == "vllm":
+        notice_vllm_range()
     from mismatch.commands.train import run_training
 
     summaries = run_training(
@@ -396,6 +402,40 @@ def train(
     if summaries[-1]["interrupted"]:
         errors.print(f"interrupted after {summaries[-1]['steps_done']} step(s); writing what there is")
     console.print(f"Run folder: {config.out} (report.html, metrics.csv, checkpoint-final/)")
+
+
+DOCTOR_STYLES = {"pass": "green", "fail": "bold red", "not on this platform": "yellow"}
+
+
+@command()
+def doctor() -> None:
+    """Run this first on a new machine: platform, versions, then each capability on a tiny model (a minute or two).
+
+    Exit code 1 when a check failed; a capability this platform lacks is named, not failed."""
+    from rich.text import Text
+
+    from mismatch.commands.doctor import row_line, run_doctor
+
+    notice_vllm_range()
+
+    def print_facts(facts: dict[str, str]) -> None:
+        for name, fact in facts.items():
+            console.print(f"{name}: {fact}", highlight=False, markup=False)
+
+    result = run_doctor(
+        on_platform=print_facts,
+        on_row=lambda row: console.print(Text(row_line(row), style=DOCTOR_STYLES[row.status]), soft_wrap=True),
+    )
+    counts = ", ".join(f"{sum(row.status == s for row in result.checks)} {s}" for s in DOCTOR_STYLES)
+    console.print(f"{counts}; {result.seconds:.0f} s", highlight=False)
+    raise typer.Exit(result.exit_code)
+
+
+def notice_vllm_range() -> None:
+    """One line on stderr, before a vLLM engine starts, when the installed vLLM is outside the range this
+    code was read against (`engines.vllm_support.VLLM_RANGE`): a notice, not an error."""
+    if notice := vllm_range_notice():
+        errors.print(notice, highlight=False, soft_wrap=True)
 
 
 def pick_engine(engine: str | None) -> str:

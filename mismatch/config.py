@@ -90,6 +90,12 @@ TEMPERATURE = Option("Sampling temperature (> 0).", Panel.SAMPLING)
 MAX_TOKENS = Option("Maximum new tokens per response.", Panel.SAMPLING)
 SEED = Option("Seed for prompts, data order, sampling and bootstrap.", Panel.SAMPLING)
 MAX_MODEL_LEN = Option("vLLM max_model_len.", Panel.ENGINE)
+ENFORCE_EAGER = Option(
+    "vLLM enforce_eager: eager PyTorch instead of compiled graphs (torch.compile, CUDA graphs). Default: compiled on"
+    " a GPU (vLLM's default, what an RL rollout runs), eager on CPU.",
+    Panel.ENGINE,
+    flags=("--enforce-eager/--no-enforce-eager",),
+)
 TRUST_REMOTE_CODE = Option("Allow model code from the model folder / hub.", Panel.MODEL)
 
 
@@ -162,6 +168,7 @@ class ScanConfig:
             Panel.ENGINE,
         ),
     )
+    enforce_eager: bool | None = option(None, ENFORCE_EAGER)  # None: engines.vllm_support.enforce_eager decides
     trust_remote_code: bool = option(False, TRUST_REMOTE_CODE)
     fail_on: list[str] = option(  # the conditions of mismatch.verdict.gate
         [],
@@ -243,6 +250,7 @@ class ScanConfig:
             "tensor_parallel_size": self.tensor_parallel_size,
             "pipeline_parallel_size": self.pipeline_parallel_size,
             "gpu_memory_utilization": self.gpu_memory_utilization,
+            "enforce_eager": self.enforce_eager,
         }
 
     def to_json(self) -> dict:
@@ -271,6 +279,7 @@ class TrainConfig:
         None, Option("vLLM's share of the GPU (default: 90% of what the loaded policy leaves free).", Panel.ENGINE)
     )
     max_model_len: int | None = option(None, MAX_MODEL_LEN)
+    enforce_eager: bool | None = option(None, ENFORCE_EAGER)
     sleep: bool | None = option(
         None,
         Option(

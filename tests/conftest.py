@@ -1,5 +1,6 @@
-"""A tiny random Qwen2 with its own BPE tokenizer and chat template, built once per session (no
-network); and the guard of the test tiers (`engine`, `browser`, `slow`: markers in pyproject.toml)."""
+"""The tiny random Qwen2 of `mismatch.model.tiny` (its own BPE tokenizer and chat template, no
+network), built once per session; and the guard of the test tiers (`engine`, `browser`, `slow`:
+markers in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -76,12 +77,6 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{seconds:6.1f} s  {nodeid}")
 
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 AVX2_ONLY = {
     "avx2": True,
     "avx512_f": False,
@@ -103,53 +98,11 @@ def cpu_class(request, monkeypatch):
     return request.param
 
 
-def _corpus() -> list[str]:
-    words = "the model answers what is plus minus times step think final number equals sum of".split()
-    lines = [f"What is {a} + {b}? {a + b}" for a in range(0, 100, 7) for b in range(0, 100, 11)]
-    return (
-        lines + [" ".join(words[i:] + words[:i]) for i in range(len(words))] + ['<script>alert(1)</script> & "quoted"']
-    )
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from mismatch.model.tiny import build_tiny
 
-    folder = tmp_path_factory.mktemp("tiny-qwen2")
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        _corpus(),
-        trainers.BpeTrainer(
-            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        initializer_range=0.1,  # peakier than the default: sampled tokens are not all near-uniform
-    )
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
-    return folder
+    return build_tiny(tmp_path_factory.mktemp("tiny-qwen2"))
 
 
 SHARED_SCAN = ("--dtypes", "bf16,fp16", "--num-prompts", "8", "--max-tokens", "32")

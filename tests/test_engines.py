@@ -2,10 +2,13 @@
 
 import numpy as np
 import pytest
+import torch
 from conftest import VLLM
 from transformers import AutoTokenizer
 
-from mismatch.engines import start_engine
+from mismatch.engines import hf_engine, start_engine
+from mismatch.engines.vllm_engine import CPU_KV_CACHE_BYTES, memory_options
+from mismatch.model.loading import load_causal_lm
 from mismatch.model.rescore import load_trainer, rescore
 from mismatch.records import Sampling
 
@@ -60,3 +63,21 @@ def test_one_call_with_more_prompt_tokens_than_a_step_takes(fp32_engine):
     rollouts = fp32_engine.generate(prompts, 1, Sampling(max_tokens=4, seed=1))
     assert [r.prompt_ids for r in rollouts] == prompts
     assert all(1 <= len(r.logp_engine) == len(r.response_ids) <= 4 for r in rollouts)
+
+
+def test_memory_options_keep_a_given_share_and_default_only_none():
+    """`share or 0.85` turned a computed 0.0 into 0.85; a given share is kept (vLLM refuses 0.0 itself)."""
+    assert memory_options(None, on_gpu=True) == {"gpu_memory_utilization": 0.85}
+    assert memory_options(0.0, on_gpu=True) == {"gpu_memory_utilization": 0.0}
+    assert memory_options(0.4, on_gpu=True) == {"gpu_memory_utilization": 0.4}
+    assert memory_options(None, on_gpu=False) == {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+    assert memory_options(0.3, on_gpu=False) == {"gpu_memory_utilization": 0.3}
+
+
+def test_start_engine_returns_cached_gpu_memory_first(tiny_model, monkeypatch):
+    """The seam is torch's own call (a no-op where CUDA never started): recorded, before the engine loads."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(hf_engine, "load_causal_lm", lambda *a, **k: calls.append("load") or load_causal_lm(*a, **k))
+    start_engine("hf", tiny_model, "fp32").close()
+    assert calls == ["empty_cache", "load"]

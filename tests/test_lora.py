@@ -12,11 +12,12 @@ from typer.testing import CliRunner
 
 from mismatch import runs
 from mismatch.cli import app
-from mismatch.commands.train import Trainer
+from mismatch.commands.scan import probe_after_refusals
+from mismatch.commands.train import Trainer, check_lora_dtypes
 from mismatch.config import TrainConfig
 from mismatch.engines import start_engine
-from mismatch.errors import ConfigError
-from mismatch.model.lora import adapter_gap, merge_into, read_adapter, vllm_max_rank
+from mismatch.errors import ConfigError, EngineError
+from mismatch.model.lora import adapter_gap, lora_refusals, merge_into, read_adapter, vllm_max_rank
 from mismatch.model.precision import compute_context
 from mismatch.model.rescore import load_trainer, pad_batch, rescore, response_logprobs
 from mismatch.records import Sampling
@@ -376,3 +377,37 @@ def test_an_adapter_for_another_model_is_one_line(engine, tiny_model, adapter, t
     assert {"hf": "PEFT cannot apply it to this model: size mismatch", "vllm": "vLLM could not serve the LoRA adapter"}[
         engine
     ] in result.output
+
+
+TRITON_PUNICA = "vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU"  # what CUDA and ROCm vLLM select
+CPU_PUNICA = "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU"
+
+
+def test_lora_kernels_take_fp32_by_the_punica_wrapper_the_platform_selects():
+    assert lora_refusals(CPU_PUNICA, ["bf16", "fp16", "fp32"]) == {}
+    refused = lora_refusals(TRITON_PUNICA, ["bf16", "fp16", "fp32"])
+    assert list(refused) == ["fp32"] and "PunicaWrapperGPU" in refused["fp32"] and "fp16 and bf16" in refused["fp32"]
+
+
+def test_scan_lora_skips_the_fp32_probe_where_the_lora_kernels_refuse_fp32():
+    planned = {"prompts": 8}
+    assert probe_after_refusals(planned, lora_refusals(CPU_PUNICA, ["fp32"])) == planned
+    probe = probe_after_refusals(planned, lora_refusals(TRITON_PUNICA, ["fp32"]))
+    assert probe["prompts"] == 0 and probe["skipped"].startswith("the engine refuses fp32 (vLLM's LoRA kernels")
+
+
+def test_train_lora_fp32_on_triton_lora_kernels_is_one_line_before_anything_starts(tiny_model, tmp_path, monkeypatch):
+    """The platform fact (vLLM's punica wrapper, asked in an engine process) faked as CUDA's: the run
+    ends in one line before the policy or an engine loads, and writes nothing."""
+    from mismatch.engines import isolated
+
+    monkeypatch.setattr(isolated, "punica_wrapper", lambda: TRITON_PUNICA)
+    out = tmp_path / "x"
+    args = ["train", "--model", str(tiny_model), "--engine", "vllm", "--lora-rank", "4", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--compare", "bf16,fp32"])
+    assert result.exit_code == 2
+    assert "cannot serve a LoRA in --dtype fp32" in result.output and "without --lora-rank" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    with pytest.raises(EngineError, match="--dtype fp32"):
+        check_lora_dtypes(lora_refusals(TRITON_PUNICA, ["bf16", "fp32"]))
+    check_lora_dtypes(lora_refusals(CPU_PUNICA, ["bf16", "fp32"]))  # the CPU wrapper takes fp32: no error

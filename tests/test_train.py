@@ -9,8 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from mismatch.cli import app
-from mismatch.commands.train import Trainer, train_one
+from mismatch.commands.train import Trainer, share_left, train_one
 from mismatch.config import TrainConfig
+from mismatch.errors import EngineError
+from mismatch.learner.policy import FullPolicy, PolicyMemory, policy_memory
 from mismatch.learner.scaling import DynamicLossScaler
 from mismatch.model.rescore import load_trainer, rescore
 
@@ -225,3 +227,29 @@ def test_sleep_mode_on_a_cpu_is_vllms_own_one_line_refusal(tiny_model, tmp_path)
         ],
     )
     assert result.exit_code == 2 and "Sleep mode is not supported on current platform" in result.output
+
+
+GIB = 2**30
+
+
+def test_engine_share_refuses_in_one_line_when_the_policy_leaves_the_engine_nothing():
+    """A 7B full fine-tune on an 80 GB GPU (the policy loaded: 28 GB masters + 14 GB BF16 copy; AdamW and
+    grads to come): the share was a silent 0.0, then 0.85 at the engine; now one line with the numbers."""
+    seven_b = PolicyMemory(masters=28 * GIB, compute=14 * GIB, optimizer=98 * GIB, weights=14 * GIB)
+    with pytest.raises(EngineError) as refused:
+        share_left(38 * GIB, 80 * GIB, seven_b)
+    message = str(refused.value)
+    assert "needs 140.0 GiB of the GPU's 80.0 GiB" in message and "AdamW + grads 98.0" in message
+    assert "--lora-rank" in message and "\n" not in message
+    small = PolicyMemory(masters=2 * GIB, compute=1 * GIB, optimizer=7 * GIB, weights=1 * GIB)
+    assert share_left(77 * GIB, 80 * GIB, small) == round(0.9 * 70 / 80, 3)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_policy_memory_counts_masters_compute_copy_and_optimizer(dtype, tiny_model):
+    policy = FullPolicy(tiny_model, dtype, torch.device("cpu"))
+    numel = sum(p.numel() for p in policy.master.parameters())
+    memory = policy_memory(policy)
+    copy = 0 if dtype == "fp32" else 2 * numel  # an FP32 run computes in its masters
+    assert (memory.masters, memory.compute, memory.weights) == (4 * numel, copy, copy or 4 * numel)
+    assert memory.optimizer == 3 * 4 * numel + copy  # two AdamW moments, FP32 grads, the copy's grads

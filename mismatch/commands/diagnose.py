@@ -111,6 +111,7 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, *, fo
                 record_routing=routing,
                 **config.vllm_options(),
             )
+            summary["engine_execution"] = engine.execution  # eager or compiled graphs, as the engine resolved it
             try:
                 if dtype in saved:
                     rollouts[dtype] = saved[dtype]

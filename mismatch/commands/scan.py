@@ -15,7 +15,7 @@ import pandas as pd
 from mismatch import runs
 from mismatch.commands.progress import Progress, Silent
 from mismatch.config import REFERENCE_DTYPE, ScanConfig
-from mismatch.engines import refused_dtypes, start_engine
+from mismatch.engines import lora_refused_dtypes, refused_dtypes, start_engine
 from mismatch.errors import EngineError, ResumeError
 from mismatch.inputs.prepare import prepare_inputs
 from mismatch.model.loading import available_memory, fp32_footprint
@@ -82,6 +82,8 @@ def run_scan(
             if d not in rollouts
         ]
         refused = refused_dtypes(config.engine, model_path, asked, config.trust_remote_code)
+        if config.lora:  # both sides run the same requests: a dtype the adapter cannot be served in is left out
+            refused = lora_refused_dtypes(config.engine, asked) | refused
         summary["refused_dtypes"] = refused
         accepted = [d for d in config.dtypes if d not in refused]
         if not accepted:
@@ -89,8 +91,7 @@ def run_scan(
                 f"{config.engine} refuses every requested dtype for this model: "
                 + "; ".join(f"{d}: {r}" for d, r in refused.items())
             )
-        if REFERENCE_DTYPE in refused:
-            probe = {"prompts": 0, "skipped": f"the engine refuses fp32 ({refused[REFERENCE_DTYPE]})"}
+        probe = probe_after_refusals(probe, refused)
         summary["semantic_probe"] = probe
     requests: list[Request] = [(d, prompt_ids, config.samples) for d in accepted]
     if probe["prompts"] and REFERENCE_DTYPE not in accepted:  # FP32 engine on a few prompts: the probe
@@ -244,6 +245,7 @@ def sample_and_rescore(
                 lora=side.lora,
                 **options,
             )
+            log.summary["engine_execution"] = engine.execution  # eager or compiled graphs, as the engine resolved it
         with stage(f"{prefix}generate_{dtype}"):
             advance = progress.stage(f"{label}generate {config.engine} {dtype}", len(prompts_for) * samples)
             try:
@@ -318,6 +320,14 @@ def semantic_probe_plan(config: ScanConfig, model_path, n_prompts: int) -> dict[
             "skipped": f"an FP32 copy of the model needs {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available",
         }
     return {"prompts": min(config.semantic_probe, n_prompts)}
+
+
+def probe_after_refusals(probe: dict[str, Any], refused: dict[str, str]) -> dict[str, Any]:
+    """The semantic probe's plan once the engine has said which dtypes it refuses: skipped, with its reason,
+    when fp32 is one (e.g. a --lora scan where vLLM's LoRA kernels take fp16/bf16 only)."""
+    if REFERENCE_DTYPE in refused:
+        return {"prompts": 0, "skipped": f"the engine refuses fp32 ({refused[REFERENCE_DTYPE]})"}
+    return probe
 
 
 def reference_plan(config: ScanConfig, model_path) -> dict[str, Any]:

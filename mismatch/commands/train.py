@@ -23,11 +23,11 @@ import torch
 
 from mismatch import runs
 from mismatch.config import TrainConfig
-from mismatch.engines import start_engine
-from mismatch.errors import PromptError
+from mismatch.engines import lora_refused_dtypes, start_engine
+from mismatch.errors import EngineError, PromptError
 from mismatch.inputs.prompts import Prompt, arithmetic_prompts, encode_prompts, load_prompts
 from mismatch.learner.losses import LOSSES, group_advantages
-from mismatch.learner.policy import FullPolicy, LoraPolicy, parameter_counts
+from mismatch.learner.policy import FullPolicy, LoraPolicy, PolicyMemory, parameter_counts, policy_memory
 from mismatch.learner.rewards import reward
 from mismatch.learner.scaling import DynamicLossScaler
 from mismatch.model.loading import load_tokenizer, resolve_model
@@ -67,15 +67,42 @@ class Learned:
     entropy: torch.Tensor  # of each position's distribution, the same layout
 
 
-def engine_share(config: TrainConfig, device: torch.device, masters) -> float | None:
-    """vLLM's gpu_memory_utilization for the loop: as given, else (on a GPU) 90% of what the policy
-    leaves free once its AdamW state and gradients exist too (3 × the FP32 masters, not yet
-    allocated when the engine starts); vLLM reads the share against the whole GPU."""
+def engine_share(config: TrainConfig, device: torch.device, policy: LoraPolicy | FullPolicy) -> float | None:
+    """vLLM's gpu_memory_utilization for the loop: as given, else (on a GPU) `share_left` of the loaded policy."""
     if config.gpu_memory_utilization is not None or device.type != "cuda":
         return config.gpu_memory_utilization
     free, total = torch.cuda.mem_get_info(device)
-    later = 3 * sum(p.numel() * p.element_size() for p in masters)
-    return round(max(0.9 * (free - later), 0) / total, 3)
+    return share_left(free, total, policy_memory(policy))
+
+
+def share_left(free: int, total: int, policy: PolicyMemory) -> float:
+    """90% of what the loaded policy leaves free once its optimiser state and gradients exist too (not
+    yet allocated when the engine starts), as a share of the whole GPU (what vLLM reads it against).
+    EngineError when that would not even hold the engine's copy of the weights."""
+    share = round(max(0.9 * (free - policy.optimizer), 0) / total, 3)
+    if share * total < policy.weights:
+        raise EngineError(
+            f"the policy needs {gib(policy.total)} GiB of the GPU's {gib(total)} GiB (FP32 masters"
+            f" {gib(policy.masters)}, compute copy {gib(policy.compute)}, AdamW + grads {gib(policy.optimizer)}),"
+            f" leaving the engine {gib(share * total)} GiB, less than its {gib(policy.weights)} GiB of weights;"
+            " train a LoRA (--lora-rank), a smaller model, or on a GPU with more memory"
+            " (--gpu-memory-utilization sets the engine's share by hand)"
+        )
+    return share
+
+
+def gib(size: float) -> str:
+    return f"{size / 2**30:.1f}"
+
+
+def check_lora_dtypes(refused: dict[str, str]) -> None:
+    """One line, before anything starts, for a LoRA run in a --dtype the engine cannot serve the adapter in."""
+    if refused:
+        dtypes = ", ".join(refused)
+        raise EngineError(
+            f"the engine cannot serve a LoRA in --dtype {dtypes}: {next(iter(refused.values()))}; drop {dtypes}"
+            " from --dtype, train it without --lora-rank (full fine-tuning), or use --engine hf"
+        )
 
 
 class Trainer:
@@ -124,9 +151,10 @@ class Trainer:
         )
         extra: dict[str, Any] = {
             "seed": config.seed,
-            "gpu_memory_utilization": engine_share(config, self.device, self.policy.masters.values()),
+            "gpu_memory_utilization": engine_share(config, self.device, self.policy),
             "max_model_len": config.max_model_len,
             "sleep_mode": self.sleeps,
+            "enforce_eager": config.enforce_eager,
         }
         self.engine = start_engine(
             config.engine,
@@ -291,6 +319,8 @@ def run_training(
     from mismatch.report.training import render_training
 
     runs.check_output_dir(config.out, force)
+    if config.lora_rank:
+        check_lora_dtypes(lora_refused_dtypes(config.engine, config.dtypes))
     folders = runs.train_layout(config.out, config.dtypes)
     summaries = []
     for dtype, folder in folders.items():
@@ -320,6 +350,7 @@ def train_one(
     log = runs.RunLog(out, "train", config.to_json(dtype))
     trainer = Trainer(config, dtype, reward_fn=reward_fn, live=out / ".live-adapter")
     log.summary["policy"] = parameter_counts(trainer.policy)
+    log.summary["engine_execution"] = trainer.engine.execution  # eager or compiled graphs, as the engine resolved it
     rows: list[dict] = []
     tokens: list[pd.DataFrame] = []
     interrupted = False

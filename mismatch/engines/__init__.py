@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mismatch.engines.base import Engine
 from mismatch.errors import ConfigError, EngineError
+from mismatch.model.lora import TRITON_LORA_DTYPES, lora_refusals
 
 ENGINES = ("vllm", "hf")
 
@@ -26,6 +27,7 @@ def start_engine(
     vLLM runs in a child process unless `isolated` is False (see `engines.isolated` for why); the
     HF engine shares nothing with other libraries and runs here.
     """
+    return_gpu_memory()
     if name == "vllm":
         from mismatch.engines.vllm_engine import VLLMEngine, vllm_available
 
@@ -54,10 +56,41 @@ def refused_dtypes(name: str, model: Path, dtypes: list[str], trust_remote_code:
     return in_child(model, dtypes, trust_remote_code)
 
 
+def lora_refused_dtypes(name: str, dtypes: list[str]) -> dict[str, str]:
+    """dtype → reason for each dtype in which the engine cannot serve a LoRA adapter. vLLM's answer comes
+    from the punica wrapper its platform selects (asked in a child process, the spare the next engine
+    starts in); PEFT, in the hf engine, runs every dtype."""
+    if name != "vllm" or set(dtypes) <= set(TRITON_LORA_DTYPES):  # dtypes every LoRA kernel takes: nothing to ask
+        return {}
+    from mismatch.engines.isolated import punica_wrapper
+
+    return lora_refusals(punica_wrapper(), dtypes)
+
+
+def return_gpu_memory() -> None:
+    """Hand what this process freed back to the GPU before an engine starts: a trainer's or a rescoring
+    model's tensors, once collected, stay in PyTorch's cache otherwise, out of the engine's reach.
+    Without CUDA initialised, `empty_cache` does nothing."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def default_engine() -> str:
     from mismatch.engines.vllm_engine import vllm_available
 
     return "vllm" if vllm_available() else "hf"
 
 
-__all__ = ["ENGINES", "Engine", "default_engine", "refused_dtypes", "start_engine"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "default_engine",
+    "lora_refused_dtypes",
+    "refused_dtypes",
+    "return_gpu_memory",
+    "start_engine",
+]

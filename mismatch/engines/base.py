@@ -11,6 +11,7 @@ from mismatch.records import Advance, Rollout, Sampling, Scored
 class Engine(Protocol):
     name: str
     dtype: str
+    execution: str  # "eager" (PyTorch op by op) or "compiled" (vLLM's torch.compile and CUDA graphs)
 
     def generate(
         self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None

@@ -18,6 +18,7 @@ BATCH = 16
 
 class HFEngine:
     name = "hf"
+    execution = "eager"  # transformers' generate, op by op
 
     def __init__(self, model: Path, dtype: str, *, trust_remote_code: bool = False, lora: Path | None = None):
         self.dtype = dtype

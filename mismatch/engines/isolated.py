@@ -73,7 +73,8 @@ class _Child:
 
 
 _spare: _Child | None = None
-"""The process that answered `refused_dtypes`: vLLM imported, no engine yet; the next engine starts in it."""
+"""The process that answered `refused_dtypes` or `punica_wrapper`: vLLM imported, no engine yet; the next engine
+starts in it."""
 
 
 def _engine_process() -> _Child:
@@ -93,7 +94,7 @@ class IsolatedEngine:
         self.dtype = dtype
         self._child = _engine_process()
         try:
-            self._child.call("start", model, dtype, options)
+            self.execution: str = self._child.call("start", model, dtype, options)  # what the child's engine runs
         except BaseException:
             self._child.stop()
             raise
@@ -125,15 +126,24 @@ class IsolatedEngine:
 def refused_dtypes(model: Path, dtypes: list[str], trust_remote_code: bool) -> dict[str, str]:
     """`vllm_engine.refused_dtypes`, run in a child process (importing vLLM stays out of this one),
     which then stays up as the spare that the first engine starts in: the check adds no process start."""
+    return _ask_spare("refused", model, dtypes, trust_remote_code)
+
+
+def punica_wrapper() -> str:
+    """`vllm_engine.punica_wrapper`, asked in the spare process as `refused_dtypes` is."""
+    return _ask_spare("punica_wrapper")
+
+
+def _ask_spare(command: str, *args):
     global _spare
     child = _engine_process()
     try:
-        refused = child.call("refused", model, dtypes, trust_remote_code)
+        answer = child.call(command, *args)
     except BaseException:
         child.stop()
         raise
     _spare = child
-    return refused
+    return answer
 
 
 def _serve(pipe) -> None:
@@ -152,9 +162,11 @@ def _serve(pipe) -> None:
             if command == "start":
                 model, dtype, options = args
                 engine = vllm_engine.VLLMEngine(model, dtype, **options)
-                pipe.send(("result", None))
+                pipe.send(("result", engine.execution))
             elif command == "refused":
                 pipe.send(("result", vllm_engine.refused_dtypes(*args)))
+            elif command == "punica_wrapper":
+                pipe.send(("result", vllm_engine.punica_wrapper()))
             elif command == "generate":
                 assert engine is not None  # the parent sends "start" first
                 prompts, samples, sampling = args

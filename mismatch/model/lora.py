@@ -63,6 +63,27 @@ def read_adapter(path: Path) -> Adapter:
     )
 
 
+# vLLM serves a LoRA through the punica wrapper its platform names (`get_punica_wrapper` in
+# vllm/lora/punica_wrapper/punica_selector.py; read in 0.32 and in vLLM's main branch). CUDA and ROCm name this
+# one, Punica's Triton kernels, whose shrink asserts fp16/bf16 inputs and weights
+# (vllm/lora/ops/triton_ops/lora_shrink_op.py, `_lora_shrink`); the CPU wrapper's torch ops take fp32 too.
+TRITON_PUNICA = "vllm.lora.punica_wrapper.punica_gpu.PunicaWrapperGPU"
+TRITON_LORA_DTYPES = ("fp16", "bf16")
+
+
+def lora_refusals(punica_wrapper: str, dtypes: list[str]) -> dict[str, str]:
+    """dtype → reason, for each dtype the LoRA kernels behind `punica_wrapper` (vLLM's platform fact) do not
+    take; decided by the kernels the platform selects, not by its name."""
+    if punica_wrapper != TRITON_PUNICA:
+        return {}
+    return {
+        dtype: f"vLLM's LoRA kernels here ({punica_wrapper.rsplit('.', 1)[-1]}, Punica's Triton kernels) take "
+        f"{' and '.join(TRITON_LORA_DTYPES)} only"
+        for dtype in dtypes
+        if dtype not in TRITON_LORA_DTYPES
+    }
+
+
 def vllm_max_rank(rank: int, what: str = "the LoRA rank") -> int:
     """The smallest `max_lora_rank` vLLM accepts that holds `rank`; ConfigError naming `what` if none does."""
     if rank > VLLM_MAX_LORA_RANKS[-1]:

@@ -47,6 +47,8 @@ def header_facts(run: ScanRun) -> list[tuple[str, str]]:
     ]
     if machine := run.summary.get("machine"):
         facts.append(("machine", machine_text(machine, [p["trainer_dtype"] for p in pairs])))
+    if graphs := engine_graphs(run.summary):
+        facts.append(("engine graphs", graphs))
     if headroom:
         facts.append(("FP16 headroom", headroom_text(headroom)))
     if sampling["top_p"] < 1:
@@ -54,6 +56,17 @@ def header_facts(run: ScanRun) -> list[tuple[str, str]]:
     if run.summary.get("skipped_prompts"):
         facts.append(("skipped", f"{len(run.summary['skipped_prompts'])} prompt(s) too long for the context"))
     return facts
+
+
+COMPILED_GRAPHS = (
+    "compiled (torch.compile and CUDA graphs, vLLM's default on a GPU and what an RL rollout runs): the engine's"
+    " log-probs can depend on the batch shape; --enforce-eager measures the eager engine"
+)
+
+
+def engine_graphs(summary: dict[str, Any]) -> str | None:
+    """The report's note when the engine ran compiled graphs (summary.json `engine_execution`), else None."""
+    return COMPILED_GRAPHS if summary.get("engine_execution") == "compiled" else None
 
 
 def machine_text(machine: dict[str, Any], trainer_dtypes: list[str]) -> str:

@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from mismatch.report import plots
+from mismatch.report.content import engine_graphs
 from mismatch.report.html import environment
 from mismatch.report.markdown import escape, routing_lines, row
 from mismatch.report.values import FIXED, interval, number
@@ -94,6 +95,7 @@ def render_diagnosis(run: DiagnoseRun) -> str:
             title=f"mismatch diagnose · {config['model']}",
             config=config,
             summary=run.summary,
+            engine_graphs=engine_graphs(run.summary),
             recommendation=run.summary["recommendation"],
             components=diagnosis["components"],
             explained=EXPLAINED,
@@ -115,6 +117,8 @@ def render_diagnosis_markdown(run: DiagnoseRun) -> str:
         "",
     ]
     lines += [f"- {escape(action)}" for action in recommendation["actions"]]
+    if graphs := engine_graphs(run.summary):
+        lines += ["", f"engine graphs: {escape(graphs)}"]
     lines += [
         "",
         "| engine dtype | component | k3 [95% CI] | mean \\|Δ log p\\| | max \\|Δ log p\\| | tokens |",

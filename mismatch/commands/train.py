@@ -149,19 +149,21 @@ class Trainer:
         self.sleeps = config.engine == "vllm" and (
             config.sleep if config.sleep is not None else self.device.type == "cuda"
         )
-        extra: dict[str, Any] = {
-            "seed": config.seed,
-            "gpu_memory_utilization": engine_share(config, self.device, self.policy),
-            "max_model_len": config.max_model_len,
-            "sleep_mode": self.sleeps,
-            "enforce_eager": config.enforce_eager,
-        }
+        vllm_options: dict[str, Any] = {}  # the hf engine takes none (and needs no memory share)
+        if config.engine == "vllm":
+            vllm_options = {
+                "seed": config.seed,
+                "gpu_memory_utilization": engine_share(config, self.device, self.policy),
+                "max_model_len": config.max_model_len,
+                "sleep_mode": self.sleeps,
+                "enforce_eager": config.enforce_eager,
+            }
         self.engine = start_engine(
             config.engine,
             self.model_path,
             dtype,
             **self.policy.engine_options(),
-            **(extra if config.engine == "vllm" else {}),
+            **vllm_options,
         )
 
     def batch_indices(self, step: int) -> list[int]:

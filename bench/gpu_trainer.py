@@ -29,7 +29,7 @@ from mismatch.model import precision
 from mismatch.model import rescore as rescoring
 from mismatch.model.loading import load_tokenizer
 from mismatch.model.rescore import load_trainer, rescore
-from mismatch.model.tiny import build_tiny, tiny_tokenizer
+from mismatch.model.tiny import build_tiny
 from mismatch.records import Sampling
 from mismatch.stats.metrics import pair_metrics
 
@@ -40,27 +40,15 @@ SAMPLES = 2
 
 def build_wide(folder: Path) -> Path:
     """An 8-layer Qwen2 of width 1024 (random, seed 0) with the tiny tokenizer: longer sums per GEMM."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = tiny_tokenizer()
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    return build_tiny(
+        folder,
         hidden_size=1024,
         intermediate_size=2816,
         num_hidden_layers=8,
         num_attention_heads=16,
         num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
+        initializer_range=0.02,  # transformers' default
     )
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
-    return folder
 
 
 @contextlib.contextmanager

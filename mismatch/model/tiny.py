@@ -71,27 +71,31 @@ def _save_generation_config(folder: Path, tokenizer) -> None:
     GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
 
 
-def build_tiny(folder: Path) -> Path:
-    """The tiny random Qwen2 (seed 0) with `tiny_tokenizer`, saved in `folder`."""
+def build_tiny(folder: Path, **sizes: Any) -> Path:
+    """The tiny random Qwen2 (seed 0) with `tiny_tokenizer`, saved in `folder`; `sizes` override its
+    Qwen2Config fields (a wider or deeper model with the same tokenizer)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
+    options: dict[str, Any] = {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "initializer_range": 0.1,  # peakier than the default: sampled tokens are not all near-uniform
+    }
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        initializer_range=0.1,  # peakier than the default: sampled tokens are not all near-uniform
+        **(options | sizes),
     )
     Qwen2ForCausalLM(config).save_pretrained(folder)
     _save_generation_config(folder, tokenizer)

@@ -11,6 +11,7 @@ the engine's prefill `score`, π from `model.rescore.rescore` in FP32, the MoE e
 from __future__ import annotations
 
 import copy
+import functools
 import platform
 import tempfile
 import time
@@ -26,6 +27,7 @@ import torch
 from mismatch.engines import Engine, start_engine
 from mismatch.engines.vllm_support import VLLM_RANGE, installed_vllm, range_notice
 from mismatch.errors import EngineError, first_line
+from mismatch.inputs.prompts import Prompt, encode_prompts
 from mismatch.model.loading import load_tokenizer
 from mismatch.model.lora import new_adapter
 from mismatch.model.precision import cpu_class
@@ -216,15 +218,7 @@ class Doctor:
         self.on_row = on_row
         self.model = build_tiny(folder / "dense")
         self.tokenizer = load_tokenizer(self.model)
-        self.prompts = [
-            self.tokenizer(
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-                ),
-                add_special_tokens=False,
-            ).input_ids
-            for p in PROMPTS
-        ]
+        self.prompts = encode_prompts(self.tokenizer, [Prompt.from_text(text) for text in PROMPTS])
         self.trainer = load_trainer(self.model, "fp32")
         self.folder = folder
 
@@ -300,22 +294,16 @@ class Doctor:
             return
         mu = flat([r.logp_engine for r in rollouts])
 
-        def processed() -> str:
-            return processed_logprobs(
-                mu, self.pi(self.trainer, rollouts, TEMPERATURE), self.pi(self.trainer, rollouts, 1.0)
-            )
+        @functools.cache
+        def pi(temperature: float) -> np.ndarray:  # the FP32 trainer on these rollouts, once per temperature
+            return self.pi(self.trainer, rollouts, temperature)
 
-        self.add("processed log-probs", processed)
-        self.add(
-            "FP32 parity",
-            lambda: parity(
-                mu, self.pi(self.trainer, rollouts, TEMPERATURE), f"decode at T={TEMPERATURE}, {len(mu)} tokens"
-            ),
-        )
+        self.add("processed log-probs", lambda: processed_logprobs(mu, pi(TEMPERATURE), pi(1.0)))
+        self.add("FP32 parity", lambda: parity(mu, pi(TEMPERATURE), f"decode at T={TEMPERATURE}, {len(mu)} tokens"))
 
         def prefill() -> str:
             scored = engine.score([(r.prompt_ids, r.response_ids) for r in rollouts])
-            return parity(flat([s.logp for s in scored]), self.pi(self.trainer, rollouts, 1.0), "engine.score")
+            return parity(flat([s.logp for s in scored]), pi(1.0), "engine.score")
 
         self.add("prefill scoring", prefill)
 

@@ -13,7 +13,6 @@ hf --compare bf16,fp16` run of two steps on the GPU. Results go to OUT_DIR/gpu_t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -22,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bf16_paths import kernel_path  # the CPU's BF16 paths, as issue 19's check selects them
 
 from mismatch.engines.hf_engine import HFEngine
 from mismatch.inputs.prompts import arithmetic_prompts, encode_prompts
 from mismatch.model import precision
-from mismatch.model import rescore as rescoring
 from mismatch.model.loading import load_tokenizer
 from mismatch.model.rescore import load_trainer, rescore
 from mismatch.model.tiny import build_tiny
@@ -49,22 +48,6 @@ def build_wide(folder: Path) -> Path:
         num_key_value_heads=4,
         initializer_range=0.02,  # transformers' default
     )
-
-
-@contextlib.contextmanager
-def bf16_path(path: str):
-    """The CPU's BF16 as `path` computes it: "native" or "emulated" GEMMs, or "plain" (no compute context)."""
-    flags = precision.cpu_flags
-    context = rescoring.compute_context
-    if path == "plain":
-        rescoring.compute_context = lambda dtype, device: contextlib.nullcontext()
-    else:
-        precision.cpu_flags = lambda: flags() | {"avx512_bf16": path == "native", "amx_bf16": path == "native"}
-    try:
-        yield
-    finally:
-        precision.cpu_flags = flags
-        rescoring.compute_context = context
 
 
 def scores(model: Path, dtype: str, device: str, rollouts) -> np.ndarray:
@@ -108,12 +91,12 @@ def compare(model: Path) -> dict:
     gpu = {d: scores(model, d, "cuda", rollouts) for d in ("fp32", "bf16", "fp16")}
     gpu["fp16 full reductions"] = gpu_fp16_full_reductions(model, rollouts)
     cpu = {"fp32": scores(model, "fp32", "cpu", rollouts), "fp16": scores(model, "fp16", "cpu", rollouts)}
-    with bf16_path("plain"):
+    with kernel_path("plain"):
         cpu["fp16 plain"] = scores(model, "fp16", "cpu", rollouts)
     for path in ("native", "emulated", "plain"):
         if path == "native" and not precision.native_bf16():
             continue
-        with bf16_path(path):
+        with kernel_path(path):
             cpu[f"bf16 {path}"] = scores(model, "bf16", "cpu", rollouts)
     rows: dict = {"tokens": int(len(gpu["fp32"])), "hf_engine_generate_s": round(generate_s, 2)}
     rows["fp32: cpu vs gpu"] = gap(cpu["fp32"], gpu["fp32"])

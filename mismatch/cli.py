@@ -276,7 +276,15 @@ def scan(
 
 
 # diagnose measures one GPU's engine at the scan's own pairs, with no gate and no adapter
-NOT_DIAGNOSED = ("tensor_parallel_size", "pipeline_parallel_size", "fail_on", "strict", "semantic_probe")
+NOT_DIAGNOSED = (
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "fail_on",
+    "strict",
+    "semantic_probe",
+    "impact",
+    "train_batch",
+)
 
 
 @command(DiagnoseConfig, leave_out=(*NOT_DIAGNOSED, "reference", "lora"))

@@ -44,6 +44,7 @@ class Panel:
     LORA = "LoRA"
     OUTPUT = "Output"
     GATE = "CI gate"
+    IMPACT = "Gradient impact"
 
 
 PANELS = tuple(title for name, title in vars(Panel).items() if name.isupper())
@@ -205,6 +206,23 @@ class ScanConfig:
             Panel.LORA,
         ),
     )
+    impact: bool | None = option(
+        None,
+        Option(
+            "Measure the gradient's bias from the mismatch against its sampling noise, per engine dtype (default: on"
+            " when every prompt has an answer and --samples ≥ 2).",
+            Panel.IMPACT,
+            flags=("--impact/--no-impact",),
+        ),
+    )
+    train_batch: int | None = option(
+        None,
+        Option(
+            "Your trainer's sequences per step: the verdict compares the bias with one step's noise at this batch"
+            " (default: the scan's).",
+            Panel.IMPACT,
+        ),
+    )
 
     def __post_init__(self):
         self.dtypes = _dtypes(self.dtypes)
@@ -218,6 +236,11 @@ class ScanConfig:
         _at_least("--tensor-parallel-size", self.tensor_parallel_size)
         _at_least("--pipeline-parallel-size", self.pipeline_parallel_size)
         _at_least("--semantic-probe", self.semantic_probe, 0)
+        _at_least("--train-batch", self.train_batch)
+        if self.impact and self.samples < 2:
+            raise ConfigError(
+                "--impact needs --samples 2 or more: the advantages are normalised within each prompt's samples"
+            )
         self.reference_sequences()
         check_pairs(self.conditions(), self.pairs())
 
@@ -272,6 +295,31 @@ class TrainConfig:
     grad_clip: float = option(1.0, Option("Gradient-norm clip.", Panel.TRAINING))
     algo: str = option("grpo", Option(f"Loss: {', '.join(ALGOS)}.", Panel.TRAINING))
     seed: int = option(0, SEED)
+    seeds: int = option(
+        1,
+        Option(
+            "Runs per dtype, seeded --seed … --seed+N−1; each seed pairs the dtypes (same data order and sampling)."
+            " N ≥ 2: the final window's differences get t-intervals.",
+            Panel.TRAINING,
+        ),
+    )
+    impact_every: int = option(
+        10,
+        Option(
+            "Measure the gradient impact of the mismatch (bias, noise, B*) at step 0 and every N steps, before the"
+            " update (0: never).",
+            Panel.TRAINING,
+        ),
+    )
+    step0_check: bool = option(
+        True,
+        Option(
+            "Scan step 0's prompts (an independent sample, first seed, each dtype) and check its k3 agrees with"
+            " train's step-0 k3.",
+            Panel.TRAINING,
+            flags=("--step0-check/--no-step0-check",),
+        ),
+    )
     save_every: int = option(0, Option("Also save an HF checkpoint every N steps (0: only at the end).", Panel.OUTPUT))
     prompts: Path | None = option(None, PROMPT_FILE)
     num_prompts: int = 256
@@ -320,6 +368,12 @@ class TrainConfig:
         ):
             _at_least(name, value, least)
         _at_least("--save-every", self.save_every, 0)
+        _at_least("--seeds", self.seeds)
+        _at_least("--impact-every", self.impact_every, 0)
+
+    def seed_list(self) -> list[int]:
+        """The seeds of the runs: --seed, --seed + 1, … (--seeds of them)."""
+        return list(range(self.seed, self.seed + self.seeds))
 
     def to_json(self, dtype: str) -> dict:
         """The settings of the run in `dtype` (what its summary.json records)."""

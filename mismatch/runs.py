@@ -7,8 +7,10 @@ what settings and library versions. Reports and `compare` read folders through t
     scan     summary.json  rollouts.parquet  tokens.parquet  metrics.csv  report.html  summary.md
              an MoE model: routing.parquet
              `--lora`: merged_rollouts.parquet  merged_tokens.parquet (the adapter merged into the base)
-    train    summary.json  metrics.csv  metrics.parquet  tokens.parquet  checkpoint-*/  (report.html)
-             `--compare`: one such folder per dtype under the root, and the root's report.html
+    train    summary.json  metrics.csv  metrics.parquet  tokens.parquet  checkpoint-*/  (report.html
+             validation.json)  `--impact-every`: impact.jsonl  the step-0 check: step0-scan/ (a scan)
+             `--compare`: one such folder per dtype under the root, and the root's report.html and
+             validation.json; `--seeds N` > 1: one per seed and dtype, ROOT/seed-S/DTYPE/
     compare  summary.json  compare.html  compare.md
     diagnose summary.json  rollouts.parquet  tokens.parquet (one column per scoring)  topk.parquet
              report.html  summary.md
@@ -53,6 +55,9 @@ ROLLOUTS = "rollouts.parquet"
 TOKENS = "tokens.parquet"
 METRICS_CSV = "metrics.csv"  # scan: one row per pair; train: one row per step
 STEP_METRICS = "metrics.parquet"  # train: one row per step
+VALIDATION = "validation.json"  # train: the seeds' validation (`stats.validation.Validation`) at the root
+IMPACT = "impact.jsonl"  # train --impact-every: one `ImpactResult` per measured step, with its step
+STEP0_SCAN = "step0-scan"  # train: the step-0 check's scan folder inside the first seed's run of each dtype
 REPORT_HTML = "report.html"
 SUMMARY_MD = "summary.md"
 COMPARE_HTML = "compare.html"
@@ -158,9 +163,12 @@ def check_output_dir(path: Path, force: bool) -> Path:
     return path
 
 
-def train_layout(root: Path, dtypes: list[str]) -> dict[str, Path]:
-    """Where each dtype's train run goes: the root itself, or one subfolder per dtype (`--compare`)."""
-    return {dtype: root / dtype if len(dtypes) > 1 else root for dtype in dtypes}
+def train_layout(root: Path, dtypes: list[str], seeds: list[int]) -> dict[tuple[int, str], Path]:
+    """Where each (seed, dtype) train run goes, seed-major: the root itself (one of each), one subfolder
+    per dtype (`--compare`), or with several seeds ROOT/seed-S/DTYPE/."""
+    if len(seeds) > 1:
+        return {(seed, dtype): root / f"seed-{seed}" / dtype for seed in seeds for dtype in dtypes}
+    return {(seed, dtype): root / dtype if len(dtypes) > 1 else root for seed in seeds for dtype in dtypes}
 
 
 # --- atomic writers ---------------------------------------------------------------------------
@@ -198,6 +206,11 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(_json_safe(data), indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, NaN and infinities as null."""
+    write_text(path, "".join(json.dumps(_json_safe(row), ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_parquet(path: Path, frame: pd.DataFrame) -> None:
@@ -543,14 +556,14 @@ class TrainRun:
     tokens: pd.DataFrame  # TRAIN_TOKEN_COLUMNS; empty when no step finished
 
 
-def load_train(path: Path) -> TrainRun:
+def load_train(path: Path, *, tokens: bool = True) -> TrainRun:
+    """A train run folder; without `tokens` its tokens frame is left empty (a seed whose scatter is not drawn)."""
     summary = read_summary(path, ("train",))
     if not (path / STEP_METRICS).is_file():
         raise RunFolderError(f"{path} is not a finished mismatch train run (no {STEP_METRICS})")
-    tokens = (
-        pd.read_parquet(path / TOKENS) if (path / TOKENS).is_file() else pd.DataFrame(columns=list(TRAIN_TOKEN_COLUMNS))
-    )
-    return TrainRun(path, summary, pd.read_parquet(path / STEP_METRICS), tokens)
+    read = tokens and (path / TOKENS).is_file()
+    token_rows = pd.read_parquet(path / TOKENS) if read else pd.DataFrame(columns=list(TRAIN_TOKEN_COLUMNS))
+    return TrainRun(path, summary, pd.read_parquet(path / STEP_METRICS), token_rows)
 
 
 def write_train_steps(path: Path, rows: list[dict], final: bool = False) -> None:
@@ -561,13 +574,19 @@ def write_train_steps(path: Path, rows: list[dict], final: bool = False) -> None
         write_parquet(path / STEP_METRICS, frame)
 
 
-def train_runs(root: Path) -> dict[str, Path]:
-    """dtype → folder of the train runs in `root`: itself (one dtype) or its subfolders (`--compare`)."""
-    candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
-    runs = {}
+def train_runs(root: Path) -> dict[tuple[int, str], Path]:
+    """(seed, dtype) → folder of the train runs in `root` (`train_layout`'s): itself, its subfolders
+    (`--compare`) or theirs (`--seeds`), in the order of the seeds and then of the runs' `--compare` dtypes."""
+    if not root.is_dir():
+        return {}
+    children = sorted(p for p in root.iterdir() if p.is_dir())
+    candidates = [root, *children, *sorted(p for child in children for p in child.iterdir() if p.is_dir())]
+    found = []
     for folder in candidates:
         if (folder / SUMMARY).is_file():
             summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
             if summary.get("kind") == "train":
-                runs[summary["config"]["dtype"]] = folder
-    return runs
+                config = summary["config"]
+                rank = config.get("dtypes", [config["dtype"]]).index(config["dtype"])
+                found.append((int(config["seed"]), rank, config["dtype"], folder))
+    return {(seed, dtype): folder for seed, _, dtype, folder in sorted(found)}

@@ -80,7 +80,7 @@ ROOMS: dict[str, set[str]] = {
     "mismatch.verdict": {"mismatch.errors", "mismatch.records", "mismatch.stats"},
     "mismatch.model": {"mismatch.errors", "mismatch.records"},
     "mismatch.engines": {"mismatch.errors", "mismatch.records", "mismatch.model", "mismatch.quiet"},
-    "mismatch.learner": {"mismatch.errors", "mismatch.records", "mismatch.model"},
+    "mismatch.learner": {"mismatch.errors", "mismatch.records", "mismatch.model", "mismatch.stats"},
     "mismatch.runs": {"mismatch.errors", "mismatch.records", "mismatch.model"},
     "mismatch.dumps": {"mismatch.errors", "mismatch.runs"},
     "mismatch.hooks": {"mismatch.errors", "mismatch.dumps"},
@@ -124,12 +124,16 @@ def test_nothing_imports_the_cli():
     assert [name for name, deps in GRAPH.items() if "mismatch.cli" in deps] == []
 
 
+RUNS_ANOTHER = {("mismatch.commands.train", "mismatch.commands.scan")}  # train's step-0 check is a real scan
+
+
 def test_only_the_cli_imports_the_commands_and_no_command_another():
-    """Each command is its own top: what two commands share lives in a room below them."""
+    """Each command is its own top: what two commands share lives in a room below them. A command that
+    runs another whole (RUNS_ANOTHER) calls its library function, as a user would."""
     commands = {f"mismatch.commands.{name}" for name in ("scan", "diagnose", "analyze", "train", "doctor")}
     assert commands <= set(MODULES)
     importers = {(name, dep) for name, deps in GRAPH.items() for dep in deps & commands}
-    assert {(name, dep) for name, dep in importers if name != "mismatch.cli"} == set()
+    assert {(name, dep) for name, dep in importers if name != "mismatch.cli"} == RUNS_ANOTHER
 
 
 def test_the_graph_is_read():

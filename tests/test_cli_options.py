@@ -99,7 +99,8 @@ def test_scan_help_groups_its_options_in_panels():
     assert result.exit_code == 0
     panels = re.findall(r"╭─ (.+?) ─", result.output)
     assert panels == ["Options", "Model", "Prompts", "Sampling", "Engine", "Reference / pairs", "LoRA", "Output"] + [
-        "CI gate"
+        "CI gate",
+        "Gradient impact",
     ]
 
 

@@ -151,6 +151,7 @@ def test_train_compare_cli_writes_both_runs_and_one_report(tiny_model, tmp_path)
             8,
             "--save-every",
             1,
+            "--no-step0-check",
             "--out",
             str(tmp_path),
         ],
@@ -179,6 +180,7 @@ def test_train_compare_cli_writes_both_runs_and_one_report(tiny_model, tmp_path)
         assert json.loads((tmp_path / dtype / "summary.json").read_text())["complete"]
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "BF16&#39;s k3 was above FP16&#39;s at" in html
+    assert 'id="impact"' in html  # step 0's (--impact-every 10); no advantage on the tiny model: no figure
     assert "bf16 step   0" in result.output and "fp16 step   1" in result.output
     (tmp_path / "report.html").unlink()
     rebuilt = CliRunner().invoke(app, ["report", str(tmp_path)])

@@ -11,23 +11,31 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from mismatch import runs
 from mismatch.commands.progress import Progress, Silent
 from mismatch.config import REFERENCE_DTYPE, ScanConfig
 from mismatch.engines import lora_refused_dtypes, refused_dtypes, start_engine
-from mismatch.errors import EngineError, ResumeError
-from mismatch.inputs.prepare import prepare_inputs
+from mismatch.errors import EngineError, PromptError, ResumeError
+from mismatch.inputs.prepare import Inputs, prepare_inputs
+from mismatch.learner.impact import rollout_impact
+from mismatch.learner.losses import group_advantages
+from mismatch.learner.rewards import rollout_rewards
 from mismatch.model.loading import available_memory, fp32_footprint
 from mismatch.model.lora import adapter_gap, merge_into, read_adapter
 from mismatch.model.probes import ActivationPeak
-from mismatch.model.rescore import load_trainer, rescore
+from mismatch.model.rescore import input_device, load_trainer, rescore
 from mismatch.model.routing import Routing, agreement_rows, is_moe, response_routing
 from mismatch.records import Rollout
 from mismatch.report import write_report
+from mismatch.stats.impact import ImpactResult
 from mismatch.stats.measures import Measures
 from mismatch.verdict.gate import evaluate
 from mismatch.verdict.recommend import recommend
+
+# FP16 backward: the coefficients scaled up as a loss scale is (GradScaler's first, then lower on overflow)
+IMPACT_FP16_SCALES = (2.0**16, 2.0**8, 1.0)
 
 RESUME_KEYS = (
     "model",
@@ -71,6 +79,7 @@ def run_scan(
         tokenizer = inputs.tokenizer
         prompt_ids = inputs.prompt_ids
         summary["skipped_prompts"] = inputs.skipped
+        impact_on = measures_impact(config, inputs.answers)
         summary["config"]["model_path"] = str(model_path)
 
     rollouts: dict[str, list[Rollout]] = {d: r for d, r in saved.items() if d in [*config.dtypes, REFERENCE_DTYPE]}
@@ -132,6 +141,9 @@ def run_scan(
         finally:
             shutil.rmtree(folder)
 
+    if impact_on:
+        with stage("impact"):
+            summary["impact"] = gradient_impact(config, scanned, accepted, inputs=inputs, progress=progress)
     with stage("metrics"):
         tokens, measures = measured(scanned, tokenizer, config)
         pairs_list = measures.pair_rows()
@@ -169,6 +181,7 @@ def run_scan(
                 engine=config.engine,
                 lora=adapter_comparison,
                 routing=routing_gap,
+                impact=summary.get("impact"),
             ),
         }
         if config.fail_on:
@@ -177,6 +190,68 @@ def run_scan(
     with stage("report"):
         write_report(out)
     return summary
+
+
+def measures_impact(config: ScanConfig, answers: list[str | None]) -> bool:
+    """Whether the scan measures the gradient impact: asked for, or by default when it can (answers, ≥ 2 samples)."""
+    has_answers = all(a is not None for a in answers)
+    if config.impact and not has_answers:
+        raise PromptError("--impact needs an 'answer' on every prompt: the reward is computed against it")
+    return config.impact if config.impact is not None else has_answers and config.samples >= 2
+
+
+def gradient_impact(
+    config: ScanConfig, scanned: Scanned, accepted: list[str], *, inputs: Inputs, progress: Progress
+) -> dict[str, ImpactResult]:
+    """Per engine dtype, the bias its mismatch puts in a GRPO gradient against the gradient's noise, on
+    its own rollouts: the trainer in the same dtype at θ = θ′ (the model scanned), rewards from the answers,
+    advantages normalised per prompt; the FP32 trainer's gradient for the rounding check (unless
+    --reference none)."""
+    results: dict[str, ImpactResult] = {}
+    pad_id = inputs.tokenizer.pad_token_id if inputs.tokenizer.pad_token_id is not None else 0
+    answers = [str(a) for a in inputs.answers]
+    reference = None
+    if config.reference != "none" and accepted != [REFERENCE_DTYPE]:
+        reference = trainable(load_trainer(inputs.model_path, REFERENCE_DTYPE, **_trainer_options(config)), config)
+    for dtype in accepted:
+        advance = progress.stage(f"gradient impact {dtype}", 1)
+        rollouts = scanned.rollouts[dtype]
+        texts = inputs.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+        rewards = rollout_rewards(texts, answers, [r.prompt_index for r in rollouts])
+        model = trainable(load_trainer(inputs.model_path, dtype, **_trainer_options(config)), config)
+        # π over the whole tempered distribution: a trainer's loss takes no nucleus (= logp_trainer at top-p 1)
+        logp_old = np.concatenate(scanned.scores[dtype, dtype]["logp_trainer_full"])
+        for scale in IMPACT_FP16_SCALES if dtype == "fp16" else (1.0,):
+            results[dtype] = rollout_impact(
+                model,
+                dtype,
+                rollouts,
+                logp_old=torch.tensor(logp_old, dtype=torch.float32, device=input_device(model)),
+                advantages=group_advantages(torch.tensor(rewards), config.samples).to(input_device(model)),
+                algo="grpo",
+                temperature=config.sampling.temperature,
+                pad_id=pad_id,
+                reference_model=None if dtype == REFERENCE_DTYPE else reference,
+                scale=scale,
+                seed=config.sampling.seed,
+                user_batch=config.train_batch,
+            )
+            if "non-finite" not in (results[dtype]["reason"] or ""):
+                break
+        del model
+        advance(1)
+    return results
+
+
+def trainable(model, config: ScanConfig):
+    """The parameters a trainer would update take gradients: a LoRA adapter's, else every one."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(not config.lora or "lora_" in name)
+    return model
+
+
+def _trainer_options(config: ScanConfig) -> dict[str, Any]:
+    return {"trust_remote_code": config.trust_remote_code, "lora": config.lora}
 
 
 def measured(scanned: Scanned, tokenizer, config: ScanConfig) -> tuple[pd.DataFrame, Measures]:

@@ -6,6 +6,11 @@ copy in --dtype runs forward and backward (on CPU, FP16 through the same faithfu
 rescoring); its gradients are unscaled into FP32, clipped and applied to the masters, which are
 then copied into the compute model and into the live engine. With --lora-rank the masters are a
 LoRA adapter's on the frozen base (`train.policy`).
+
+With --seeds N the loop runs once per (seed, dtype), the seeds pairing the dtypes; the root's
+validation.json and report.html put intervals on the differences (`stats.validation`). At step 0
+and every --impact-every steps the mismatch's gradient impact is measured before the update
+(`learner.impact`); the step-0 check scans step 0's prompts and compares its k3 with train's.
 """
 
 from __future__ import annotations
@@ -14,15 +19,17 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import pandas as pd
 import torch
 
 from mismatch import runs
-from mismatch.config import TrainConfig
+from mismatch.commands.scan import run_scan
+from mismatch.config import ScanConfig, TrainConfig
 from mismatch.engines import lora_refused_dtypes, start_engine
 from mismatch.errors import EngineError, PromptError
 from mismatch.inputs.prompts import Prompt, arithmetic_prompts, encode_prompts, load_prompts
@@ -34,7 +41,7 @@ from mismatch.model.loading import load_tokenizer, resolve_model
 from mismatch.model.precision import compute_context, default_device
 from mismatch.model.rescore import pad_batch, response_logprobs, token_batches
 from mismatch.records import Sampling
-from mismatch.stats import metrics
+from mismatch.stats import metrics, validation
 
 MICRO_BATCH_TOKENS = 2048  # padded tokens per forward/backward in the learner
 STEP_METRICS = (metrics.k1, metrics.k3, metrics.mean_abs_dp, metrics.max_abs_dp, metrics.min_ratio, metrics.max_ratio)
@@ -56,6 +63,7 @@ def tasks_for(config: TrainConfig) -> tuple[list[Prompt], list[str]]:
 class StepResult:
     row: dict  # the step's logged numbers
     tokens: dict = field(default_factory=dict)  # per-token μ and π_θ′ of the step's rollouts
+    impact: dict | None = None  # the gradient impact measured before the update (`--impact-every`), else None
 
 
 @dataclass
@@ -65,6 +73,8 @@ class Learned:
     loss: float
     logp_old: torch.Tensor  # log π_θ′ of every response token, the rollouts end to end
     entropy: torch.Tensor  # of each position's distribution, the same layout
+    impact: dict | None = None  # `rollout_impact`'s result at a measured step
+    impact_time: float = 0.0  # its seconds (inside the learner step)
 
 
 def engine_share(config: TrainConfig, device: torch.device, policy: LoraPolicy | FullPolicy) -> float | None:
@@ -194,7 +204,7 @@ class Trainer:
         logp_engine = torch.tensor(
             [lp for r in rollouts for lp in r.logp_engine], dtype=torch.float32, device=self.device
         )
-        learned = self._learn(rollouts, logp_engine, advantages)
+        learned = self._learn(rollouts, logp_engine, advantages, step=step)
         grad_norm, finite = self._apply_gradients()
         if self.sleeps:
             torch.cuda.empty_cache()  # this process's cached blocks back to the GPU, for the engine to take
@@ -219,7 +229,8 @@ class Trainer:
             "response_len": float(np.mean(lengths)),
             "step_time": time.perf_counter() - start,
             "generate_time": generated - start,
-            "learn_time": stepped - generated,
+            "learn_time": stepped - generated - learned.impact_time,
+            "impact_time": learned.impact_time,
             "sync_time": time.perf_counter() - stepped,
         }
         tokens = {
@@ -231,13 +242,18 @@ class Trainer:
             "logp_engine": mu,
             "logp_trainer": pi,
         }
-        return StepResult(row, tokens)
+        return StepResult(row, tokens, learned.impact)
 
-    def _learn(self, rollouts, logp_engine: torch.Tensor, advantages: torch.Tensor) -> Learned:
+    def impact_due(self, step: int) -> bool:
+        """Step 0 and every --impact-every steps (never with 0)."""
+        return self.config.impact_every > 0 and step % self.config.impact_every == 0
+
+    def _learn(self, rollouts, logp_engine: torch.Tensor, advantages: torch.Tensor, *, step: int) -> Learned:
         """Backpropagate the loss through the compute copy in micro-batches; memory stays bounded.
 
         Pass 1 (no grad) gives log π_θ′ and the entropy; the loss's gradient with respect to each
-        token's log-probability is taken there, exactly, whatever the loss. Pass 2 recomputes each
+        token's log-probability is taken there, exactly, whatever the loss. At a measured step the
+        gradient impact is taken here, at θ = θ′ before any gradient exists. Pass 2 recomputes each
         micro-batch with grad and backpropagates that gradient (times the loss scale) through it.
         """
         config = self.config
@@ -252,6 +268,12 @@ class Trainer:
             parts = [response_logprobs(self.compute, b, config.temperature, with_entropy=True) for b in batches]
         logp_old = torch.cat([p.logp for p in parts])
         entropy = torch.cat([cast(torch.Tensor, p.entropy) for p in parts])  # asked for: never None
+        impact = None
+        impact_time = 0.0
+        if self.impact_due(step):
+            started = time.perf_counter()
+            impact = self._impact(rollouts, logp_old, advantages, step)
+            impact_time = time.perf_counter() - started
         lengths = [len(r.response_ids) for r in rollouts]
         logp = logp_old.clone().requires_grad_()
         loss = LOSSES[config.algo](
@@ -268,7 +290,30 @@ class Trainer:
             with compute_context(self.dtype, self.device):
                 micro = response_logprobs(self.compute, batch, config.temperature).logp
             micro.backward(grad)
-        return Learned(loss.item(), logp_old, entropy)
+        return Learned(loss.item(), logp_old, entropy, impact, impact_time)
+
+    def _impact(self, rollouts, logp_old: torch.Tensor, advantages: torch.Tensor, step: int) -> dict:
+        """The mismatch's gradient bias against the step's noise on this step's rollouts, at θ = θ′, with
+        the loss in use; the FP32 masters as the reference gradient (a full policy in 16 bits)."""
+        from mismatch.learner.impact import rollout_impact
+
+        reference = self.policy.master if isinstance(self.policy, FullPolicy) and self.dtype != "fp32" else None
+        result = rollout_impact(
+            self.compute,
+            self.dtype,
+            rollouts,
+            logp_old=logp_old,
+            advantages=advantages,
+            algo=self.config.algo,
+            temperature=self.config.temperature,
+            pad_id=self.pad_id,
+            reference_model=reference,
+            scale=self.scaler.scale,
+            folds=min(8, self.config.prompts_per_step),
+            seed=self.config.seed * 100_003 + step,
+            user_batch=None,
+        )
+        return dict(result)
 
     def _apply_gradients(self) -> tuple[float, bool]:
         """Unscale the compute copy's gradients into FP32 master grads; clip and step if finite."""
@@ -315,25 +360,35 @@ def to_padded(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 def run_training(
     config: TrainConfig, on_step: Callable[[str, dict], None] | None = None, *, force: bool = False
 ) -> list[dict]:
-    """One run per dtype of `config.dtypes` (same seed and data order), then one report.html over
-    all of them in `config.out`. Ctrl-C ends the current run cleanly with what it has, and the
-    runs after it are not started. Returns each run's summary."""
-    from mismatch.report.training import render_training
+    """One run per seed and dtype (`config.seed_list()` × `config.dtypes`, seed-major: each seed's
+    dtypes share data order and sampling seeds), then validation.json and one report.html over all
+    of them in `config.out`. Ctrl-C ends the current run cleanly with what it has, and the runs
+    after it are not started. Returns each run's summary."""
+    from mismatch.report.training import load_runs, render_training, training_validation
 
     runs.check_output_dir(config.out, force)
     if config.lora_rank:
         check_lora_dtypes(lora_refused_dtypes(config.engine, config.dtypes))
-    folders = runs.train_layout(config.out, config.dtypes)
+    seeds = config.seed_list()
+    folders = runs.train_layout(config.out, config.dtypes, seeds)
     summaries = []
-    for dtype, folder in folders.items():
-        log_step = (lambda row, d=dtype: on_step(d, row)) if on_step else None
-        summaries.append(train_one(config, dtype, folder, on_step=log_step))
+    for (seed, dtype), folder in folders.items():
+        label = dtype if len(seeds) == 1 else f"{dtype} seed {seed}"
+        log_step = (lambda row, name=label: on_step(name, row)) if on_step else None
+        summaries.append(
+            train_one(
+                replace(config, seed=seed),
+                dtype,
+                folder,
+                on_step=log_step,
+                step0_check=config.step0_check and seed == seeds[0],
+            )
+        )
         if summaries[-1]["interrupted"]:
             break
-    runs.write_text(
-        config.out / runs.REPORT_HTML,
-        render_training({d: f for d, f in folders.items() if (f / runs.STEP_METRICS).is_file()}),
-    )
+    done = {key: f for key, f in folders.items() if (f / runs.STEP_METRICS).is_file()}
+    runs.write_json(config.out / runs.VALIDATION, dict(training_validation(load_runs(done, tokens=False))))
+    runs.write_text(config.out / runs.REPORT_HTML, render_training(done))
     return summaries
 
 
@@ -344,17 +399,20 @@ def train_one(
     *,
     on_step: Callable[[dict], None] | None = None,
     reward_fn: Callable[[str, str], float] = reward,
+    step0_check: bool = False,
 ) -> dict:
     """Train in `dtype` into `out`: metrics.csv after every step; at the end metrics.parquet,
-    tokens.parquet (μ and π_θ′ per token and step), checkpoints and summary.json."""
-    import pandas as pd
-
+    tokens.parquet (μ and π_θ′ per token and step), checkpoints and summary.json; impact.jsonl and
+    summary.json `impact` at the measured steps. With `step0_check`, once the run is complete, the
+    step-0 check (`check_step0`) into summary.json `step0_check`."""
     log = runs.RunLog(out, "train", config.to_json(dtype))
     trainer = Trainer(config, dtype, reward_fn=reward_fn, live=out / ".live-adapter")
     log.summary["policy"] = parameter_counts(trainer.policy)
     log.summary["engine_execution"] = trainer.engine.execution  # eager or compiled graphs, as the engine resolved it
+    first_tasks = [trainer.tasks[i] for i in trainer.batch_indices(0)]
     rows: list[dict] = []
     tokens: list[pd.DataFrame] = []
+    impacts: list[dict] = []
     interrupted = False
     try:
         for step in range(config.steps):
@@ -362,6 +420,11 @@ def train_one(
             rows.append(result.row)
             tokens.append(pd.DataFrame(result.tokens))
             runs.write_train_steps(out, rows)
+            if result.impact is not None:
+                impacts.append({"step": step, **result.impact})
+                runs.write_jsonl(out / runs.IMPACT, impacts)
+                log.summary["impact"] = impacts
+                log.save()
             if on_step:
                 on_step(result.row)
             if config.save_every and (step + 1) % config.save_every == 0:
@@ -378,4 +441,53 @@ def train_one(
     trainer.save(out / "checkpoint-final")
     log.summary |= {"interrupted": interrupted, "steps_done": len(rows)}
     log.finish(complete=not interrupted)
+    if step0_check and tokens and not interrupted:
+        try:
+            with log.stage("step0_check"):
+                log.summary["step0_check"] = check_step0(config, dtype, out, tasks=first_tasks, tokens=tokens[0])
+        except KeyboardInterrupt:  # the run is complete; the runs after it are not started
+            log.summary |= {"step0_check": {"dtype": dtype, "skipped": "interrupted (Ctrl-C)"}, "interrupted": True}
+            log.save()
     return log.summary
+
+
+def step0_sampling_seed(config: TrainConfig) -> int:
+    """The step-0 scan's sampling seed: one no step of the run samples with (step s uses seed·100003 + s)."""
+    return config.seed * 100_003 + config.steps
+
+
+def check_step0(config: TrainConfig, dtype: str, out: Path, *, tasks: list[Prompt], tokens: pd.DataFrame) -> dict:
+    """The step-0 check: a real scan (engine and trainer in `dtype`, no FP32 reference) of step 0's
+    prompts with the run's group size, max tokens and temperature, a sample independent of
+    train's, into OUT/step0-scan/; its k3 against train's step-0 k3 between μ and π_θ′
+    (`stats.validation.step0_check`). A LoRA run is not checked: the scan would serve the
+    base model, not the adapter's LoRA request."""
+    if config.lora_rank:
+        return {"dtype": dtype, "skipped": "a LoRA run: its engine serves a LoRA request, a scan of the base does not"}
+    prompts = out / "step0-prompts.jsonl"
+    runs.write_jsonl(prompts, [{"messages": list(t.messages), "answer": t.answer} for t in tasks])
+    seed = step0_sampling_seed(config)
+    scan = ScanConfig(
+        model=config.model,
+        engine=config.engine,
+        dtypes=[dtype],
+        out=out / runs.STEP0_SCAN,
+        sampling=Sampling(temperature=config.temperature, max_tokens=config.max_tokens, seed=seed),
+        prompts=prompts,
+        samples=config.group_size,
+        max_model_len=config.max_model_len,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        enforce_eager=config.enforce_eager,
+        semantic_probe=0,
+        reference="none",
+    )
+    run_scan(scan, force=True)
+    scanned = runs.load_scan(scan.out).tokens
+    scanned = scanned[(scanned["engine_dtype"] == dtype) & (scanned["trainer_dtype"] == dtype)]
+    check = validation.step0_check(
+        dtype,
+        validation.k3_clusters(tokens["logp_trainer"], tokens["logp_engine"], tokens["prompt_index"]),
+        validation.k3_clusters(scanned["logp_trainer"], scanned["logp_engine"], scanned["prompt_index"]),
+        seed=seed,
+    )
+    return dict(check) | {"scan": runs.STEP0_SCAN, "sampling_seed": seed}

@@ -21,6 +21,7 @@ class Inputs:
     tokenizer: PreTrainedTokenizerBase
     prompt_ids: list[list[int]]  # the prompts that fit, in order
     skipped: list[int]  # indices of the prompts that do not fit
+    answers: list[str | None]  # of the prompts that fit (None: the prompt has no answer)
 
 
 def prepare_inputs(config: ScanConfig) -> Inputs:
@@ -34,7 +35,9 @@ def prepare_inputs(config: ScanConfig) -> Inputs:
     kept, skipped = fit_context(
         prompt_ids, context_length(model_path, config), config.sampling.max_tokens, config.strict
     )
-    return Inputs(model_path, tokenizer, kept, skipped)
+    left_out = set(skipped)
+    answers = [p.answer for i, p in enumerate(prompts) if i not in left_out]
+    return Inputs(model_path, tokenizer, kept, skipped, answers)
 
 
 def context_length(model_path, config: ScanConfig) -> int | None:

@@ -22,3 +22,8 @@ def final_number(text: str) -> float | None:
 def reward(response: str, answer: str) -> float:
     value = final_number(response)
     return float(value is not None and value == float(answer))
+
+
+def rollout_rewards(texts: list[str], answers: list[str], prompt_indices: list[int]) -> list[float]:
+    """The reward of each decoded response against its prompt's answer."""
+    return [reward(text, answers[p]) for text, p in zip(texts, prompt_indices, strict=True)]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mismatch.report.values import percent
+from mismatch.report.values import interval, number, percent, ratio
 from mismatch.runs import AnalyzeRun, ScanRun
 from mismatch.stats import measures
+from mismatch.stats.impact import Estimate, ImpactResult
 from mismatch.stats.measures import WorstToken
 from mismatch.stats.metrics import PairRow
 
@@ -125,3 +126,76 @@ def headroom_text(headroom: dict[str, Any]) -> str:
         f"largest |activation| {headroom['max_abs_activation']:.4g} in {headroom['module']} = "
         f"{percent(headroom['fraction_of_limit'])} of 65504"
     )
+
+
+IMPACT_COLUMNS = (
+    "engine dtype",
+    "sequences (prompts × samples)",
+    "bias / noise at B",
+    "at your batch",
+    "B* (sequences)",
+    "‖b‖ / ‖E v‖",
+    "angle u, v",
+    "ρ: ESS, mean [95% CI]",
+    "FP32 gradient: cosine, rel. error",
+    "measurable",
+)
+IMPACT_CORRECTION_COLUMNS = ("engine dtype", "correction", "clamped", "bias² left [95% CI]", "noise vs u")
+
+
+def impact_rows(impact: dict[str, ImpactResult]) -> list[list[str]]:
+    """One row per engine dtype of summary.json `impact`, in IMPACT_COLUMNS' order, as text."""
+    rows = []
+    for dtype, result in impact.items():
+        star = result["batch_star"]
+        at_least = result["batch_star_at_least"]
+        if star["low"] is not None:
+            star_text = f"{number(star['value'], '.3g')} {interval(star['low'], star['high'], '.3g')}"
+        else:
+            star_text = f"> {number(at_least, '.3g')}" if at_least is not None else "—"
+        user = result["bias_to_noise_at_user_batch"]
+        rounding = result["rounding"]
+        rho = result["rho_mean"]
+        rows.append(
+            [
+                dtype,
+                f"{result['sequences']} ({result['groups']} × {result['group_size']})",
+                _share(result["bias_to_noise"]),
+                f"{_share(user)} at {result['user_batch']}" if user is not None else "—",
+                star_text,
+                number(result["bias_to_signal"], ".2g"),
+                "—" if result["angle_degrees"] is None else f"{result['angle_degrees']:.2g}°",
+                f"{percent(result['rho_ess'])}, {number(rho['value'], '.4f')}"
+                f" {interval(rho['low'], rho['high'], '.4f')}",
+                "—"
+                if rounding is None
+                else f"{number(rounding['cosine'], '.6f')}, {number(rounding['relative_error'], '.2e')}",
+                "yes" if result["measurable"] else f"no: {result['reason']}",
+            ]
+        )
+    return rows
+
+
+def impact_correction_rows(impact: dict[str, ImpactResult]) -> list[list[str]]:
+    """Per engine dtype and correction: the share of units it clamped, the bias it leaves, the noise it adds."""
+    return [
+        [
+            dtype,
+            c["correction"],
+            percent(c["share_clamped"]),
+            f"{number(c['bias_sq']['value'])} {interval(c['bias_sq']['low'], c['bias_sq']['high'])}",
+            ratio(c["noise_ratio"]),
+        ]
+        for dtype, result in impact.items()
+        for c in result["corrections"]
+    ]
+
+
+def _share(estimate: Estimate | None) -> str:
+    """‖b‖/σ as a percentage of one step's noise, with its interval."""
+    if estimate is None or estimate["value"] is None:
+        return "—"
+    low = estimate["low"]
+    high = estimate["high"]
+    bounds = f" [{percent(low)}, {percent(high)}]" if low is not None or high is not None else ""
+    return percent(estimate["value"]) + bounds

@@ -9,7 +9,15 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from mismatch.report import plots, values
 from mismatch.report.compare import differences, side_by_side
-from mismatch.report.content import analyze_facts, header_facts, worst_tokens
+from mismatch.report.content import (
+    IMPACT_COLUMNS,
+    IMPACT_CORRECTION_COLUMNS,
+    analyze_facts,
+    header_facts,
+    impact_correction_rows,
+    impact_rows,
+    worst_tokens,
+)
 from mismatch.report.frameworks import METRIC_NOTES, settings_for
 from mismatch.runs import AnalyzeRun, ScanRun
 from mismatch.stats.metrics import BOOTSTRAP_DRAWS
@@ -50,6 +58,7 @@ def render_report(run: ScanRun) -> str:
     recommendation = run.summary["recommendation"]
     config = run.summary["config"]
     analyzed = isinstance(run, AnalyzeRun)
+    impact = run.summary.get("impact", {})
     return (
         environment()
         .get_template("report.html.j2")
@@ -75,6 +84,12 @@ def render_report(run: ScanRun) -> str:
             n_boot=BOOTSTRAP_DRAWS,
             figures=figures(run),
             worst=worst_tokens(run, WORST_TOKENS),
+            impact=impact,
+            impact_folds=", ".join(sorted({str(r["folds"]) for r in impact.values()})),
+            impact_columns=IMPACT_COLUMNS,
+            impact_rows=impact_rows(impact),
+            impact_correction_columns=IMPACT_CORRECTION_COLUMNS,
+            impact_correction_rows=impact_correction_rows(impact),
             run_path=run.path,
         )
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mismatch.report.compare import differences, side_by_side
-from mismatch.report.content import analyze_facts, header_facts, pair_rows, worst_tokens
+from mismatch.report.content import IMPACT_COLUMNS, analyze_facts, header_facts, impact_rows, pair_rows, worst_tokens
 from mismatch.report.values import FIXED, interval, number, percent, ratio, tokens_cell
 from mismatch.runs import AnalyzeRun, ScanRun
 from mismatch.stats.measures import WorstToken
@@ -76,6 +76,8 @@ def _render(run: ScanRun, worst: list[WorstToken]) -> str:
         "ℓ = log π(trainer) − log μ(engine) over sampled response tokens; k3 = mean(e^ℓ − 1 − ℓ) estimates KL[μ‖π].",
         "",
     ]
+    if impact := run.summary.get("impact"):
+        lines += _impact_lines(impact)
     facts = analyze_facts(run) if isinstance(run, AnalyzeRun) else header_facts(run)
     lines += [" · ".join(f"{name}: {escape(value)}" for name, value in facts if name != "tokens"), ""]
     lines += _checks(run.summary)
@@ -84,6 +86,17 @@ def _render(run: ScanRun, worst: list[WorstToken]) -> str:
     version = escape(str(run.summary.get("versions", {}).get("mismatch")))
     lines.append(f"<sub>mismatch {version} · every number is recomputable from the run's tokens.parquet</sub>")
     return "\n".join(lines) + "\n"
+
+
+def _impact_lines(impact: dict[str, Any]) -> list[str]:
+    """The gradient impact table: bias against one step's noise, B*, per engine dtype."""
+    lines = [
+        "**Does the gap matter for training?** The GRPO gradient's bias from the mismatch against one step's noise:",
+        "",
+    ]
+    lines += [row(list(IMPACT_COLUMNS)), "|---|" + "--:|" * (len(IMPACT_COLUMNS) - 2) + "---|"]
+    lines += [row([escape(cell) for cell in cells]) for cells in impact_rows(impact)]
+    return [*lines, ""]
 
 
 def _worst_lines(worst: list[WorstToken]) -> list[str]:

@@ -9,7 +9,9 @@ from mismatch.stats.audit import AuditRow
 from mismatch.stats.corrections import CorrectionRow
 from mismatch.stats.drift import DriftRow
 from mismatch.stats.health import HealthRow
+from mismatch.stats.impact import ImpactResult
 from mismatch.stats.metrics import PairRow
+from mismatch.verdict.impact import impact_summary
 
 STRONG_CUT = 3.0  # FP16 must cut k3 by at least this factor to be worth a switch
 FLOOR_FACTOR = 2.0  # within this factor of the FP32/FP32 gap counts as "at the floor"
@@ -70,6 +72,7 @@ def recommend(
     engine: str = "vllm",
     lora: list[dict[str, Any]] | None = None,
     routing: list[dict[str, Any]] | None = None,
+    impact: dict[str, ImpactResult] | None = None,
 ) -> Recommendation:
     """A verdict code, one sentence with the numbers behind it, and the settings to change.
 
@@ -77,7 +80,8 @@ def recommend(
     `refused` the dtypes the engine would not run (with its reason); `probe` the semantic probe's
     plan (`prompts`, or why it was `skipped`), whose result is the FP32/FP32 pair; `lora` the
     adapter-applied against merged comparison of a LoRA scan (`lora.adapter_gap`); `routing` the
-    MoE routing rows of each pair (`routing.routing_and_gap`, summary.json routing.gap).
+    MoE routing rows of each pair (`routing.routing_and_gap`, summary.json routing.gap); `impact` the
+    gradient impact per engine dtype (summary.json impact), said after the verdict in its own words.
     """
     refused = refused or {}
     probe = probe or {}
@@ -97,7 +101,10 @@ def recommend(
             f" (Semantic probe skipped: {probe['skipped']}. This verdict rests on the precision pairs alone and "
             "cannot rule out an implementation difference between engine and trainer.)"
         )
-    return with_router_replay(_with_adapter_path(verdict, lora or []), routing or [])
+    verdict = with_router_replay(_with_adapter_path(verdict, lora or []), routing or [])
+    if impact:
+        verdict["summary"] += " " + impact_summary(impact)
+    return verdict
 
 
 def with_router_replay(verdict: Recommendation, gap: list[dict[str, Any]]) -> Recommendation:

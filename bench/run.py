@@ -450,6 +450,89 @@ def lora_step_goal(raw: dict, rank: int = 16) -> list[dict]:
     ]
 
 
+def impact_goals(raw: dict) -> list[dict]:
+    """The gradient impact's price against one learner step of the same batch (pass 1, the loss, pass 2
+    backward and the optimiser step), in BF16 on one step's real rollouts: u and v (bias, noise, B*)
+    against a target; each correction and the FP32 cosine priced alone, as what they add to u and v."""
+    from mismatch.commands.train import Trainer
+    from mismatch.config import TrainConfig
+    from mismatch.learner.impact import rollout_impact
+    from mismatch.learner.losses import group_advantages
+    from mismatch.learner.rewards import rollout_rewards
+    from mismatch.stats.corrections import CORRECTIONS
+
+    shape = {k: TRAIN[k] for k in ("prompts_per_step", "group_size", "max_tokens")}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(
+            model=MODEL, engine="vllm", dtypes="bf16", out=Path(tmp), impact_every=0, step0_check=False, **shape
+        )
+        trainer = Trainer(config, "bf16")
+        try:
+            chosen = trainer.batch_indices(0)
+            sampling = Sampling(temperature=config.temperature, max_tokens=config.max_tokens, seed=0)
+            rollouts = trainer.engine.generate([trainer.prompt_ids[i] for i in chosen], config.group_size, sampling)
+            texts = trainer.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+            answers = [trainer.answers[i] for i in chosen]
+            rewards = rollout_rewards(texts, answers, [r.prompt_index for r in rollouts])
+            advantages = group_advantages(torch.tensor(rewards), config.group_size)
+            logp_engine = torch.tensor([lp for r in rollouts for lp in r.logp_engine], dtype=torch.float32)
+            logp_old = trainer._learn(rollouts, logp_engine, advantages, step=0).logp_old
+
+            def learner_step():
+                trainer._learn(rollouts, logp_engine, advantages, step=0)
+                trainer._apply_gradients()
+
+            def impact(corrections=(), reference=None):
+                return lambda: rollout_impact(
+                    trainer.compute,
+                    "bf16",
+                    rollouts,
+                    logp_old=logp_old,
+                    advantages=advantages,
+                    algo=config.algo,
+                    temperature=config.temperature,
+                    pad_id=trainer.pad_id,
+                    corrections=corrections,
+                    reference_model=reference,
+                )
+
+            step_s, uv_s = interleaved(learner_step, impact())
+            extras = {c.name: impact((c,)) for c in CORRECTIONS} | {
+                "fp32_cosine": impact(reference=trainer.policy.master)
+            }
+            extra_s = {name: interleaved(learner_step, run, pairs=3) for name, run in extras.items()}
+            signal = impact()()["share_groups_with_signal"]
+        finally:
+            trainer.close()
+    raw["impact"] = {
+        **shape,
+        "dtype": "bf16",
+        "share_groups_with_signal": signal,
+        "learner_step_s": step_s,
+        "u_v_s": uv_s,
+        "extra_s": extra_s,
+    }
+    uv = statistics.median(uv_s)
+    goals = [
+        goal(
+            f"gradient impact u and v (bias, noise, B*) / one learner step of the same batch (bf16, {PAIRS} pairs)",
+            [b / a for a, b in zip(step_s, uv_s, strict=True)],
+            1.5,
+            lower_is_better=True,
+        )
+    ]
+    for name, (steps, with_extra) in extra_s.items():
+        goals.append(
+            goal(
+                f"gradient impact: what {name} adds to u and v / one learner step (priced alone, 3 pairs)",
+                [(b - uv) / a for a, b in zip(steps, with_extra, strict=True)],
+                1.0,
+                lower_is_better=True,
+            )
+        )
+    return goals
+
+
 def diagnose_goal(raw: dict) -> dict:
     """A default diagnose against a default scan on the same prompts, interleaved."""
     from mismatch.commands.diagnose import run_diagnose
@@ -560,6 +643,7 @@ GOALS = {
     "diagnose": lambda raw: [diagnose_goal(raw)],
     "analyze": lambda raw: [analyze_memory_goal(raw)],
     "train": lambda raw: [train_goal(raw)],
+    "impact": impact_goals,
     "lora": lora_step_goal,
     "wall_times": timed_commands,
 }

@@ -23,7 +23,9 @@ from mismatch.stats.corrections import with_thresholds
 from mismatch.verdict.gate import Condition, check_pairs, parse_condition
 
 REFERENCE_DTYPE = "fp32"
-DEFAULT_NUM_PROMPTS = 64  # for the built-in arithmetic set; a prompt file is used whole
+DEFAULT_NUM_PROMPTS = 64  # for a built-in set; a prompt file is used whole
+SANITY_SET = "builtin:sanity"  # mismatch.inputs.prompts.BUILTIN_SETS: problems the embedded model solves 20–80%
+ARITHMETIC_SET = "builtin:arithmetic"  # of the time; arithmetic it solves ~4% of the time
 PAIR_MODES = ("default", "all")
 ALGOS = ("grpo", "gspo", "token-tis", "seq-mis", "pg-seq-is")  # mismatch.learner.losses.LOSSES
 
@@ -85,7 +87,9 @@ def names(text: str) -> list[str]:
 
 # Options that more than one config declares.
 PROMPT_FILE = Option(
-    "Prompt file: .jsonl (prompt or messages, optional answer), .txt, .csv or .parquet (prompt column).", Panel.PROMPTS
+    f"A built-in set ({SANITY_SET}, {ARITHMETIC_SET}) or a prompt file: .jsonl (prompt or messages, optional"
+    " answer), .txt, .csv or .parquet (prompt column).",
+    Panel.PROMPTS,
 )
 TEMPERATURE = Option("Sampling temperature (> 0).", Panel.SAMPLING)
 MAX_TOKENS = Option("Maximum new tokens per response.", Panel.SAMPLING)
@@ -276,8 +280,15 @@ class ScanConfig:
             "enforce_eager": self.enforce_eager,
         }
 
+    def prompt_set(self) -> Path | str:
+        """--prompts, else a built-in set: the sanity problems when each prompt has a group of samples to reward
+        (--samples ≥ 2, where the gradient impact is measured), else the arithmetic one (the scan as before)."""
+        if self.prompts is not None:
+            return self.prompts
+        return SANITY_SET if self.samples >= 2 else ARITHMETIC_SET
+
     def to_json(self) -> dict:
-        return _json(self) | {"pairs": [list(p) for p in self.pairs()]}
+        return _json(self) | {"pairs": [list(p) for p in self.pairs()], "prompts": str(self.prompt_set())}
 
 
 @dataclass
@@ -375,9 +386,14 @@ class TrainConfig:
         """The seeds of the runs: --seed, --seed + 1, … (--seeds of them)."""
         return list(range(self.seed, self.seed + self.seeds))
 
+    def prompt_set(self) -> Path | str:
+        """--prompts, else the built-in sanity set: problems the embedded model solves 20–80% of the time, so
+        that most groups carry a reward signal (it solves the arithmetic set ~4% of the time)."""
+        return SANITY_SET if self.prompts is None else self.prompts
+
     def to_json(self, dtype: str) -> dict:
         """The settings of the run in `dtype` (what its summary.json records)."""
-        return _json(self) | {"dtype": dtype}
+        return _json(self) | {"dtype": dtype, "prompts": str(self.prompt_set())}
 
 
 @dataclass
@@ -426,6 +442,12 @@ class DiagnoseConfig(ScanConfig):
         _at_least("--topk", self.topk)
         _at_least("--layer-sequences", self.layer_sequences)
         _at_least("--alone-sequences", self.alone_sequences)
+
+    def prompt_set(self) -> Path | str:
+        """As scan's; but a scan that recorded no prompt set (`--from`) ran before the sanity set: arithmetic."""
+        if self.prompts is None and self.from_run is not None:
+            return ARITHMETIC_SET
+        return super().prompt_set()
 
 
 @dataclass

@@ -255,3 +255,26 @@ def test_policy_memory_counts_masters_compute_copy_and_optimizer(dtype, tiny_mod
     copy = 0 if dtype == "fp32" else 2 * numel  # an FP32 run computes in its masters
     assert (memory.masters, memory.compute, memory.weights) == (4 * numel, copy, copy or 4 * numel)
     assert memory.optimizer == 3 * 4 * numel + copy  # two AdamW moments, FP32 grads, the copy's grads
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_the_compute_copy_scores_exactly_as_the_scans_trainer(dtype, tiny_model):
+    """The 16-bit copy of the FP32 master keeps RoPE's inv_freq in FP32, as `load_trainer` does: train's
+    π_θ′ at step 0 is the scan's π, token for token (`Module.to` rounded the buffer: up to 0.05 apart)."""
+    from mismatch.records import Rollout
+
+    policy = FullPolicy(tiny_model, dtype, torch.device("cpu"))
+    rollouts = [
+        Rollout(
+            prompt_index=0,
+            sample_index=0,
+            prompt_ids=list(range(5, 25)),
+            response_ids=list(range(30, 94)),
+            logp_engine=[0.0] * 64,
+            finish_reason="length",
+        )
+    ]
+    scanned = rescore(load_trainer(tiny_model, dtype), dtype, rollouts, 1.0)["logp_trainer"][0]
+    copied = rescore(policy.compute, dtype, rollouts, 1.0)["logp_trainer"][0]
+    assert np.array_equal(copied, scanned)
+    assert {b.dtype for b in policy.compute.buffers() if b.is_floating_point()} == {torch.float32}

@@ -4,6 +4,7 @@ rebuilt from the folders; the gradient impact at the chosen steps; the step-0 ch
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,6 +18,7 @@ from mismatch.stats.metrics import pair_metrics
 from mismatch.stats.validation import k3_clusters, step0_check
 
 TINY_RUN = ("--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-tokens", "6", "--engine", "hf")
+TINY_RUN += ("--prompts", "builtin:arithmetic")  # whatever the default set: the tiny model earns no reward anyway
 
 
 def train(tiny_model, out, *args):
@@ -27,7 +29,14 @@ def train(tiny_model, out, *args):
 
 def test_a_seed_pairs_the_dtypes_same_prompts_and_data_order_and_sampling_seeds(tiny_model, tmp_path):
     config = TrainConfig(
-        model=str(tiny_model), engine="hf", dtypes="bf16,fp16", out=tmp_path, seed=5, seeds=2, num_prompts=16
+        model=str(tiny_model),
+        engine="hf",
+        dtypes="bf16,fp16",
+        out=tmp_path,
+        seed=5,
+        seeds=2,
+        num_prompts=16,
+        prompts=Path("builtin:arithmetic"),
     )
     order = {}
     for seed in config.seed_list():
@@ -205,6 +214,7 @@ def test_the_report_calls_established_only_what_the_interval_excludes(tmp_path):
     )
     assert "fp16's k3 is 0.01× bf16's" in html and "established: the 95% interval excludes 1" in html
     assert (
-        "bf16, step 0: at a batch of 4 sequences the bias is 50% of one step's noise; they are equal at B* ≈ 16" in html
+        "bf16, step 0: at a batch of 4 sequences the bias is 50% of one step's noise (95% interval 25%–100%);"
+        " they are equal at B* ≈ 16 [5.33, 48]" in html
     )
     assert html.count("data:image/png;base64,") == 4  # curves, impact, two scatters

@@ -5,17 +5,19 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from mismatch.stats.validation import (
     ONE_SEED,
-    bootstrap_difference_ci,
     final_window,
     k3_clusters,
     paired_difference,
+    ratio_variance,
     step0_check,
     step_bands,
     t_interval,
     validate,
+    welch_difference_ci,
 )
 
 T_2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom
@@ -125,21 +127,37 @@ def test_k3_clusters_sum_the_finite_k3_terms_per_prompt():
     assert sums["counts"].tolist() == [2, 1]
 
 
-def test_bootstrap_difference_of_constant_clusters_is_the_difference_itself():
+def test_welch_interval_of_the_difference_by_hand():
+    first = {"totals": np.array([1.0, 3.0]), "counts": np.array([1.0, 1.0])}  # mean 2; residuals ±1: V = 2/(2·1) = 1
+    second = {"totals": np.array([4.0, 8.0, 6.0]), "counts": np.array([2.0, 2.0, 2.0])}  # mean 3; V = 8/(3·2)/2² = 1/3
+    assert ratio_variance(first) == pytest.approx(1.0) and ratio_variance(second) == pytest.approx(1 / 3)
+    dof = (4 / 3) ** 2 / (1 / 1 + (1 / 3) ** 2 / 2)  # Welch–Satterthwaite: 32/19
+    half = stats.t.ppf(0.975, dof) * math.sqrt(4 / 3)
+    assert welch_difference_ci(first, second) == pytest.approx((1 - half, 1 + half))
+    check = step0_check("bf16", first, second)
+    assert (check["train_k3"], check["scan_k3"], check["difference"]) == pytest.approx((2.0, 3.0, 1.0))
+    assert check["agrees"] is True  # the interval 1 ± 11.6 contains 0
+
+
+def test_constant_clusters_give_the_difference_itself_and_one_prompt_no_interval():
     first = {"totals": np.array([1.0, 2.0]), "counts": np.array([10.0, 20.0])}  # every prompt: mean 0.1
     second = {"totals": np.array([3.0, 6.0, 0.3]), "counts": np.array([10.0, 20.0, 1.0])}  # 0.3
-    assert bootstrap_difference_ci(first, second) == pytest.approx((0.2, 0.2))
-    check = step0_check("bf16", first, second)
-    assert (check["train_k3"], check["scan_k3"], check["difference"]) == pytest.approx((0.1, 0.3, 0.2))
-    assert check["agrees"] is False
+    assert welch_difference_ci(first, second) == pytest.approx((0.2, 0.2))
+    assert step0_check("bf16", first, second)["agrees"] is False
+    one = {"totals": np.array([1.0]), "counts": np.array([10.0])}
+    assert all(math.isnan(end) for end in welch_difference_ci(one, second))
 
 
-def test_two_samples_of_the_same_distribution_agree_in_about_95_of_100_checks():
+def cluster_samples(rng, prompts: int, shape: float):
+    counts = rng.integers(20, 60, size=prompts).astype(np.float64)
+    return {"totals": rng.gamma(shape, 0.01, size=prompts) * counts, "counts": counts}
+
+
+def test_two_samples_of_the_same_distribution_agree_in_about_95_percent_of_checks():
+    """8 prompts a side, skewed per-prompt k3: Welch's interval covers the true difference 0 in 92–99% of
+    400 pairs (the percentile bootstrap of each side, resampled independently, covers ~88%)."""
     rng = np.random.default_rng(3)
-
-    def sample():
-        counts = rng.integers(20, 60, size=8).astype(np.float64)
-        return {"totals": rng.gamma(2.0, 0.01, size=8) * counts, "counts": counts}
-
-    agreed = sum(step0_check("bf16", sample(), sample(), seed=i)["agrees"] for i in range(100))
-    assert 85 <= agreed <= 100
+    agreed = [
+        step0_check("bf16", cluster_samples(rng, 8, 2.0), cluster_samples(rng, 8, 2.0))["agrees"] for _ in range(400)
+    ]
+    assert 0.92 <= np.mean(agreed) <= 0.99

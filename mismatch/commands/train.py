@@ -32,7 +32,7 @@ from mismatch.commands.scan import run_scan
 from mismatch.config import ScanConfig, TrainConfig
 from mismatch.engines import lora_refused_dtypes, start_engine
 from mismatch.errors import EngineError, PromptError
-from mismatch.inputs.prompts import Prompt, arithmetic_prompts, encode_prompts, load_prompts
+from mismatch.inputs.prompts import Prompt, encode_prompts, read_prompts
 from mismatch.learner.losses import LOSSES, group_advantages
 from mismatch.learner.policy import FullPolicy, LoraPolicy, PolicyMemory, parameter_counts, policy_memory
 from mismatch.learner.rewards import reward
@@ -49,13 +49,10 @@ STEP_METRICS = (metrics.k1, metrics.k3, metrics.mean_abs_dp, metrics.max_abs_dp,
 
 def tasks_for(config: TrainConfig) -> tuple[list[Prompt], list[str]]:
     """The prompts and the answer each one's reward is computed against."""
-    if config.prompts is None:
-        tasks = arithmetic_prompts(config.num_prompts, seed=config.seed)
-    else:
-        tasks = load_prompts(config.prompts)
+    tasks = read_prompts(config.prompt_set(), n=None, builtin_n=config.num_prompts, seed=config.seed)
     answers = [t.answer for t in tasks if t.answer is not None]
     if len(answers) < len(tasks):
-        raise PromptError(f"{config.prompts}: every row needs an 'answer' for the reward")
+        raise PromptError(f"{config.prompt_set()}: every row needs an 'answer' for the reward")
     return tasks, answers
 
 
@@ -457,7 +454,7 @@ def step0_sampling_seed(config: TrainConfig) -> int:
 
 
 def check_step0(config: TrainConfig, dtype: str, out: Path, *, tasks: list[Prompt], tokens: pd.DataFrame) -> dict:
-    """The step-0 check: a real scan (engine and trainer in `dtype`, no FP32 reference) of step 0's
+    """The step-0 check: a real scan (engine and trainer in `dtype`, no FP32 reference, no impact) of step 0's
     prompts with the run's group size, max tokens and temperature, a sample independent of
     train's, into OUT/step0-scan/; its k3 against train's step-0 k3 between μ and π_θ′
     (`stats.validation.step0_check`). A LoRA run is not checked: the scan would serve the
@@ -480,6 +477,7 @@ def check_step0(config: TrainConfig, dtype: str, out: Path, *, tasks: list[Promp
         enforce_eager=config.enforce_eager,
         semantic_probe=0,
         reference="none",
+        impact=False,
     )
     run_scan(scan, force=True)
     scanned = runs.load_scan(scan.out).tokens

@@ -1,2 +1,1 @@
-"""The first stage: prompts (the built-in arithmetic set or a file) as token ids that fit the
-model's context."""
+"""The first stage: prompts (a built-in set or a file) as token ids that fit the model's context."""

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from mismatch.config import DEFAULT_NUM_PROMPTS, ScanConfig
 from mismatch.errors import PromptError
-from mismatch.inputs.prompts import arithmetic_prompts, encode_prompts, load_prompts
+from mismatch.inputs.prompts import encode_prompts, read_prompts
 from mismatch.model.loading import load_tokenizer, resolve_model
 
 if TYPE_CHECKING:
@@ -25,10 +25,9 @@ class Inputs:
 
 
 def prepare_inputs(config: ScanConfig) -> Inputs:
-    if config.prompts:
-        prompts = load_prompts(config.prompts)[: config.num_prompts]
-    else:
-        prompts = arithmetic_prompts(config.num_prompts or DEFAULT_NUM_PROMPTS, seed=config.sampling.seed)
+    prompts = read_prompts(
+        config.prompt_set(), n=config.num_prompts, builtin_n=DEFAULT_NUM_PROMPTS, seed=config.sampling.seed
+    )
     model_path = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
     tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
     prompt_ids = encode_prompts(tokenizer, prompts, chat_template=config.chat_template)

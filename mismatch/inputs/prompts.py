@@ -1,16 +1,19 @@
-"""Prompts: the built-in arithmetic set (with verifiable answers), prompt files, chat templating."""
+"""Prompts: the built-in sets (with verifiable answers), prompt files, chat templating."""
 
 from __future__ import annotations
 
 import csv
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from mismatch.errors import PromptError
 
 PROMPT_FORMATS = (".jsonl", ".txt", ".csv", ".parquet")
+BUILTIN_PREFIX = "builtin:"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,36 @@ def arithmetic_prompts(n: int, seed: int = 0) -> list[Prompt]:
         text = f"What is {a} {op} {b}? Think step by step, then give the final answer as a single number."
         prompts.append(Prompt.from_text(text, str(answer)))
     return prompts
+
+
+def sanity_prompts(n: int | None = None, seed: int = 0) -> list[Prompt]:
+    """`n` problems of the shipped sanity set (all when None or more than it holds, as a prompt file's), in a
+    seeded order: problems the embedded model solves 20–80% of the time, found by sampling it
+    (bench/sanity_set.py), so that most GRPO groups of them carry a reward signal."""
+    data = resources.files("mismatch.inputs") / "data" / "sanity.jsonl"
+    problems = _parse_jsonl(data.read_text(encoding="utf-8"), "the sanity set")
+    order = random.Random(seed).sample(range(len(problems)), len(problems))
+    return [problems[i] for i in order[:n]]
+
+
+BUILTIN_SETS: dict[str, Callable[[int, int], list[Prompt]]] = {
+    "sanity": sanity_prompts,
+    "arithmetic": arithmetic_prompts,
+}
+
+
+def read_prompts(spec: str | Path, *, n: int | None, builtin_n: int, seed: int) -> list[Prompt]:
+    """The prompts `spec` names: a built-in set (`builtin:sanity`, `builtin:arithmetic`: `n` of it, else
+    `builtin_n`) or a prompt file (its first `n`, else all of it)."""
+    text = str(spec)
+    if not text.startswith(BUILTIN_PREFIX):
+        return load_prompts(Path(spec))[:n]
+    name = text.removeprefix(BUILTIN_PREFIX)
+    if name not in BUILTIN_SETS:
+        raise PromptError(
+            f"unknown prompt set {text!r}: use {', '.join(BUILTIN_PREFIX + known for known in BUILTIN_SETS)} or a file"
+        )
+    return BUILTIN_SETS[name](builtin_n if n is None else n, seed)
 
 
 def load_prompts(path: Path) -> list[Prompt]:
@@ -69,21 +102,26 @@ def _read_text(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> list[Prompt]:
+    return _parse_jsonl(_read_text(path), str(path))
+
+
+def _parse_jsonl(text: str, source: str) -> list[Prompt]:
+    """`source`: where the text comes from, as an error names it."""
     prompts = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise PromptError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
+            raise PromptError(f"{source}:{number}: malformed JSON ({exc.msg})") from None
         answer = None if row.get("answer") is None else str(row["answer"])
         if isinstance(row.get("messages"), list) and row["messages"]:
             prompts.append(Prompt(tuple(row["messages"]), answer))
         elif isinstance(row.get("prompt"), str):
             prompts.append(Prompt.from_text(row["prompt"], answer))
         else:
-            raise PromptError(f"{path}:{number}: each line needs a string 'prompt' or a list 'messages'")
+            raise PromptError(f"{source}:{number}: each line needs a string 'prompt' or a list 'messages'")
     return prompts
 
 

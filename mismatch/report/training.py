@@ -17,7 +17,7 @@ import pandas as pd
 
 from mismatch.report import plots
 from mismatch.report.html import environment
-from mismatch.report.values import interval, number, ratio
+from mismatch.report.values import interval, number, percent, ratio
 from mismatch.runs import TrainRun, load_train
 from mismatch.stats.validation import ONE_SEED, Difference, Validation, step_bands, validate
 
@@ -144,7 +144,10 @@ def difference_text(diff: Difference, window: list[int]) -> str:
 def step0_text(check: dict) -> str:
     if "skipped" in check:
         return f"Step-0 check ({check['dtype']}): not run, {check['skipped']}."
-    agreement = "contains 0: they agree" if check["agrees"] else "excludes 0: they disagree"
+    if check["low"] is None:  # fewer than two prompts a side (NaN, stored as null)
+        agreement = "could not be computed (fewer than two prompts)"
+    else:
+        agreement = "contains 0: they agree" if check["agrees"] else "excludes 0: they disagree"
     return (
         f"Step-0 check ({check['dtype']}): train's step-0 k3 {number(check['train_k3'])}"
         f" {interval(check['train_low'], check['train_high'])}, an independent scan of the same prompts"
@@ -162,14 +165,18 @@ def impact_text(rows: list[dict], dtypes: list[str]) -> list[str]:
             continue
         first = min(mine, key=lambda r: (r["seed"], r["step"]))
         where = f"{dtype}, step {first['step']}"
-        share = first["bias_to_noise"]["value"]
+        share = first["bias_to_noise"]
         batch = f"at a batch of {first['sequences']} sequences"
         if not first["share_groups_with_signal"]:
             text = f"{where}: no group had a non-zero advantage, so the gradient (and its bias) was zero"
-        elif share is None:
-            text = f"{where}: {batch} the squared-bias estimate was ≤ 0 (no bias resolved)"
+        elif share["value"] is None:
+            text = f"{where}: {batch} the bias against the noise could not be computed (no noise measured)"
         else:
-            text = f"{where}: {batch} the bias is {100 * share:.3g}% of one step's noise"
+            text = f"{where}: {batch} the bias is {percent(share['value'])} of one step's noise"
+            if share["high"] is not None:
+                text += f" (95% interval {percent(share['low'])}–{percent(share['high'])})"
+            else:
+                text += " (its interval has no upper end)"
         star = first["batch_star"]
         if star["value"] is not None:
             text += f"; they are equal at B* ≈ {star['value']:.3g} {interval(star['low'], star['high'], '.3g')}"

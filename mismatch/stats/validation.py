@@ -8,8 +8,8 @@ k3 is compared as a ratio B / A on the log scale (the mean of the per-seed log r
 established when the ratio's interval excludes 1.
 
 The step-0 check compares train's k3 at step 0 with an independent scan of the same prompts:
-both are k3 over the same kind of tokens, so their difference's interval (a cluster bootstrap of
-each side, the scan's own statistics) must contain 0.
+both are k3 over the same kind of tokens, so their difference's interval (Welch's, over the
+per-prompt k3 sums the scan's own bootstrap resamples) must contain 0.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mismatch.stats.metrics import BOOTSTRAP_DRAWS, bootstrap_totals_ci, k3_terms
+from mismatch.stats.metrics import bootstrap_totals_ci, k3_terms
 
 LEVEL = 0.95
 WINDOW_SHARE = 5  # the final window: the last max(5, ⌈steps / 5⌉) steps
@@ -228,27 +228,40 @@ def k3_clusters(logp_trainer, logp_engine, clusters) -> ClusterSums:
     return {"totals": grouped["sum"].to_numpy(), "counts": grouped["size"].to_numpy(dtype=np.float64)}
 
 
-def bootstrap_difference_ci(
-    first: ClusterSums, second: ClusterSums, *, seed: int = 0, n_boot: int = BOOTSTRAP_DRAWS, level: float = LEVEL
-) -> tuple[float, float]:
-    """Percentile interval of (pooled mean of `second`) − (pooled mean of `first`), two independent
-    samples: each side's clusters resampled on their own, as `bootstrap_totals_ci` resamples one."""
-    rng = np.random.default_rng(seed)
+def ratio_variance(sums: ClusterSums) -> float:
+    """Var of the pooled mean Σ totals / Σ counts over n clusters, linearised (the ratio estimator):
+    Σ_j (t_j − m c_j)² / (n (n − 1) c̄²); NaN below two clusters."""
+    totals = sums["totals"]
+    counts = sums["counts"]
+    n = len(totals)
+    if n < 2:
+        return math.nan
+    mean = totals.sum() / counts.sum()
+    return float(np.sum((totals - mean * counts) ** 2) / (n * (n - 1) * counts.mean() ** 2))
 
-    def means(sums: ClusterSums) -> np.ndarray:
-        n = len(sums["totals"])
-        draws = rng.multinomial(n, np.full(n, 1 / n), size=n_boot).astype(np.float64)
-        return (draws @ sums["totals"]) / (draws @ sums["counts"])
 
-    difference = means(second) - means(first)
-    tail = (1 - level) / 2
-    return float(np.quantile(difference, tail)), float(np.quantile(difference, 1 - tail))
+def welch_difference_ci(first: ClusterSums, second: ClusterSums, level: float = LEVEL) -> tuple[float, float]:
+    """Interval of (pooled mean of `second`) − (pooled mean of `first`), two independent samples of
+    clusters: the difference ± t_ν · √(V₁ + V₂), V the `ratio_variance` of each, ν Welch–Satterthwaite's
+    (V₁ + V₂)² / (V₁²/(n₁ − 1) + V₂²/(n₂ − 1)). With 8 prompts a side it covers 95–97% in simulation,
+    where resampling each side by the percentile bootstrap covers 87–89% (tests/test_validation.py)."""
+    difference = float(second["totals"].sum() / second["counts"].sum() - first["totals"].sum() / first["counts"].sum())
+    variances = (ratio_variance(first), ratio_variance(second))
+    total = sum(variances)
+    if not math.isfinite(total):
+        return math.nan, math.nan
+    if total == 0:
+        return difference, difference
+    dof = total**2 / sum(v**2 / (len(s["totals"]) - 1) for v, s in zip(variances, (first, second), strict=True))
+    half = float(stats.t.ppf((1 + level) / 2, dof)) * math.sqrt(total)
+    return difference - half, difference + half
 
 
 class Step0Check(TypedDict):
     """Train's k3 between μ and π_θ′ at step 0 against a scan's k3 on the same prompts (an
-    independent sample): each with its 95% cluster-bootstrap interval, their difference
-    scan − train with its interval, and whether that interval contains 0."""
+    independent sample): each with the scan's 95% interval (the bootstrap over prompts), their
+    difference scan − train with its Welch interval over the same per-prompt sums, and whether that
+    interval contains 0 (False when it cannot be computed: fewer than two prompts a side)."""
 
     dtype: str
     train_k3: float
@@ -269,7 +282,7 @@ def step0_check(dtype: str, train: ClusterSums, scan: ClusterSums, *, seed: int 
     scan_k3 = float(scan["totals"].sum() / scan["counts"].sum())
     train_low, train_high = bootstrap_totals_ci(train["totals"], train["counts"], seed=seed)
     scan_low, scan_high = bootstrap_totals_ci(scan["totals"], scan["counts"], seed=seed)
-    low, high = bootstrap_difference_ci(train, scan, seed=seed)
+    low, high = welch_difference_ci(train, scan)
     return {
         "dtype": dtype,
         "train_k3": train_k3,

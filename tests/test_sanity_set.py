@@ -33,12 +33,12 @@ def shipped_rows() -> list[dict]:
 
 def test_the_shipped_set_holds_enough_problems_with_integer_answers_solved_20_to_80_percent():
     rows = shipped_rows()
-    assert len(rows) >= 256
+    assert len(rows) >= 128  # train's default pool cycles through it; scan's default takes 64
     assert len({row["prompt"] for row in rows}) == len(rows)
     for row in rows:
         assert str(int(row["answer"])) == row["answer"]
         assert 0.2 <= row["solve_rate"] <= 0.8
-        assert row["samples"] >= 16
+        assert row["samples"] >= 8
         assert row["solve_rate"] * row["samples"] == pytest.approx(round(row["solve_rate"] * row["samples"]), abs=1e-3)
     provenance = json.loads((DATA / "sanity.provenance.json").read_text(encoding="utf-8"))
     assert provenance["model"] == "builtin:smollm2-135m" and provenance["dtype"] == "bf16"
@@ -60,8 +60,7 @@ def test_sanity_prompts_are_seeded_samples_of_the_shipped_rows():
     first, again, other = sanity_prompts(20, seed=1), sanity_prompts(20, seed=1), sanity_prompts(20, seed=2)
     assert first == again and first != other and len(first) == 20
     assert sanity_prompts(10, seed=1) == first[:10]
-    with pytest.raises(PromptError, match=f"the sanity set holds {len(rows)} problems"):
-        sanity_prompts(len(rows) + 1)
+    assert len(sanity_prompts(len(rows) + 1)) == len(rows)  # as a prompt file's first N: all it holds
 
 
 def test_the_built_in_names_resolve_and_a_path_is_a_file(tmp_path):

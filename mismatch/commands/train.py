@@ -33,7 +33,7 @@ from mismatch.config import ScanConfig, TrainConfig
 from mismatch.engines import lora_refused_dtypes, start_engine
 from mismatch.errors import EngineError, PromptError
 from mismatch.inputs.prompts import Prompt, encode_prompts, read_prompts
-from mismatch.learner.losses import LOSSES, group_advantages
+from mismatch.learner.losses import LOSSES, group_advantages, to_padded
 from mismatch.learner.policy import FullPolicy, LoraPolicy, PolicyMemory, parameter_counts, policy_memory
 from mismatch.learner.rewards import reward
 from mismatch.learner.scaling import DynamicLossScaler
@@ -347,11 +347,6 @@ class Trainer:
     def close(self) -> None:
         self.engine.close()
         self.policy.close()
-
-
-def to_padded(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Flat per-token values → [sequences, max length], zero-padded on the right."""
-    return torch.nn.utils.rnn.pad_sequence(list(torch.split(flat, lengths)), batch_first=True)
 
 
 def run_training(

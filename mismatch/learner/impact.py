@@ -19,16 +19,16 @@ fit EXACT_BYTES, else as a seeded count-sketch of SKETCH_DIM dimensions (unbiase
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mismatch.learner.losses import LOSSES, MIS_CAP, TIS_CAP
+from mismatch.learner.losses import LOSSES, MIS_CAP, TIS_CAP, to_padded
 from mismatch.model.precision import compute_context
-from mismatch.model.rescore import input_device, pad_batch, response_logprobs
+from mismatch.model.rescore import input_device, pad_batch, response_logprobs, size_batches
 from mismatch.records import Rollout
 from mismatch.stats.corrections import CORRECTIONS, Correction, ratios, weights
 from mismatch.stats.impact import (
@@ -83,13 +83,9 @@ def loss_coefficients(
     """(c⁰, c^use) per token in float64: ∂L/∂log π at log π = log π_θ′ over the whole batch, with
     `logp_engine := logp_old` (every correction weight exactly 1) and with the real μ."""
     old = logp_old.detach().double()
-    row = np.repeat(np.arange(len(lengths)), lengths)
-    column = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    where = (torch.from_numpy(row).to(old.device), torch.from_numpy(column).to(old.device))
 
     def padded(flat: Tensor) -> Tensor:
-        """Flat per-token values → [sequences, max length], zero-padded on the right."""
-        return old.new_zeros((len(lengths), max(lengths, default=0))).index_put(where, flat)
+        return to_padded(flat, lengths)
 
     mask = padded(torch.ones_like(old))
     adv = advantages.detach().double().to(old.device)
@@ -170,7 +166,7 @@ def measure_impact(
         for fold in range(k):
             members = sorted(active[fold_of_group[active // batch.group_size] == fold].tolist(), key=sizes.__getitem__)
             rows = {kind: a * k + fold for a, kind in enumerate(kinds)}
-            for micro in micro_batches(members, sizes, token_budget):
+            for micro in size_batches(members, sizes, token_budget):
                 tokens = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in micro])
                 todo = {
                     rows[kind]: torch.from_numpy(c[tokens] * scale)
@@ -231,21 +227,6 @@ def _backward(
             allow_unused=True,
         )
         gradients.add(row, [None if g is None else g.float() / scale for g in grads])
-
-
-def micro_batches(order: list[int], sizes: Sequence[int], budget: int) -> Iterator[list[int]]:
-    """Consecutive runs of `order` whose padded size (longest × count) stays within `budget` tokens."""
-    group: list[int] = []
-    longest = 0
-    for i in order:
-        if group and max(longest, sizes[i]) * (len(group) + 1) > budget:
-            yield group
-            group = []
-            longest = 0
-        group.append(i)
-        longest = max(longest, sizes[i])
-    if group:
-        yield group
 
 
 def choose_store(n_params: int, rows: int, requested: str = "auto") -> tuple[str, str]:

@@ -17,6 +17,11 @@ TIS_CAP = 2.0
 MIS_CAP = 10.0
 
 
+def to_padded(flat: Tensor, lengths: list[int]) -> Tensor:
+    """Flat per-token values, sequences end to end → [sequences, max length], zero-padded on the right."""
+    return torch.nn.utils.rnn.pad_sequence(list(torch.split(flat, lengths)), batch_first=True)
+
+
 def token_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 

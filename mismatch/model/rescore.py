@@ -8,7 +8,7 @@ exists for a whole batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,19 +259,23 @@ def rescore(
     return result
 
 
-def token_batches(order: list[int], rollouts: Sequence[Rollout], budget: int):
-    """Consecutive groups of `order` whose padded size (longest × count) stays within `budget` tokens.
+def token_batches(order: list[int], rollouts: Sequence[Rollout], budget: int) -> Iterator[list[int]]:
+    """`size_batches` of rollouts, a sequence's size its prompt and response tokens.
 
     (`rescore` passes the sequences sorted by length, so padding stays small.)"""
+    return size_batches(order, [len(r.prompt_ids) + len(r.response_ids) for r in rollouts], budget)
+
+
+def size_batches(order: list[int], sizes: Sequence[int], budget: int) -> Iterator[list[int]]:
+    """Consecutive groups of `order` whose padded size (longest × count) stays within `budget` tokens."""
     group: list[int] = []
     longest = 0
     for i in order:
-        length = len(rollouts[i].prompt_ids) + len(rollouts[i].response_ids)
-        if group and max(longest, length) * (len(group) + 1) > budget:
+        if group and max(longest, sizes[i]) * (len(group) + 1) > budget:
             yield group
             group = []
             longest = 0
         group.append(i)
-        longest = max(longest, length)
+        longest = max(longest, sizes[i])
     if group:
         yield group

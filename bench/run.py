@@ -500,7 +500,8 @@ def impact_goals(raw: dict) -> list[dict]:
             extras = {c.name: impact((c,)) for c in CORRECTIONS} | {
                 "fp32_cosine": impact(reference=trainer.policy.master)
             }
-            extra_s = {name: interleaved(learner_step, run, pairs=3) for name, run in extras.items()}
+            # each extra against u and v alone, interleaved (its price: the difference, per learner step)
+            extra_s = {name: interleaved(impact(), run, pairs=3) for name, run in extras.items()}
             signal = impact()()["share_groups_with_signal"]
         finally:
             trainer.close()
@@ -512,7 +513,7 @@ def impact_goals(raw: dict) -> list[dict]:
         "u_v_s": uv_s,
         "extra_s": extra_s,
     }
-    uv = statistics.median(uv_s)
+    step = statistics.median(step_s)
     goals = [
         goal(
             f"gradient impact u and v (bias, noise, B*) / one learner step of the same batch (bf16, {PAIRS} pairs)",
@@ -521,11 +522,11 @@ def impact_goals(raw: dict) -> list[dict]:
             lower_is_better=True,
         )
     ]
-    for name, (steps, with_extra) in extra_s.items():
+    for name, (alone, with_extra) in extra_s.items():
         goals.append(
             goal(
                 f"gradient impact: what {name} adds to u and v / one learner step (priced alone, 3 pairs)",
-                [(b - uv) / a for a, b in zip(steps, with_extra, strict=True)],
+                [(b - a) / step for a, b in zip(alone, with_extra, strict=True)],
                 1.0,
                 lower_is_better=True,
             )

@@ -35,7 +35,7 @@ from mismatch.errors import EngineError, PromptError
 from mismatch.inputs.prompts import Prompt, encode_prompts, read_prompts
 from mismatch.learner.losses import LOSSES, group_advantages, to_padded
 from mismatch.learner.policy import FullPolicy, LoraPolicy, PolicyMemory, parameter_counts, policy_memory
-from mismatch.learner.rewards import reward
+from mismatch.learner.rewards import reward, rollout_rewards
 from mismatch.learner.scaling import DynamicLossScaler
 from mismatch.model.loading import load_tokenizer, resolve_model
 from mismatch.model.precision import compute_context, default_device
@@ -189,12 +189,9 @@ class Trainer:
         if self.sleeps:
             self.engine.sleep()  # the learner step gets the engine's memory
         texts = self.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-        rewards = torch.tensor(
-            [
-                self.reward_fn(text, self.answers[chosen[r.prompt_index]])
-                for text, r in zip(texts, rollouts, strict=True)
-            ]
-        )
+        answers = [self.answers[i] for i in chosen]
+        prompt_indices = [r.prompt_index for r in rollouts]
+        rewards = torch.tensor(rollout_rewards(texts, answers, prompt_indices, reward_fn=self.reward_fn))
         advantages = group_advantages(rewards, config.group_size).to(self.device)
 
         lengths = [len(r.response_ids) for r in rollouts]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 _BOXED = re.compile(r"\\boxed\{\s*(-?[\d,]*\.?\d+)\s*\}")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -24,6 +25,8 @@ def reward(response: str, answer: str) -> float:
     return float(value is not None and value == float(answer))
 
 
-def rollout_rewards(texts: list[str], answers: list[str], prompt_indices: list[int]) -> list[float]:
+def rollout_rewards(
+    texts: list[str], answers: list[str], prompt_indices: list[int], *, reward_fn: Callable[[str, str], float] = reward
+) -> list[float]:
     """The reward of each decoded response against its prompt's answer."""
-    return [reward(text, answers[p]) for text, p in zip(texts, prompt_indices, strict=True)]
+    return [reward_fn(text, answers[p]) for text, p in zip(texts, prompt_indices, strict=True)]

@@ -246,9 +246,42 @@ def test_count_sketch_hash_cached_or_on_the_fly(monkeypatch):
     assert cached.cache and on_the_fly.cache is None
     on_the_fly.add(0, grads)
     torch.testing.assert_close(on_the_fly.rows, cached.rows)
-    codes = learner_impact.sketch_codes(3, 0, 0, 1000, 256, torch.device("cpu"))
-    assert codes.min() >= 0 and codes.max() < 512 and 0.4 < (codes >= 256).float().mean() < 0.6
-    assert not torch.equal(codes, learner_impact.sketch_codes(3, 1, 0, 1000, 256, torch.device("cpu")))
+    cpu = torch.device("cpu")
+    signs, shifts = learner_impact.sketch_hash(3, 0, 0, 1000, dim=256, device=cpu, dtype=torch.float32)
+    assert set(signs.tolist()) == {-1.0, 1.0} and 0.4 < (signs > 0).float().mean() < 0.6
+    assert len(shifts) == 4 and all(0 <= s < 256 for s in shifts)
+    other = learner_impact.sketch_hash(3, 1, 0, 1000, dim=256, device=cpu, dtype=torch.float32)[0]
+    assert not torch.equal(signs, other)
+    half = learner_impact.sketch_hash(3, 0, 0, 1000, dim=256, device=cpu, dtype=torch.bfloat16)
+    assert half[0].dtype == torch.bfloat16 and torch.equal(half[0].float(), signs) and half[1] == shifts
+
+
+def test_a_16_bit_gradient_and_its_fp32_copy_sketch_alike():
+    """The FP32 reference's rows and the 16-bit ones share one hash: a BF16 gradient and the same
+    values in FP32 give the same sketch, so their cross products are unbiased."""
+    params = [torch.zeros(3000), torch.zeros(40, 30)]
+    grads = [torch.randn(p.shape).bfloat16() for p in params]
+    store = GradientStore(params, 2, mode="count-sketch", seed=1, dim=64)
+    store.add(0, grads)
+    store.add(1, [g.float() for g in grads])
+    torch.testing.assert_close(store.rows[0], store.rows[1], rtol=0, atol=0)
+
+
+def test_count_sketch_is_the_signed_rotated_blocks_by_hand():
+    """Sx computed element by element from the hash (bucket = (place in block + shift) mod dim) equals
+    the store's sketch, the gradient divided by the loss scale."""
+    params = [torch.zeros(40), torch.zeros(3, 5)]
+    grads = [torch.randn(p.shape).bfloat16() for p in params]
+    store = GradientStore(params, 1, mode="count-sketch", seed=7, dim=16)
+    store.add(0, grads, scale=4.0)
+    by_hand = torch.zeros(16, dtype=torch.float64)
+    for parameter, grad in enumerate(grads):
+        signs, shifts = learner_impact.sketch_hash(
+            7, parameter, 0, grad.numel(), dim=16, device=torch.device("cpu"), dtype=torch.float32
+        )
+        for i, value in enumerate(grad.reshape(-1).double().tolist()):
+            by_hand[(i % 16 + shifts[i // 16]) % 16] += signs[i].item() * value / 4.0
+    torch.testing.assert_close(store.vectors()[0].double(), by_hand, rtol=1e-6, atol=1e-6)
 
 
 def test_the_store_follows_the_512_mib_rule():

@@ -567,6 +567,67 @@ def diagnose_goal(raw: dict) -> dict:
     )
 
 
+def distribution_goals(raw: dict, pairs: int = 3) -> list[dict]:
+    """The full-distribution view's price: a diagnose of the embedded model with its defaults (64 prompts ×
+    128 tokens, 256 positions per engine dtype) with the view (its default) against --no-full-distribution;
+    and a scan with --full-distribution against one without, on the scan goals' prompts. Without the option
+    a scan calls the engine's plain `generate` as before (tests/test_full_distribution.py): the scan goals
+    above track that path against their earlier runs."""
+    from mismatch.commands.diagnose import run_diagnose
+    from mismatch.config import DiagnoseConfig
+
+    done: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def diagnose(view: bool):
+            config = DiagnoseConfig(
+                model=MODEL,
+                engine="vllm",
+                dtypes=["bf16", "fp16"],
+                out=Path(tmp) / f"d-{len(done)}",
+                semantic_probe=0,
+                full_distribution=view,
+            )
+            return lambda: done.append(run_diagnose(config))
+
+        def scan(view: bool):
+            config = ScanConfig(
+                model=MODEL,
+                engine="vllm",
+                dtypes=["bf16", "fp16"],
+                out=Path(tmp) / f"s-{len(done)}",
+                sampling=Sampling(max_tokens=SCAN["max_tokens"]),
+                num_prompts=SCAN["num_prompts"],
+                full_distribution=view,
+            )
+            return lambda: done.append(run_scan(config))
+
+        plain_s, viewed_s = interleaved(diagnose(False), diagnose(True), pairs=pairs)
+        scan_s, scan_viewed_s = interleaved(scan(False), scan(True), pairs=pairs)
+    raw["distribution"] = {
+        "diagnose_s": plain_s,
+        "diagnose_with_view_s": viewed_s,
+        "scan_s": scan_s,
+        "scan_with_view_s": scan_viewed_s,
+        "pairs_compared": [p["positions"] for p in done[-1]["distribution"]["pairs"]],
+    }
+    return [
+        goal(
+            f"diagnose with the full-distribution view / without (embedded model, its defaults, {pairs} pairs)",
+            [b / a for a, b in zip(plain_s, viewed_s, strict=True)],
+            1.5,
+            lower_is_better=True,
+        ),
+        goal(
+            f"scan --full-distribution / scan without ({SCAN['num_prompts']} prompts × {SCAN['max_tokens']} tokens,"
+            f" {pairs} pairs)",
+            [b / a for a, b in zip(scan_s, scan_viewed_s, strict=True)],
+            1.5,
+            lower_is_better=True,
+        ),
+    ]
+
+
 def goal(name: str, ratios: list[float], target: float, lower_is_better: bool = False) -> dict:
     """A goal from one ratio per interleaved pair: it holds only when every pair's ratio does."""
     holds = all(r <= target for r in ratios) if lower_is_better else all(r >= target for r in ratios)
@@ -642,6 +703,7 @@ GOALS = {
     "generation": lambda raw: [generation_goal(raw)],
     "scan": scan_goals,
     "diagnose": lambda raw: [diagnose_goal(raw)],
+    "distribution": distribution_goals,
     "analyze": lambda raw: [analyze_memory_goal(raw)],
     "train": lambda raw: [train_goal(raw)],
     "impact": impact_goals,

@@ -46,9 +46,10 @@ from mismatch.engines.vllm_support import vllm_range_notice
 from mismatch.errors import ConfigError, MismatchError
 from mismatch.model.loading import DEFAULT_MODEL
 from mismatch.records import Sampling, parse_dtypes
-from mismatch.report.content import headroom_text
+from mismatch.report.content import distribution_view, headroom_text
 from mismatch.report.terminal import diagnosis_table_view, pair_table_view, step_line
 from mismatch.runs import default_run_dir
+from mismatch.stats.growth import growth_sentence
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=False, help="Measure the training-inference mismatch of an LLM."
@@ -265,6 +266,7 @@ def scan(
         )
     if headroom := summary.get("fp16_headroom"):
         console.print(f"FP16 headroom: {headroom_text(headroom)}", highlight=False)
+    print_distribution(summary)
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
     console.print(f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, summary.json)")
     for condition in summary.get("gate", {}).get("not_measured", []):
@@ -320,8 +322,16 @@ def diagnose(
     with RichProgress() as progress:
         summary = run_diagnose(config, progress, force=force)
     console.print(diagnosis_table_view(summary["diagnosis"]["components"]))
+    print_distribution(summary)
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
     console.print(f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, topk.parquet, summary.json)")
+
+
+def print_distribution(summary: dict[str, Any]) -> None:
+    """The full-distribution view's lines (scan --full-distribution, diagnose): does the sampled-token k3
+    agree with the exact KL, or why the engine's rows are missing."""
+    for line in distribution_view(summary.get("distribution"))[0]:
+        console.print(f"Whole distribution, {line}", highlight=False, soft_wrap=True)
 
 
 def scanned_settings(run: Path) -> dict[str, Any]:
@@ -351,6 +361,8 @@ def analyze(paths: Dumps, out: Out = None, force: Force = False, **options: Any)
             errors.print(
                 f"audit {a['status']}: {a['check']} ({a['pair']}): {a['detail']}", highlight=False, soft_wrap=True
             )
+    for growth in summary["growth"]:
+        console.print(f"{growth['pair']}: {growth['sentence']}", highlight=False)
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
     steps = ", steps.parquet" if summary["n_steps"] > 1 else ""
     console.print(
@@ -409,6 +421,12 @@ def train(
     )
     if summaries[-1]["interrupted"]:
         errors.print(f"interrupted after {summaries[-1]['steps_done']} step(s); writing what there is")
+    for run in summaries:
+        if run.get("growth"):
+            label = f"{run['config']['dtype']}" + (
+                f" seed {run['config']['seed']}" if len(config.seed_list()) > 1 else ""
+            )
+            console.print(f"{label}: {growth_sentence(run['growth'])}", highlight=False)
     console.print(f"Run folder: {config.out} (report.html, metrics.csv, checkpoint-final/)")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mismatch.engines import ENGINES
+from mismatch.engines.base import DISTRIBUTION_ROWS, RowPlan, plan_rows, row_budget
 from mismatch.errors import ConfigError
 from mismatch.model.lora import read_adapter, vllm_max_rank
 from mismatch.records import Sampling, parse_dtypes
@@ -227,6 +228,23 @@ class ScanConfig:
             Panel.IMPACT,
         ),
     )
+    full_distribution: bool = option(
+        False,
+        Option(
+            "Record the engine's whole distribution at --distribution-rows sampled positions and compare it with the"
+            " trainer's: exact KL[μ‖π], KL[π‖μ] and total variation per pair.",
+            Panel.REFERENCE,
+            flags=("--full-distribution/--no-full-distribution",),
+        ),
+    )
+    distribution_rows: int = option(
+        DISTRIBUTION_ROWS,
+        Option(
+            "Positions per engine dtype whose whole distribution is recorded, drawn by seed before generating; each"
+            " holds the vocabulary in FP32 (256 × 49k tokens ≈ 50 MB), at most 100 MB per engine dtype.",
+            Panel.REFERENCE,
+        ),
+    )
 
     def __post_init__(self):
         self.dtypes = _dtypes(self.dtypes)
@@ -241,6 +259,7 @@ class ScanConfig:
         _at_least("--pipeline-parallel-size", self.pipeline_parallel_size)
         _at_least("--semantic-probe", self.semantic_probe, 0)
         _at_least("--train-batch", self.train_batch)
+        _at_least("--distribution-rows", self.distribution_rows)
         if self.impact and self.samples < 2:
             raise ConfigError(
                 "--impact needs --samples 2 or more: the advantages are normalised within each prompt's samples"
@@ -279,6 +298,14 @@ class ScanConfig:
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "enforce_eager": self.enforce_eager,
         }
+
+    def distribution_plan(self, requests: int, vocab: int) -> RowPlan | None:
+        """The (request, response position) pairs whose whole distribution each engine dtype records, drawn by
+        the seed for `requests` requests; None with --no-full-distribution."""
+        if not self.full_distribution:
+            return None
+        rows = row_budget(self.distribution_rows, vocab)
+        return plan_rows(requests, self.sampling.max_tokens, rows, seed=self.sampling.seed)
 
     def prompt_set(self) -> Path | str:
         """--prompts, else a built-in set: the sanity problems when each prompt has a group of samples to reward
@@ -422,6 +449,15 @@ class DiagnoseConfig(ScanConfig):
         16,
         Option(
             "Sequences also scored each on its own, by engine and trainer (the batch components).", Panel.COMPONENTS
+        ),
+    )
+    full_distribution: bool = option(
+        True,
+        Option(
+            "Record the engine's whole distribution at --distribution-rows sampled positions and compare it with the"
+            " trainer's in the same dtype: exact KL[μ‖π], KL[π‖μ] and total variation.",
+            Panel.COMPONENTS,
+            flags=("--full-distribution/--no-full-distribution",),
         ),
     )
 

@@ -81,11 +81,13 @@ TOKEN_COLUMNS = (
     "logp_trainer",
     "logp_trainer_full",
     "log_kept_mass",
+    "entropy",
     "response_len",
     "finish_reason",
 )
 # logp_trainer: log π under the trainer's nucleus (−inf outside it); logp_trainer_full: under the
-# whole tempered distribution; log_kept_mass: log of the probability the nucleus keeps (0 without top-p)
+# whole tempered distribution; log_kept_mass: log of the probability the nucleus keeps (0 without top-p);
+# entropy: of the trainer's (nucleus) distribution at the position, in nats (NaN where not computed)
 # rollouts.parquet: the engine outputs, one row per (engine dtype, sequence)
 ROLLOUT_COLUMNS = (
     "engine_dtype",
@@ -139,6 +141,7 @@ TRAIN_TOKEN_COLUMNS = (
     "token_id",
     "logp_engine",
     "logp_trainer",
+    "entropy",
     "engine_dtype",
     "trainer_dtype",
 )
@@ -411,6 +414,7 @@ def tokens_frame(
                     "engine_dtype": engine_dtype,
                     "trainer_dtype": trainer_dtype,
                     "logp_engine": np.concatenate([r.logp_engine for r in group]).astype(np.float64),
+                    "entropy": np.nan,  # a rescoring without entropy
                     **{name: np.concatenate(values).astype(np.float64) for name, values in trainer.items()},
                     "response_len": np.repeat(lengths, lengths),
                     "finish_reason": np.repeat([r.finish_reason for r in group], lengths),
@@ -500,7 +504,16 @@ class AnalyzeRun(ScanRun):
 
 REPORT_TOKENS = 500_000  # plots of a larger dump are drawn from every k-th token
 # (its worst tokens are in summary.json)
-PLOTTED_COLUMNS = ("step", "seq_id", "position", "engine_dtype", "trainer_dtype", "logp_engine", "logp_trainer")
+PLOTTED_COLUMNS = (
+    "step",
+    "seq_id",
+    "position",
+    "engine_dtype",
+    "trainer_dtype",
+    "logp_engine",
+    "logp_trainer",
+    "entropy",  # absent from a folder written before it
+)
 
 
 def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:
@@ -517,7 +530,8 @@ def load_analyze(path: Path, limit: int = REPORT_TOKENS) -> AnalyzeRun:
         stride = -(-file.metadata.num_rows // limit)
         seen = 0
         parts = []
-        for batch in file.iter_batches(batch_size=65_536, columns=list(PLOTTED_COLUMNS)):
+        columns = [c for c in PLOTTED_COLUMNS if c in file.schema_arrow.names]
+        for batch in file.iter_batches(batch_size=65_536, columns=columns):
             parts.append(batch.take(np.arange((-seen) % stride, batch.num_rows, stride)).to_pandas())
             seen += batch.num_rows
         tokens = pd.concat(parts, ignore_index=True)

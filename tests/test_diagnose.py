@@ -59,7 +59,7 @@ def test_summary_contract_and_terminal(run):
     for c in summary["diagnosis"]["components"]:
         assert {"name", "engine_dtype", "k3", "k3_ci_low", "k3_ci_high", "mean_abs_dlogp", "n_tokens"} <= set(c)
     assert set(summary["diagnosis"]["dominant"]) == {"bf16", "fp32"}
-    assert set(summary["diagnosis"]["dominant"]["bf16"]) == {"name", "k3", "share_of_total", "close"}
+    assert set(summary["diagnosis"]["dominant"]["bf16"]) == {"name", "k3", "k3_ratio_to_total", "close"}
     assert [entry["trainer_dtype"] for entry in summary["diagnosis"]["layers"]] == ["fp32", "bf16"]
     assert summary["recommendation"]["summary"] and "Where the gap comes from" in output
     assert {p.name for p in out.iterdir()} >= {

@@ -77,7 +77,13 @@ class _Rescorer:
             for s in seqs
         ]
         scores = rescore(
-            self.model, self.dtype, rollouts, temperature=temperature, top_p=self.config.top_p, pad_id=self.pad_id
+            self.model,
+            self.dtype,
+            rollouts,
+            temperature=temperature,
+            top_p=self.config.top_p,
+            pad_id=self.pad_id,
+            with_entropy=True,
         )
         starts = dict(zip(seqs, np.cumsum([0] + [len(r.response_ids) for r in rollouts[:-1]]), strict=True))
         at = tokens["seq_id"].map(starts).to_numpy() + tokens["position"].to_numpy()
@@ -167,6 +173,8 @@ def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, *, forc
             "n_steps": len(steps),
             "pairs": pairs,
             "corrections": corrections,
+            "buckets": measures.bucket_rows(),
+            "growth": measures.growth_rows(),
             "health": health,
             "audit": audit,
             "audit_by_pair": audit_by_pair,
@@ -218,6 +226,8 @@ def _rows(tokens: pd.DataFrame, rescorer) -> pd.DataFrame:
         tokens["logp_trainer_full"] = tokens["logp_trainer"]
     if "log_kept_mass" not in tokens:
         tokens["log_kept_mass"] = 0.0
+    if "entropy" not in tokens:
+        tokens["entropy"] = np.nan
     if "response_len" not in tokens:
         tokens["response_len"] = tokens.groupby(["step", "seq_id"])["position"].transform("max") + 1
     if "token" not in tokens:

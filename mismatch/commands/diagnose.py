@@ -30,13 +30,15 @@ from mismatch import runs
 from mismatch.commands.progress import Progress, Silent
 from mismatch.config import REFERENCE_DTYPE, DiagnoseConfig
 from mismatch.engines import refused_dtypes, start_engine
+from mismatch.engines.base import Rows
 from mismatch.errors import EngineError
 from mismatch.inputs.prepare import Inputs, prepare_inputs
 from mismatch.model.probes import FP16_MAX, ActivationPeak
-from mismatch.model.rescore import load_trainer, rescore
+from mismatch.model.rescore import distribution_rows, load_trainer, rescore
 from mismatch.model.routing import Routing, agreement_rows, is_moe, response_routing
 from mismatch.model.views import layer_errors, layer_states, score_alone, topk_rows
 from mismatch.records import Rollout, Scored, seq_id
+from mismatch.stats.distribution import DistributionSummary, compare_rows, distribution_record
 from mismatch.stats.metrics import pair_metrics
 from mismatch.verdict.recommend import Recommendation, with_router_replay
 
@@ -50,6 +52,7 @@ COMPONENTS = {  # name: (reference scoring, compared scoring)
     "trainer_precision": ("logp_trainer_fp32", "logp_trainer"),
 }
 PRECISION_ONLY = ("engine_precision", "trainer_precision")  # identically 0 for the FP32 engine dtype
+FROM_SAVED = "the rollouts come from a saved run (--from): the engine's distribution is recorded only as it samples"
 
 EngineSide = dict[str, dict[str, list[Scored]]]
 """Per engine dtype, the engine's prefill scorings of its sequences: "prefill" (one shuffled batch),
@@ -64,6 +67,7 @@ class TrainerSide:
     layers: list[dict[str, Any]] = field(default_factory=list)  # per trainer dtype: error and peak per layer
     topk_frames: list[pd.DataFrame] = field(default_factory=list)  # per engine dtype: `topk_rows`
     routes: dict[tuple[str, str], Routing] = field(default_factory=dict)  # (engine, trainer dtype) → routing
+    distribution: dict[tuple[str, str], DistributionSummary] = field(default_factory=dict)  # (engine, trainer dtype)
 
 
 def _reference_scores(engine, dtypes: list[str], rollouts: dict[str, list[Rollout]]) -> dict[str, list[Scored]]:
@@ -98,6 +102,8 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, *, fo
 
     rollouts: dict[str, list[Rollout]] = {}
     engine_side: EngineSide = {}
+    engine_rows: dict[str, Rows | str] = {}  # per engine dtype: its whole distribution at planned positions, or why not
+    plan = config.distribution_plan(len(inputs.prompt_ids) * config.samples, len(inputs.tokenizer))
     routing = is_moe(inputs.model_path, config.trust_remote_code)  # the engine records its experts as it samples
     fp32_scored = None
     # one engine per dtype; FP32's last, as it scores every dtype's sequences
@@ -115,9 +121,15 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, *, fo
             try:
                 if dtype in saved:
                     rollouts[dtype] = saved[dtype]
+                    engine_rows[dtype] = FROM_SAVED
                 else:
                     advance = progress.stage(f"generate vllm {dtype}", len(inputs.prompt_ids) * config.samples)
-                    rollouts[dtype] = engine.generate(inputs.prompt_ids, config.samples, config.sampling, advance)
+                    if plan is None:
+                        rollouts[dtype] = engine.generate(inputs.prompt_ids, config.samples, config.sampling, advance)
+                    else:
+                        rollouts[dtype], engine_rows[dtype] = engine.generate_rows(
+                            inputs.prompt_ids, config.samples, config.sampling, plan, advance
+                        )
                 sequences = [(r.prompt_ids, r.response_ids) for r in rollouts[dtype]]
                 batched = engine.score(sequences, topk=config.topk)
                 alone = engine.score(sequences[: config.alone_sequences], alone=True)
@@ -145,7 +157,9 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, *, fo
     for dtype in dtypes:
         engine_side[dtype]["fp32"] = fp32_scored[dtype]
 
-    trainer = _trainer_side(config, inputs, rollouts, engine_side, log=log, progress=progress, routing=routing)
+    trainer = _trainer_side(
+        config, inputs, rollouts, engine_side, log=log, progress=progress, routing=routing, engine_rows=engine_rows
+    )
 
     with stage("metrics"):
         tokens = _tokens_frame(
@@ -168,6 +182,15 @@ def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, *, fo
             summary["diagnosis"]["routing"] = agreement_rows(routed, _pair_rows(tokens))
             routing_gap = summary["diagnosis"]["routing"]["gap"]
         summary["recommendation"] = recommend_diagnosis(components, routing_gap)
+        if plan is not None:
+            unavailable = {dtype: rows for dtype, rows in engine_rows.items() if isinstance(rows, str)}
+            compared = {
+                (e, t): trainer.distribution[e, t]
+                for e in dtypes
+                for t in (e, REFERENCE_DTYPE)
+                if (e, t) in trainer.distribution
+            }
+            summary["distribution"] = distribution_record(sum(map(len, plan.values())), compared, unavailable)
     log.finish()
     with stage("report"):
         from mismatch.report import write_report
@@ -185,10 +208,12 @@ def _trainer_side(
     log: runs.RunLog,
     progress: Progress,
     routing: bool,
+    engine_rows: dict[str, Rows | str],
 ) -> TrainerSide:
     """Trainer scorings: FP32 for every dtype's sequences, each dtype batched and alone, its top-k
     against the engine's, and per layer its error against FP32 and its largest activation; for an
-    MoE model whose engine recorded its experts, the trainer's experts in its dtype and in FP32."""
+    MoE model whose engine recorded its experts, the trainer's experts in its dtype and in FP32; where
+    the engine recorded its whole distribution, the trainer's in its dtype and in FP32 compared with it."""
     dtypes = list(rollouts)
     pad_id = inputs.tokenizer.pad_token_id if inputs.tokenizer.pad_token_id is not None else 0
     probe_rollouts = rollouts[dtypes[0]][: config.layer_sequences]
@@ -230,6 +255,22 @@ def _trainer_side(
                     side.scores[dtype]["fp32"] = rescore(
                         model, REFERENCE_DTYPE, rollouts[dtype], 1.0, pad_id=pad_id, progress=advance
                     )["logp_trainer"]
+                if trainer_dtype in (REFERENCE_DTYPE, dtype) and isinstance(rows := engine_rows.get(dtype), Rows):
+                    chunks = distribution_rows(
+                        model,
+                        trainer_dtype,
+                        rollouts[dtype],
+                        (rows.request, rows.position),
+                        temperature=1.0,
+                        pad_id=pad_id,
+                    )
+                    side.distribution[dtype, trainer_dtype] = compare_rows(
+                        rows.logp,
+                        chunks,
+                        rows.tokens(rollouts[dtype]),
+                        rows.prompts(rollouts[dtype]),
+                        seed=config.sampling.seed,
+                    )
                 if trainer_dtype == dtype:
                     advance = progress.stage(f"trainer {dtype}", len(rollouts[dtype]))
                     side.scores[dtype]["batched"] = rescore(
@@ -347,8 +388,12 @@ CLOSE = 0.5  # a second component within this factor of the dominant one is name
 
 
 def dominant_components(components: list[dict]) -> dict[str, dict]:
-    """Per engine dtype, the component with the largest k3 (total aside), its k3 relative to the
-    total, and the components close behind it (k3 at least CLOSE × the dominant's)."""
+    """Per engine dtype, the component with the largest k3 (total aside), its k3 divided by the total's,
+    and the components close behind it (k3 at least CLOSE × the dominant's).
+
+    The ratio is not a share: k3 estimates a KL divergence, and the KLs of a chain of scorings do not
+    add up (each side's rounding alone can exceed the total, where they partly cancel), so it may be
+    above 1 and the components' ratios need not sum to 1."""
     dominant = {}
     for dtype in dict.fromkeys(c["engine_dtype"] for c in components):
         mine = [c for c in components if c["engine_dtype"] == dtype]
@@ -359,7 +404,7 @@ def dominant_components(components: list[dict]) -> dict[str, dict]:
         dominant[dtype] = {
             "name": top["name"],
             "k3": top["k3"],
-            "share_of_total": top["k3"] / total if total > 0 else None,
+            "k3_ratio_to_total": top["k3"] / total if total > 0 else None,
             "close": close,
         }
     return dominant
@@ -416,19 +461,17 @@ ACTIONS = {
 
 
 def recommend_diagnosis(components: list[dict], routing: list[dict] | None = None) -> Recommendation:
-    """The dominant component per engine dtype with its share of the total, and what to do about it;
+    """The dominant component per engine dtype with its k3 against the total's, and what to do about it;
     router replay too where an MoE model's routing carries most of the gap (`routing` as in a scan)."""
     dominant = dominant_components(components)
     parts: list[str] = []
     actions: list[str] = []
     for dtype, top in dominant.items():
-        share = (
-            f"{100 * top['share_of_total']:.0f}% of the total k3"
-            if top["share_of_total"] is not None
-            else "the total is 0"
+        against = (
+            f"{top['k3_ratio_to_total']:.2g}× the total's" if top["k3_ratio_to_total"] is not None else "the total is 0"
         )
         behind = f", with {' and '.join(top['close'])} close behind" if top["close"] else ""
-        parts.append(f"{dtype}: {top['name']} dominates (k3 {top['k3']:.2e}, {share}){behind}")
+        parts.append(f"{dtype}: {top['name']} dominates (k3 {top['k3']:.2e}, {against}){behind}")
         actions += [ACTIONS[name] for name in [top["name"], *top["close"]] if ACTIONS[name] not in actions]
     verdict: Recommendation = {
         "verdict": "diagnosed",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from mismatch import runs
 from mismatch.commands.progress import Progress, Silent
 from mismatch.config import REFERENCE_DTYPE, ScanConfig
 from mismatch.engines import lora_refused_dtypes, refused_dtypes, start_engine
+from mismatch.engines.base import Rows
 from mismatch.errors import EngineError, PromptError, ResumeError
 from mismatch.inputs.prepare import Inputs, prepare_inputs
 from mismatch.learner.impact import rollout_impact
@@ -25,10 +26,11 @@ from mismatch.learner.rewards import rollout_rewards
 from mismatch.model.loading import available_memory, fp32_footprint
 from mismatch.model.lora import adapter_gap, merge_into, read_adapter
 from mismatch.model.probes import ActivationPeak
-from mismatch.model.rescore import input_device, load_trainer, rescore
+from mismatch.model.rescore import distribution_rows, input_device, load_trainer, rescore
 from mismatch.model.routing import Routing, agreement_rows, is_moe, response_routing
 from mismatch.records import Rollout
 from mismatch.report import write_report
+from mismatch.stats.distribution import DistributionSummary, compare_rows, distribution_record
 from mismatch.stats.impact import ImpactResult
 from mismatch.stats.measures import Measures
 from mismatch.verdict.gate import evaluate
@@ -170,6 +172,7 @@ def run_scan(
         summary |= {
             "pairs": pairs_list,
             "corrections": measures.corrections_rows(),
+            "buckets": measures.bucket_rows(),
             "health": measures.health_rows(),
             "audit": audit,
             "audit_by_pair": audit_by_pair,
@@ -186,6 +189,11 @@ def run_scan(
         }
         if config.fail_on:
             summary["gate"] = evaluate(config.conditions(), pairs_list)
+        if config.full_distribution:
+            planned = config.distribution_plan(len(prompt_ids) * config.samples, len(tokenizer)) or {}
+            summary["distribution"] = distribution_record(
+                sum(map(len, planned.values())), scanned.distribution, scanned.unavailable
+            )
     log.finish()  # the report reads the complete run folder
     with stage("report"):
         write_report(out)
@@ -288,6 +296,10 @@ class Scanned:
     rollouts: dict[str, list[Rollout]]  # engine dtype → its sampled sequences
     scores: dict[Pair, dict[str, list[np.ndarray]]]  # pair → `rescore`'s columns, in the configured order
     routes: dict[Pair, Routing]  # pair → the trainer's routing (`response_routing`): MoE models on vLLM only
+    # --full-distribution: pair → the engine's and the trainer's whole distributions compared at the planned
+    # positions; engine dtype → why it has none
+    distribution: dict[Pair, DistributionSummary] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
 
 def sample_and_rescore(
@@ -306,9 +318,17 @@ def sample_and_rescore(
     stage = log.stage
     prefix = f"{side.name}_" if side.name else ""
     label = f"{side.name} " if side.name else ""
+    engine_rows: dict[str, Rows | str] = {}  # --full-distribution, the scanned model's engine dtypes
     for dtype, prompts_for, samples in requests:
+        plan = config.distribution_plan(len(prompts_for) * samples, len(tokenizer)) if dtype in config.dtypes else None
+        if side.name:  # the merged model is scanned for its sampled-token gap only
+            plan = None
         if len(rollouts.get(dtype, [])) == len(prompts_for) * samples:  # saved by the run being resumed
             log.summary["finished"].append(f"{prefix}generate_{dtype} (resumed)")
+            if plan is not None:
+                engine_rows[dtype] = (
+                    "resumed from saved rollouts: the engine's distribution is recorded only as it samples"
+                )
             continue
         with stage(f"{prefix}engine_start_{dtype}"):
             options = config.vllm_options() | ({"record_routing": True} if side.routing else {})
@@ -324,7 +344,12 @@ def sample_and_rescore(
         with stage(f"{prefix}generate_{dtype}"):
             advance = progress.stage(f"{label}generate {config.engine} {dtype}", len(prompts_for) * samples)
             try:
-                rollouts[dtype] = engine.generate(prompts_for, samples, config.sampling, advance)
+                if plan is None:
+                    rollouts[dtype] = engine.generate(prompts_for, samples, config.sampling, advance)
+                else:
+                    rollouts[dtype], engine_rows[dtype] = engine.generate_rows(
+                        prompts_for, samples, config.sampling, plan, advance
+                    )
             finally:
                 engine.close()
             runs.write_parquet(side.rollouts_file, runs.rollouts_frame(rollouts, tokenizer, config.samples))
@@ -332,6 +357,7 @@ def sample_and_rescore(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores: dict[Pair, dict[str, list[np.ndarray]]] = {}
     routes: dict[Pair, Routing] = {}
+    compared: dict[Pair, DistributionSummary] = {}
     for trainer_dtype in dict.fromkeys(t for _, t in pairs):
         with stage(f"{prefix}rescore_{trainer_dtype}"):
             model = load_trainer(
@@ -358,14 +384,37 @@ def sample_and_rescore(
                         top_p=config.sampling.top_p,
                         pad_id=pad_id,
                         progress=advance,
+                        with_entropy=True,  # tokens.parquet `entropy`: the gap by kind of position
                     )
+                    rows = engine_rows.get(engine_dtype)
+                    if isinstance(rows, Rows):
+                        rows = rows.before(len(chosen))  # the reference may score the first sequences only
+                    if isinstance(rows, Rows):
+                        chunks = distribution_rows(
+                            model,
+                            trainer_dtype,
+                            chosen,
+                            (rows.request, rows.position),
+                            temperature=config.sampling.temperature,
+                            top_p=config.sampling.top_p,
+                            pad_id=pad_id,
+                        )
+                        compared[engine_dtype, trainer_dtype] = compare_rows(
+                            rows.logp, chunks, rows.tokens(chosen), rows.prompts(chosen), seed=config.sampling.seed
+                        )
                     # resumed outputs carry no routing
                     if side.routing and all(r.routed_experts is not None for r in chosen):
                         routes[engine_dtype, trainer_dtype] = response_routing(model, chosen, pad_id)
             if isinstance(watch, ActivationPeak):
                 log.summary["fp16_headroom"] = watch.summary()
             del model
-    return Scanned(rollouts, {pair: scores[pair] for pair in pairs}, routes)  # table rows in the configured order
+    return Scanned(
+        rollouts,
+        {pair: scores[pair] for pair in pairs},  # table rows in the configured order
+        routes,
+        {pair: compared[pair] for pair in pairs if pair in compared},
+        {dtype: rows for dtype, rows in engine_rows.items() if isinstance(rows, str)},
+    )
 
 
 def scan_pairs(config: ScanConfig, accepted: list[str], refused: list[str], reference_generated: bool) -> list[Pair]:

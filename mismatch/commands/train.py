@@ -42,6 +42,7 @@ from mismatch.model.precision import compute_context, default_device
 from mismatch.model.rescore import pad_batch, response_logprobs, token_batches
 from mismatch.records import Sampling
 from mismatch.stats import metrics, validation
+from mismatch.stats.growth import Growth, StepBuckets
 
 MICRO_BATCH_TOKENS = 2048  # padded tokens per forward/backward in the learner
 STEP_METRICS = (metrics.k1, metrics.k3, metrics.mean_abs_dp, metrics.max_abs_dp, metrics.min_ratio, metrics.max_ratio)
@@ -235,6 +236,7 @@ class Trainer:
             "token_id": np.concatenate([r.response_ids for r in rollouts]).astype(np.int64),
             "logp_engine": mu,
             "logp_trainer": pi,
+            "entropy": learned.entropy.double().cpu().numpy(),
         }
         return StepResult(row, tokens, learned.impact)
 
@@ -427,6 +429,7 @@ def train_one(
         runs.write_parquet(
             out / runs.TOKENS, pd.concat(tokens, ignore_index=True).assign(engine_dtype=dtype, trainer_dtype=dtype)
         )
+    log.summary["growth"] = training_growth(tokens, seed=config.seed)
     trainer.save(out / "checkpoint-final")
     log.summary |= {"interrupted": interrupted, "steps_done": len(rows)}
     log.finish(complete=not interrupted)
@@ -438,6 +441,21 @@ def train_one(
             log.summary |= {"step0_check": {"dtype": dtype, "skipped": "interrupted (Ctrl-C)"}, "interrupted": True}
             log.save()
     return log.summary
+
+
+def training_growth(tokens: list[pd.DataFrame], *, seed: int) -> Growth | None:
+    """Why k3 grew from the run's first steps to its final window (`stats.growth`), over the trainer's
+    entropy at each token; None under 2 steps."""
+    buckets = StepBuckets()
+    for frame in tokens:
+        buckets.add(
+            int(frame["step"].to_numpy()[0]),
+            frame["logp_trainer"],
+            frame["logp_engine"],
+            frame["entropy"],
+            frame["seq_id"],
+        )
+    return buckets.growth(seed=seed)
 
 
 def step0_sampling_seed(config: TrainConfig) -> int:

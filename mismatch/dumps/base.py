@@ -24,10 +24,12 @@ OPTIONAL = (
     "logp_trainer_full",
     "log_kept_mass",
     "temperature",
+    "entropy",
 )
 # logp_trainer: π, left out when the dump has only μ (then `--model` computes it). prompt_index:
 # the prompt (GRPO group) a sequence answers, the unit the intervals resample. temperature: the
-# sampling temperature, where the dump records it (the audit's raw-versus-processed check).
+# sampling temperature, where the dump records it (the audit's raw-versus-processed check). entropy:
+# the trainer's entropy at the position in nats (the gap by entropy bucket, and why it grows over steps).
 
 
 @dataclass

@@ -20,7 +20,15 @@ from mismatch.errors import DumpError
 
 NAME = "open"
 SUFFIXES = (".parquet", ".jsonl")
-LIST_COLUMNS = ("token_id", "logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "loss_mask")
+LIST_COLUMNS = (
+    "token_id",
+    "logp_engine",
+    "logp_trainer",
+    "logp_trainer_full",
+    "log_kept_mass",
+    "entropy",
+    "loss_mask",
+)
 BATCH_ROWS = 65_536
 # a log-prob computed in BF16 can round a little above 0; a probability or logit is far above
 POSITIVE_LIMIT = 0.5
@@ -107,7 +115,7 @@ def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
         raise DumpError(f"{path}: token rows need a position field; the open format has {EXPECTED}")
     keep = [c for c in (*REQUIRED, *OPTIONAL, "prompt_ids", "response_ids") if c in frame]
     frame = frame[keep]
-    for column in ("logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "temperature"):
+    for column in ("logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "temperature", "entropy"):
         if column in frame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(np.float64)
     for column in ("logp_engine", "logp_trainer"):

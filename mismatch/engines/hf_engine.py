@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import GenerationConfig
 
+from mismatch.engines.base import RowPlan, Rows
 from mismatch.errors import EngineError
 from mismatch.model.loading import load_causal_lm
 from mismatch.model.lora import adapter_weights, with_adapter
@@ -40,21 +42,39 @@ class HFEngine:
     def generate(
         self, prompts: list[list[int]], samples: int, sampling: Sampling, progress: Advance | None = None
     ) -> list[Rollout]:
+        return self.generate_rows(prompts, samples, sampling, {}, progress)[0]
+
+    def generate_rows(
+        self, prompts: list[list[int]], samples: int, sampling: Sampling, plan: RowPlan, progress: Advance | None = None
+    ) -> tuple[list[Rollout], Rows | str]:
+        """`generate`, keeping the log-softmax of generate's processed scores (the distribution each token
+        was sampled from) at the `plan`'s positions."""
         todo = requests(len(prompts), samples)
         rollouts: list[Rollout] = []
+        recorded: list[tuple[int, int, torch.Tensor]] = []
         for start in range(0, len(todo), BATCH):
             chunk = todo[start : start + BATCH]
+            wanted = {r - start: plan[r] for r in range(start, start + len(chunk)) if r in plan}
             # One seed per batch (torch's generator is global); batching is fixed, so runs repeat.
             torch.manual_seed(request_seed(sampling, *chunk[0], samples))
-            rollouts += self._generate_batch([prompts[p] for p, _ in chunk], chunk, sampling)
+            batch, rows = self._generate_batch([prompts[p] for p, _ in chunk], chunk, sampling, wanted)
+            rollouts += batch
+            recorded += [(start + row, position, logp) for row, position, logp in rows]
             if progress:
                 progress(len(chunk))
-        return rollouts
+        vocab = self.model.config.get_text_config().vocab_size
+        return rollouts, Rows(
+            np.array([r for r, _, _ in recorded], dtype=np.int64),
+            np.array([p for _, p, _ in recorded], dtype=np.int64),
+            torch.stack([x for _, _, x in recorded]).numpy() if recorded else np.empty((0, vocab), np.float32),
+        ).within(rollouts)
 
     @torch.inference_mode()
     def _generate_batch(
-        self, prompts: list[list[int]], keys: list[tuple[int, int]], sampling: Sampling
-    ) -> list[Rollout]:
+        self, prompts: list[list[int]], keys: list[tuple[int, int]], sampling: Sampling, wanted: RowPlan
+    ) -> tuple[list[Rollout], list[tuple[int, int, torch.Tensor]]]:
+        """The batch's rollouts, and (row, position, log-probability row) at each position `wanted` per row
+        that generate reached."""
         width = max(map(len, prompts))
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
@@ -75,6 +95,12 @@ class HFEngine:
         new_tokens = out.sequences[:, width:]
         steps = [torch.log_softmax(s.float(), -1).gather(-1, new_tokens[:, i, None]) for i, s in enumerate(out.scores)]
         logps = torch.cat(steps, dim=1)
+        rows = [
+            (row, position, torch.log_softmax(out.scores[position][row].float(), -1).cpu())
+            for row, positions in wanted.items()
+            for position in positions
+            if position < len(out.scores)
+        ]
         rollouts = []
         for row, ((p, s), prompt) in enumerate(zip(keys, prompts, strict=True)):
             ids = new_tokens[row].tolist()
@@ -90,7 +116,7 @@ class HFEngine:
                     finish_reason="stop" if end else "length",
                 )
             )
-        return rollouts
+        return rollouts, rows
 
     def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:
         raise EngineError(

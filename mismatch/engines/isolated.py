@@ -18,6 +18,7 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from mismatch import errors
+from mismatch.engines.base import RowPlan, Rows
 from mismatch.records import Advance, Rollout, Sampling, Scored
 
 
@@ -104,6 +105,11 @@ class IsolatedEngine:
     ) -> list[Rollout]:
         return self._child.call("generate", prompts, samples, sampling, progress=progress)
 
+    def generate_rows(
+        self, prompts: list[list[int]], samples: int, sampling: Sampling, plan: RowPlan, progress: Advance | None = None
+    ) -> tuple[list[Rollout], Rows | str]:
+        return self._child.call("generate_rows", prompts, samples, sampling, plan, progress=progress)
+
     def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:
         return self._child.call("score", sequences, topk, alone)
 
@@ -172,6 +178,13 @@ def _serve(pipe) -> None:
                 prompts, samples, sampling = args
                 rollouts = engine.generate(prompts, samples, sampling, progress=lambda n: pipe.send(("progress", n)))
                 pipe.send(("result", rollouts))
+            elif command == "generate_rows":
+                assert engine is not None
+                prompts, samples, sampling, plan = args
+                answer = engine.generate_rows(
+                    prompts, samples, sampling, plan, progress=lambda n: pipe.send(("progress", n))
+                )
+                pipe.send(("result", answer))
             elif command == "score":
                 assert engine is not None
                 pipe.send(("result", engine.score(*args)))

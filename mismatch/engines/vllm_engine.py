@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from mismatch.engines import vllm_support
+from mismatch.engines.base import RowPlan, Rows
+from mismatch.engines.vllm_distribution import unavailable_reason, vllm_distribution
 from mismatch.engines.vllm_routing import (
     Recording,
     returned_rows,
@@ -214,6 +216,17 @@ class VLLMEngine:
                 )
             )
         return rollouts
+
+    def generate_rows(
+        self, prompts: list[list[int]], samples: int, sampling: Sampling, plan: RowPlan, progress: Advance | None = None
+    ) -> tuple[list[Rollout], Rows | str]:
+        """`generate`, recording in vLLM's sampler the rows of the `plan`'s positions (`vllm_distribution`)."""
+        if reason := unavailable_reason(self.llm):
+            return self.generate(prompts, samples, sampling, progress), reason
+        with vllm_distribution(self.llm, plan) as recording:
+            rollouts = self.generate(prompts, samples, sampling, progress)
+        rows = recording.rows()
+        return rollouts, rows if isinstance(rows, str) else rows.within(rollouts)
 
     def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:
         from vllm import SamplingParams

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from mismatch.report.values import interval, number, percent, ratio
+from mismatch.report.values import bucket_label, interval, number, percent, ratio
 from mismatch.runs import AnalyzeRun, ScanRun
 from mismatch.stats import measures
+from mismatch.stats.distribution import agreement_line
+from mismatch.stats.growth import Growth
 from mismatch.stats.impact import Estimate, ImpactResult
 from mismatch.stats.measures import WorstToken
 from mismatch.stats.metrics import PairRow
@@ -199,3 +201,106 @@ def _share(estimate: Estimate | None) -> str:
     high = estimate["high"]
     bounds = f" [{percent(low)}, {percent(high)}]" if low is not None or high is not None else ""
     return percent(estimate["value"]) + bounds
+
+
+BUCKET_COLUMNS = ("pair", "by", "bucket", "tokens", "share of tokens", "k3 [95% CI]", "mean |ℓ|", "share of k3")
+BUCKET_BY = {"entropy": "trainer's entropy (nats)", "engine_prob": "μ of the sampled token †"}
+
+
+def bucket_rows(buckets: list[measures.PairBuckets]) -> list[list[str]]:
+    """summary.json `buckets` as table rows: per pair, the entropy buckets, then μ's probability buckets."""
+    rows = []
+    for pair in buckets:
+        for by, table in (("entropy", pair["entropy"]), ("engine_prob", pair["engine_prob"])):
+            if table is None:
+                continue
+            last = len(table["rows"]) - 1
+            for i, row in enumerate(table["rows"]):
+                rows.append(
+                    [
+                        pair["pair"],
+                        BUCKET_BY[by],
+                        bucket_label(row["low"], row["high"], closed=by == "engine_prob" and i == last),
+                        str(row["n_tokens"]),
+                        percent(row["token_share"]),
+                        f"{number(row['k3'])} {interval(row['k3_ci_low'], row['k3_ci_high'])}",
+                        number(row["mean_abs_log_ratio"]),
+                        percent(row["gap_share"]),
+                    ]
+                )
+    return rows
+
+
+GROWTH_COLUMNS = (
+    "run",
+    "steps",
+    "k3 then → later",
+    "k3 later / then [95% CI]",
+    "mix [95% CI]",
+    "within [95% CI]",
+    "Δk3 = mix + within + interaction",
+    "length ratio [95% CI]",
+    "mean entropy then → later",
+)
+
+
+def growth_rows(growths: list[tuple[str, Growth]]) -> list[list[str]]:
+    """(label, summary.json `growth`) pairs as table rows."""
+
+    def factor(e: Estimate) -> str:
+        return f"{number(e['value'], '.3g')} {interval(e['low'], e['high'], '.3g')}"
+
+    rows = []
+    for label, g in growths:
+        add = g["additive"]
+        rows.append(
+            [
+                label,
+                f"{g['baseline_steps'][0]}–{g['baseline_steps'][1]} → {g['later_steps'][0]}–{g['later_steps'][1]}",
+                f"{number(g['k3_baseline'])} → {number(g['k3_later'])}",
+                factor(g["ratio"]),
+                factor(g["mix"]),
+                factor(g["within"]),
+                f"{number(add['change'], '+.2e')} = {number(add['mix'], '+.2e')} {number(add['within'], '+.2e')}"
+                f" {number(add['interaction'], '+.2e')}",
+                factor(g["length_ratio"]),
+                f"{number(g['mean_entropy_baseline'], '.3g')} → {number(g['mean_entropy_later'], '.3g')}",
+            ]
+        )
+    return rows
+
+
+DISTRIBUTION_COLUMNS = (
+    "pair",
+    "positions (prompts)",
+    "KL[μ‖π] [95% CI]",
+    "KL[π‖μ] [95% CI]",
+    "total variation [95% CI]",
+    "sampled-token k3 [95% CI]",
+)
+
+
+def distribution_view(distribution: dict[str, Any] | None) -> tuple[list[str], list[list[str]]]:
+    """summary.json `distribution` as a report shows it: a line per pair (does the sampled-token k3 agree
+    with the exact KL at the same positions?) and per engine dtype without rows (why not), and a table
+    row per pair. With top-p the KLs are those on the shared nucleus (without, the same as the full KLs)."""
+    if not distribution:
+        return [], []
+
+    def estimate(e: Estimate) -> str:
+        return f"{number(e['value'])} {interval(e['low'], e['high'])}"
+
+    lines = [f"{p['engine_dtype']} → {p['trainer_dtype']}: {agreement_line(p)}" for p in distribution["pairs"]]
+    lines += [f"{dtype}: {reason}" for dtype, reason in distribution["unavailable"].items()]
+    rows = [
+        [
+            f"{p['engine_dtype']} → {p['trainer_dtype']}",
+            f"{p['positions']} ({p['prompts']})",
+            estimate(p["kl_engine_trainer_shared"]),
+            estimate(p["kl_trainer_engine_shared"]),
+            estimate(p["tv"]),
+            estimate(p["k3"]),
+        ]
+        for p in distribution["pairs"]
+    ]
+    return lines, rows

@@ -7,8 +7,8 @@ import numpy as np
 
 from mismatch.report import plots
 from mismatch.report.content import engine_graphs
-from mismatch.report.html import environment
-from mismatch.report.markdown import escape, routing_lines, row
+from mismatch.report.html import distribution_context, environment
+from mismatch.report.markdown import distribution_lines, escape, routing_lines, row
 from mismatch.report.values import FIXED, interval, number
 from mismatch.runs import DiagnoseRun
 
@@ -101,6 +101,7 @@ def render_diagnosis(run: DiagnoseRun) -> str:
             explained=EXPLAINED,
             topk=diagnosis["topk"],
             routing=diagnosis.get("routing"),
+            **distribution_context(run.summary.get("distribution")),
             chart=plots.to_data_uri(components_chart(diagnosis["components"])),
             layer_chart=plots.to_data_uri(layer_chart(diagnosis["layers"])),
             run_path=run.path,
@@ -147,5 +148,6 @@ def render_diagnosis_markdown(run: DiagnoseRun) -> str:
         for t in run.summary["diagnosis"]["topk"]
     ]
     lines += ["", *routing_lines(run.summary["diagnosis"].get("routing"))]
+    lines += distribution_lines(run.summary.get("distribution"))
     lines += ["<sub>every number is recomputable from the run's tokens.parquet and topk.parquet</sub>"]
     return "\n".join(lines) + "\n"

@@ -10,9 +10,15 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from mismatch.report import plots, values
 from mismatch.report.compare import differences, side_by_side
 from mismatch.report.content import (
+    BUCKET_COLUMNS,
+    DISTRIBUTION_COLUMNS,
+    GROWTH_COLUMNS,
     IMPACT_COLUMNS,
     IMPACT_CORRECTION_COLUMNS,
     analyze_facts,
+    bucket_rows,
+    distribution_view,
+    growth_rows,
     header_facts,
     impact_correction_rows,
     impact_rows,
@@ -50,7 +56,15 @@ def figures(run: ScanRun) -> dict[str, str]:
     }
     if isinstance(run, AnalyzeRun) and len(run.steps):
         drawn["over_training"] = plots.to_data_uri(plots.over_training(run.steps, run.summary["drift"]))
+    if "entropy" in run.tokens and run.tokens["entropy"].notna().any():
+        drawn["gap_by_entropy"] = plots.to_data_uri(plots.gap_by_entropy(run.tokens))
     return drawn
+
+
+def distribution_context(distribution: dict | None) -> dict:
+    """The template variables of distribution.html.j2 (scan and diagnose reports)."""
+    lines, rows = distribution_view(distribution)
+    return {"distribution_lines": lines, "distribution_rows": rows, "distribution_columns": DISTRIBUTION_COLUMNS}
 
 
 def render_report(run: ScanRun) -> str:
@@ -90,6 +104,12 @@ def render_report(run: ScanRun) -> str:
             impact_rows=impact_rows(impact),
             impact_correction_columns=IMPACT_CORRECTION_COLUMNS,
             impact_correction_rows=impact_correction_rows(impact),
+            bucket_columns=BUCKET_COLUMNS,
+            bucket_rows=bucket_rows(run.summary.get("buckets", [])),
+            growth=[(g["pair"], g["sentence"]) for g in run.summary.get("growth", [])],
+            growth_columns=GROWTH_COLUMNS,
+            growth_rows=growth_rows([(g["pair"], g) for g in run.summary.get("growth", [])]),
+            **distribution_context(run.summary.get("distribution")),
             run_path=run.path,
         )
     )

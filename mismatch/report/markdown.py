@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from mismatch.report.compare import differences, side_by_side
-from mismatch.report.content import IMPACT_COLUMNS, analyze_facts, header_facts, impact_rows, pair_rows, worst_tokens
+from mismatch.report.content import (
+    DISTRIBUTION_COLUMNS,
+    IMPACT_COLUMNS,
+    analyze_facts,
+    distribution_view,
+    header_facts,
+    impact_rows,
+    pair_rows,
+    worst_tokens,
+)
 from mismatch.report.values import FIXED, interval, number, percent, ratio, tokens_cell
 from mismatch.runs import AnalyzeRun, ScanRun
 from mismatch.stats.measures import WorstToken
@@ -133,6 +142,7 @@ def _checks(summary: dict[str, Any]) -> list[str]:
     if lora := summary.get("lora"):
         lines += _lora_lines(lora)
     lines += routing_lines(summary.get("routing"))
+    lines += distribution_lines(summary.get("distribution"))
     if corrections := summary.get("corrections"):
         lines += [
             "<details><summary>What each correction would do</summary>",
@@ -163,6 +173,8 @@ def _checks(summary: dict[str, Any]) -> list[str]:
             ),
             "",
         ]
+    if growth := summary.get("growth"):
+        lines += ["**Why the gap grew:** " + " · ".join(f"{escape(g['pair'])}: {g['sentence']}" for g in growth), ""]
     return lines
 
 
@@ -216,6 +228,18 @@ def _lora_lines(lora: dict[str, Any]) -> list[str]:
         for c in lora["comparison"]
     ]
     return [*lines, ""]
+
+
+def distribution_lines(distribution: dict[str, Any] | None) -> list[str]:
+    """The full-distribution view: per pair, exact KLs and TV at the recorded positions and whether the
+    sampled-token k3 agrees with the exact KL; per engine dtype without rows, why."""
+    lines, rows = distribution_view(distribution)
+    if not lines:
+        return []
+    out = ["**The whole distribution at sampled positions:**", "", *[f"- {escape(line)}" for line in lines], ""]
+    if rows:
+        out += [row(list(DISTRIBUTION_COLUMNS)), "|---|--:|--:|--:|--:|--:|", *[row(r) for r in rows], ""]
+    return out
 
 
 def routing_lines(routing: dict[str, Any] | None) -> list[str]:

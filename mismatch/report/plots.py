@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import LogNorm
 
+from mismatch.report.values import bucket_label
+from mismatch.stats.buckets import gap_by_bucket
 from mismatch.stats.measures import pair_name
 from mismatch.stats.metrics import log_ratio
 
@@ -184,5 +186,39 @@ def over_training(steps: pd.DataFrame, drift: list[dict]):
             ax.set_yscale("log")
         ax.set(title=label, xlabel="training step")
     axes[0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def gap_by_entropy(tokens: pd.DataFrame, seed: int = 0):
+    """Per pair, each bucket of the trainer's entropy at the position: its share of the tokens and of the
+    total gap (Σ k3 terms), side by side, its k3 written above (`stats.buckets.gap_by_bucket`: fixed edges,
+    short buckets merged). Pairs whose rows carry no entropy are left out."""
+    groups = [(e, t, g) for e, t, g in pair_groups(tokens) if g["entropy"].notna().any()]
+    fig, axes = plt.subplots(1, len(groups), figsize=(PANEL * 1.4 * len(groups), PANEL), sharey=True, squeeze=False)
+    for ax, (engine, trainer, group) in zip(axes[0], groups, strict=True):
+        table = gap_by_bucket("entropy", group["logp_trainer"], group["logp_engine"], group["entropy"])
+        rows = table["rows"]
+        at = np.arange(len(rows))
+        ax.bar(at - 0.2, [r["token_share"] for r in rows], width=0.4, color="#bbb", label="share of tokens")
+        bars = ax.bar(
+            at + 0.2,
+            [r["gap_share"] for r in rows],
+            width=0.4,
+            color=COLORS.get(trainer, "#444"),
+            label="share of k3 (its k3 above)",
+        )
+        for bar, row in zip(bars, rows, strict=True):
+            ax.annotate(
+                f"{row['k3']:.1e}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=6,
+            )
+        ax.set_xticks(at, [bucket_label(r["low"], r["high"]) for r in rows], rotation=30, fontsize=7)
+        ax.set(title=f"{pair_label(engine, trainer)} · k3 {table['k3']:.2e}", xlabel="trainer's entropy (nats)")
+    axes[0][0].set_ylabel("share")
+    axes[0][0].legend(fontsize=7, frameon=False)
     fig.tight_layout()
     return fig

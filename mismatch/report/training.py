@@ -16,9 +16,11 @@ import numpy as np
 import pandas as pd
 
 from mismatch.report import plots
+from mismatch.report.content import GROWTH_COLUMNS, growth_rows
 from mismatch.report.html import environment
 from mismatch.report.values import interval, number, percent, ratio
 from mismatch.runs import TrainRun, load_train
+from mismatch.stats.growth import Growth, growth_sentence
 from mismatch.stats.validation import ONE_SEED, Difference, Validation, step_bands, validate
 
 Key = tuple[int, str]  # (seed, dtype)
@@ -285,6 +287,16 @@ STEP_COLUMNS = [
 ]
 
 
+def growths(loaded: Mapping[Key, TrainRun]) -> list[tuple[str, Growth]]:
+    """(run label, summary.json `growth`) of the runs that have one (2 steps or more)."""
+    several = len({seed for seed, _ in loaded}) > 1
+    return [
+        (dtype + (f" seed {seed}" if several else ""), run.summary["growth"])
+        for (seed, dtype), run in loaded.items()
+        if run.summary.get("growth")
+    ]
+
+
 def render_training(folders: Mapping[Key, Path]) -> str:
     """report.html of the runs keyed (seed, dtype), from their folders (`runs.train_runs`)."""
     runs = load_runs(folders)
@@ -300,6 +312,7 @@ def render_training(folders: Mapping[Key, Path]) -> str:
     table = pd.concat([run.steps.assign(dtype=dtype, seed=seed) for (seed, dtype), run in runs.items()])
     impact = impact_rows(runs)
     seeds = result["seeds"]
+    grown = growths(runs)
     return (
         environment()
         .get_template("training.html.j2")
@@ -315,6 +328,9 @@ def render_training(folders: Mapping[Key, Path]) -> str:
             curves=plots.to_data_uri(curves(runs, result["window"])),
             impact_figure=plots.to_data_uri(impact_figure(impact)) if plotted(impact) else None,
             impact=impact_table(impact),
+            growth=[(label, growth_sentence(g)) for label, g in grown],
+            growth_columns=GROWTH_COLUMNS,
+            growth_rows=growth_rows(grown),
             first_seed=first_seed,
             scatter_first=plots.to_data_uri(plots.scatter(tokens[tokens["step"] == first])),
             scatter_last=plots.to_data_uri(plots.scatter(tokens[tokens["step"] == last])),

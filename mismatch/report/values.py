@@ -40,6 +40,13 @@ def percent(share: float | None) -> str:
     return DASH if share is None else f"{100 * share:.3g}%"
 
 
+def bucket_label(low: float, high: float | None, *, closed: bool = False) -> str:
+    """A bucket `[low, high)` (`closed`: `[low, high]`); an infinite top (null in summary.json) reads ∞."""
+    if high is None or not math.isfinite(high):
+        return f"[{low:g}, ∞)"
+    return f"[{low:g}, {high:g}{']' if closed else ')'}"
+
+
 def tokens_cell(pair: PairRow, *, parenthesised: bool = False) -> str:
     """The measured tokens of a pair, and those left out: non-finite log-probs, tokens sampled outside the
     trainer's nucleus. `1474 +1 non-finite` in the terminal; `1474 (+1 non-finite)` in summary.md."""

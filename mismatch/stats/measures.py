@@ -1,6 +1,7 @@
 """Everything measured on (μ, π) token rows, fed in chunks of whole sequences: the metrics per
-pair, the correction replay, the health checks and the audit. A scan feeds its tokens frame once;
-`analyze` feeds a dump step by step, so both compute their numbers with the same code.
+pair, the correction replay, the health checks, the audit, the gap by bucket and (over steps, where
+the rows carry the trainer's entropy) why it grows. A scan feeds its tokens frame once; `analyze`
+feeds a dump step by step, so both compute their numbers with the same code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import pandas as pd
 
 from mismatch.stats import health
 from mismatch.stats.audit import Audit, AuditRow
+from mismatch.stats.buckets import BucketSums, BucketTable
 from mismatch.stats.corrections import CORRECTIONS, Correction, CorrectionRow, Replay
+from mismatch.stats.growth import Growth, StepBuckets, growth_sentence
 from mismatch.stats.health import CheckResult, HealthRow
 from mismatch.stats.metrics import PairRow, PairStats, log_ratio
 
@@ -54,12 +57,36 @@ class WorstToken(_WorstTokenRequired, total=False):
     step: int
 
 
+class PairBuckets(TypedDict):
+    """summary.json `buckets`: one pair's gap by bucket of the trainer's entropy (None when its rows
+    carry no entropy) and by μ's probability of the sampled token."""
+
+    pair: str
+    engine_dtype: str
+    trainer_dtype: str
+    entropy: BucketTable | None
+    engine_prob: BucketTable
+
+
+class PairGrowth(Growth):
+    """summary.json `growth`: one pair's growth of k3 over the steps (`stats.growth`)."""
+
+    pair: str
+    engine_dtype: str
+    trainer_dtype: str
+    sentence: str
+
+
 class _Pair:
     def __init__(self, corrections: tuple[Correction, ...]):
         self.stats = PairStats()
         self.replay = Replay(corrections)
         self.audit = Audit()
         self.health: list[list[CheckResult]] = []  # one list of checks per chunk (step)
+        self.entropy = BucketSums("entropy")
+        self.engine_prob = BucketSums("engine_prob")
+        self.with_entropy = False  # some rows carried the trainer's entropy
+        self.growth = StepBuckets()
 
 
 class Measures:
@@ -94,6 +121,14 @@ class Measures:
             pair.replay.add(log_ratio(measured["logp_trainer"], measured["logp_engine"]), measured["seq_id"])
             checks = health.evaluate(group["logp_trainer"], group["logp_engine"])
             pair.health.append(checks)
+            pair.engine_prob.add(group["logp_trainer"], group["logp_engine"], clusters=clusters)
+            if "entropy" in group and group["entropy"].notna().any():
+                pair.with_entropy = True
+                pair.entropy.add(group["logp_trainer"], group["logp_engine"], group["entropy"], clusters)
+                if step is not None:
+                    pair.growth.add(
+                        step, group["logp_trainer"], group["logp_engine"], group["entropy"], group["seq_id"]
+                    )
             if step is not None:
                 step_row: StepRow = {
                     "step": step,
@@ -110,6 +145,35 @@ class Measures:
             {"engine_dtype": e, "trainer_dtype": t, **pair.stats.result(self.seed)}
             for (e, t), pair in self.pairs.items()
         ]
+
+    def bucket_rows(self) -> list[PairBuckets]:
+        return [
+            {
+                "pair": pair_name(e, t),
+                "engine_dtype": e,
+                "trainer_dtype": t,
+                "entropy": pair.entropy.result(self.seed) if pair.with_entropy else None,
+                "engine_prob": pair.engine_prob.result(self.seed),
+            }
+            for (e, t), pair in self.pairs.items()
+        ]
+
+    def growth_rows(self) -> list[PairGrowth]:
+        """Per pair with the trainer's entropy over at least 2 steps: why its k3 grew (or fell)."""
+        rows: list[PairGrowth] = []
+        for (e, t), pair in self.pairs.items():
+            found = pair.growth.growth(seed=self.seed)
+            if found is not None:
+                rows.append(
+                    {
+                        "pair": pair_name(e, t),
+                        "engine_dtype": e,
+                        "trainer_dtype": t,
+                        **found,
+                        "sentence": growth_sentence(found),
+                    }
+                )
+        return rows
 
     def corrections_rows(self) -> list[CorrectionRow]:
         return [{"pair": pair_name(e, t), **row} for (e, t), pair in self.pairs.items() for row in pair.replay.result()]

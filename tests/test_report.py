@@ -75,14 +75,15 @@ def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
     seen = open_report(
         hostile_run / "report.html",
         tmp_path / "report.png",
-        ("#worst", "#verdict", "#corrections", "#health", "#audit"),
+        ("#worst", "#verdict", "#corrections", "#health", "#audit", "#buckets"),
     )
     assert seen["problems"] == [] and seen["dialogs"] == []
-    assert len(seen["images"]) == 4 and all(
+    assert len(seen["images"]) == 5 and all(  # the scatter, Σℓ, histogram, along the response, the buckets
         done and width > 300 and height > 100 for done, width, height in seen["images"]
     )
     assert PAYLOAD in seen["texts"]["#worst"]  # shown as text
     assert "k3" in seen["texts"]["#verdict"]
+    assert "entropy" in seen["texts"]["#buckets"]
     assert (
         "trl_sequence_mask" in seen["texts"]["#corrections"]
         and "token_mult_prob_error" in seen["texts"]["#health"]

@@ -48,7 +48,7 @@ SKETCH_DIM = 2**16
 _CHUNK = 2**22  # parameter elements hashed and added at once
 
 Hash = tuple[Tensor, list[int]]
-"""A chunk's count-sketch hash: a sign per element (float ±1), a shift per block of the sketch's dim."""
+"""A chunk's count-sketch hash: a sign per element (±1 in the gradients' dtype), a shift per block of `dim`."""
 LogpFn = Callable[[list[int]], Tensor]
 """Sequence indices → flat log π (with grad) of those sequences' response tokens, in that order."""
 

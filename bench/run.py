@@ -74,10 +74,11 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(a, b, pairs: int = PAIRS) -> tuple[list[float], list[float]]:
-    """Wall times of `a` and `b` run A B A B … after one warm-up call of each: pair i's two runs see
-    the same machine, so their ratio cancels most of its drift."""
-    a(), b()
+def interleaved(a, b, pairs: int = PAIRS, warm_up: bool = True) -> tuple[list[float], list[float]]:
+    """Wall times of `a` and `b` run A B A B … after one warm-up call of each (`warm_up`): pair i's two
+    runs see the same machine, so their ratio cancels most of its drift."""
+    if warm_up:
+        a(), b()
     times_a, times_b = [], []
     for _ in range(pairs):
         times_a.append(timed(a))
@@ -567,12 +568,13 @@ def diagnose_goal(raw: dict) -> dict:
     )
 
 
-def distribution_goals(raw: dict, pairs: int = 3) -> list[dict]:
+def distribution_goals(raw: dict, pairs: int = 2) -> list[dict]:
     """The full-distribution view's price: a diagnose of the embedded model with its defaults (64 prompts ×
-    128 tokens, 256 positions per engine dtype) with the view (its default) against --no-full-distribution;
-    and a scan with --full-distribution against one without, on the scan goals' prompts. Without the option
-    a scan calls the engine's plain `generate` as before (tests/test_full_distribution.py): the scan goals
-    above track that path against their earlier runs."""
+    128 tokens, 256 positions per engine dtype) with the view (its default) against --no-full-distribution,
+    `pairs` pairs without warm-up (each diagnose takes minutes); and a scan with --full-distribution against
+    one without, on the scan goals' prompts, one pair more. Without the option a scan calls the engine's plain
+    `generate` as before (tests/test_full_distribution.py): the scan goals above track that path against
+    their earlier runs."""
     from mismatch.commands.diagnose import run_diagnose
     from mismatch.config import DiagnoseConfig
 
@@ -580,36 +582,43 @@ def distribution_goals(raw: dict, pairs: int = 3) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
 
         def diagnose(view: bool):
-            config = DiagnoseConfig(
-                model=MODEL,
-                engine="vllm",
-                dtypes=["bf16", "fp16"],
-                out=Path(tmp) / f"d-{len(done)}",
-                semantic_probe=0,
-                full_distribution=view,
-            )
-            return lambda: done.append(run_diagnose(config))
+            def run():
+                config = DiagnoseConfig(
+                    model=MODEL,
+                    engine="vllm",
+                    dtypes=["bf16", "fp16"],
+                    out=Path(tmp) / f"d-{len(done)}",
+                    semantic_probe=0,
+                    full_distribution=view,
+                )
+                done.append(run_diagnose(config))
+
+            return run
 
         def scan(view: bool):
-            config = ScanConfig(
-                model=MODEL,
-                engine="vllm",
-                dtypes=["bf16", "fp16"],
-                out=Path(tmp) / f"s-{len(done)}",
-                sampling=Sampling(max_tokens=SCAN["max_tokens"]),
-                num_prompts=SCAN["num_prompts"],
-                full_distribution=view,
-            )
-            return lambda: done.append(run_scan(config))
+            def run():
+                config = ScanConfig(
+                    model=MODEL,
+                    engine="vllm",
+                    dtypes=["bf16", "fp16"],
+                    out=Path(tmp) / f"s-{len(done)}",
+                    sampling=Sampling(max_tokens=SCAN["max_tokens"]),
+                    num_prompts=SCAN["num_prompts"],
+                    full_distribution=view,
+                )
+                done.append(run_scan(config))
 
-        plain_s, viewed_s = interleaved(diagnose(False), diagnose(True), pairs=pairs)
-        scan_s, scan_viewed_s = interleaved(scan(False), scan(True), pairs=pairs)
+            return run
+
+        plain_s, viewed_s = interleaved(diagnose(False), diagnose(True), pairs=pairs, warm_up=False)
+        compared = [p["positions"] for p in done[-1]["distribution"]["pairs"]]
+        scan_s, scan_viewed_s = interleaved(scan(False), scan(True), pairs=pairs + 1, warm_up=False)
     raw["distribution"] = {
         "diagnose_s": plain_s,
         "diagnose_with_view_s": viewed_s,
         "scan_s": scan_s,
         "scan_with_view_s": scan_viewed_s,
-        "pairs_compared": [p["positions"] for p in done[-1]["distribution"]["pairs"]],
+        "diagnose_positions_compared": compared,
     }
     return [
         goal(
@@ -620,7 +629,7 @@ def distribution_goals(raw: dict, pairs: int = 3) -> list[dict]:
         ),
         goal(
             f"scan --full-distribution / scan without ({SCAN['num_prompts']} prompts × {SCAN['max_tokens']} tokens,"
-            f" {pairs} pairs)",
+            f" {pairs + 1} pairs)",
             [b / a for a, b in zip(scan_s, scan_viewed_s, strict=True)],
             1.5,
             lower_is_better=True,

@@ -6,6 +6,7 @@ exact KL on the tiny model; diagnose records it by default, scan only when asked
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -249,15 +250,15 @@ def test_chunked_prefill_rows_are_skipped(tiny_model):
 
 @pytest.mark.engine
 def test_a_runner_the_capture_does_not_know_is_said_in_one_line():
-    """Model Runner V2 (CUDA's default) is not recorded: one line naming it and the way to the V1 runner."""
+    """A runner or sampler other than the V1 runner's and Model Runner V2's: one line naming both."""
     from types import SimpleNamespace
 
     from vllm.v1.engine.core_client import InprocClient
 
     from mismatch.engines.vllm_distribution import unavailable_reason
 
-    class GPUModelRunner:  # the V2 runner's name, another class
-        pass
+    class GPUModelRunner:  # a runner's name, another class
+        sampler = SimpleNamespace()
 
     config = SimpleNamespace(
         model_config=SimpleNamespace(logprobs_mode="processed_logprobs"),
@@ -270,9 +271,73 @@ def test_a_runner_the_capture_does_not_know_is_said_in_one_line():
         collective_rpc=lambda fn: [fn(SimpleNamespace(model_runner=GPUModelRunner()))],
     )
     reason = unavailable_reason(llm)
-    assert reason is not None and "\n" not in reason and "VLLM_USE_V2_MODEL_RUNNER=0" in reason
+    assert reason is not None and "\n" not in reason and "GPUModelRunner and its SimpleNamespace" in reason
     config.parallel_config.world_size = 2
     assert "one worker" in (unavailable_reason(llm) or "")
+
+
+def v2_state(requests: dict[str, tuple[int, int]]) -> SimpleNamespace:
+    """Model Runner V2's request state as its sampler leaves it (v1/worker/gpu/states.py: `index_to_req_id`,
+    `prompt_len.np`, `prefill_len.np`), for request id → (prompt length, prefill length). A stand-in:
+    vLLM's own `RequestState` pins memory, which needs an accelerator, and V2 needs Triton's GPU backend."""
+    ids = list(requests)
+    return SimpleNamespace(
+        index_to_req_id=dict(enumerate(ids)),
+        prompt_len=SimpleNamespace(np=np.array([requests[i][0] for i in ids], dtype=np.int32)),
+        prefill_len=SimpleNamespace(np=np.array([requests[i][1] for i in ids], dtype=np.int32)),
+    )
+
+
+def test_model_runner_v2_rows_sit_at_sequence_length_minus_prompt_length():
+    """V2's sampler step: a chunk of prefill (sequence shorter than the prefill) yields no row; a request
+    resumed after a preemption (prefill = prompt + outputs so far) continues at its next position; the
+    rows are the log-softmax of the processed logits, as vLLM's processed_logprobs are."""
+    from mismatch.engines.vllm_distribution import Recording
+
+    recording = Recording({0: [0, 2], 1: [3], 2: [0]}, first_request=7, vocab=5)
+    state = v2_state({"8-abcdefgh": (4, 7), "7-abcdefgh": (5, 5), "9-abcdefgh": (150, 150)})
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, -torch.inf]] * 3) * torch.tensor([[1.0], [2.0], [3.0]])
+    # batch rows → request slots 1 (request 0), 0 (request 1, resumed), 2 (request 2, in chunked prefill)
+    recording.take_v2(state, logits, np.array([1, 0, 2]), seq_lens=np.array([5, 7, 64]))
+    assert recording.filled.tolist() == [True, False, True, False]  # (0, 0) and (1, 3); (2, 0) not yet
+    recording.take_v2(state, logits[:2], np.array([1, 2]), seq_lens=np.array([7, 150]))
+    rows = recording.rows()
+    assert isinstance(rows, Rows)
+    assert list(zip(rows.request.tolist(), rows.position.tolist(), strict=True)) == [(0, 0), (0, 2), (1, 3), (2, 0)]
+    expected = torch.log_softmax(logits, dim=-1)
+    np.testing.assert_array_equal(rows.logp, expected[[0, 0, 1, 1]].numpy())
+    assert rows.logp[0, 4] == -np.inf  # outside the nucleus
+
+
+def test_model_runner_v2_sampler_takes_what_the_capture_reads():
+    """The installed vLLM's V2 `Sampler.sample` has the arguments the capture binds (read in 0.33 too)."""
+    import inspect
+
+    from vllm.v1.worker.gpu.sample.sampler import Sampler
+
+    from mismatch.engines.vllm_distribution import V2_ARGUMENTS
+
+    assert V2_ARGUMENTS <= set(inspect.signature(Sampler.sample).parameters)
+
+
+def test_rows_that_do_not_hold_the_engines_own_log_probs_are_refused_in_one_line():
+    """A row recorded at the wrong position would not hold the sampled token's log μ: refused."""
+    from mismatch.engines.vllm_distribution import checked
+
+    logp = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]], dtype=np.float32))
+    rollout = Rollout(
+        prompt_index=0,
+        sample_index=0,
+        prompt_ids=[1],
+        response_ids=[0, 2],
+        logp_engine=[float(logp[0, 0]), float(logp[1, 2])],
+        finish_reason="length",
+    )
+    rows = Rows(np.array([0, 0]), np.array([0, 1]), logp)
+    assert checked(rows, [rollout]) is rows
+    swapped = Rows(np.array([0, 0]), np.array([0, 1]), logp[::-1].copy())
+    reason = checked(swapped, [rollout])
+    assert isinstance(reason, str) and "\n" not in reason and "own sampled-token log-probs" in reason
 
 
 def test_the_trainer_rows_need_no_more_than_a_chunk_at_a_time(tiny_model):

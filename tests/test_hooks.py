@@ -86,9 +86,13 @@ def test_trl_hook_dumps_mu_and_pi_per_step(tiny_model, tmp_path):
     model = Qwen2ForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
-    expected = torch.log_softmax(logits / TEMPERATURE, dim=-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
-    mu = chunks[0].tokens.query("seq_id == @seq").sort_values("position")["logp_engine"].to_numpy()
-    np.testing.assert_allclose(mu, expected.numpy(), atol=2e-5, rtol=0)  # KV-cache decode vs one forward: ~4e-6
+    logp = torch.log_softmax(logits / TEMPERATURE, dim=-1)
+    expected = logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+    rows = chunks[0].tokens.query("seq_id == @seq").sort_values("position")
+    np.testing.assert_allclose(rows["logp_engine"], expected.numpy(), atol=2e-5, rtol=0)  # KV-cache decode: ~4e-6
+    # the trainer's entropy at each position, as TRL's loss forward computed it: that of π's tempered distribution
+    np.testing.assert_allclose(rows["entropy"], -(logp.exp() * logp).sum(-1).numpy(), atol=1e-5, rtol=0)
+    assert all(chunk.tokens["entropy"].notna().all() for chunk in chunks)  # every micro-batch under its sampler
 
 
 @pytest.mark.slow
@@ -138,7 +142,8 @@ def verl_batch():
 
 def test_verl_hook_round_trips_through_the_reader(tmp_path):
     batch = verl_batch()
-    path = dump_verl_batch(batch, step=7, out_dir=tmp_path)
+    entropys = torch.rand(4, 4, generator=torch.Generator().manual_seed(1)) * 3
+    path = dump_verl_batch(batch, step=7, out_dir=tmp_path, entropys=entropys)
     assert path == tmp_path / "step_000007.rank0.parquet"
     [chunk] = read([tmp_path])
     tokens = chunk.tokens.sort_values(["seq_id", "position"])
@@ -147,6 +152,7 @@ def test_verl_hook_round_trips_through_the_reader(tmp_path):
     assert tokens["token_id"].tolist() == batch.batch["responses"][mask].tolist()
     assert tokens["logp_engine"].tolist() == batch.batch["rollout_log_probs"][mask].double().tolist()
     assert tokens["logp_trainer"].tolist() == batch.batch["old_log_probs"][mask].double().tolist()
+    assert tokens["entropy"].tolist() == entropys[mask].double().tolist()
     assert tokens.drop_duplicates("seq_id")["prompt_index"].tolist() == [0, 1, 0, 1]
     assert (tokens["step"] == 7).all() and (tokens["temperature"] == 0.9).all()
     assert [chunk.contexts[s][0] for s in range(4)] == [[5, 6], [7, 8, 9], [5, 6], [7, 8, 9]]
@@ -157,9 +163,10 @@ def test_verl_hook_round_trips_through_the_reader(tmp_path):
 def test_verl_hook_without_response_mask_uses_the_attention_mask(tmp_path):
     batch = verl_batch()
     del batch.batch["response_mask"]
-    dump_verl_batch(batch, step=1, out_dir=tmp_path)
+    dump_verl_batch(batch, step=1, out_dir=tmp_path)  # no entropys: no entropy column
     [chunk] = read([tmp_path])
     assert len(chunk.tokens) == int((batch.batch["responses"] != 0).sum())
+    assert "entropy" not in chunk.tokens
 
 
 def test_verl_hook_needs_rollout_log_probs(tmp_path):

@@ -35,9 +35,11 @@ class StepWriter:
         prompt_index=None,
         temperature: float | None = None,
         loss_mask=None,
+        entropy=None,
     ) -> None:
         """Sequences of `step`: per sequence its prompt ids, response ids and per-token μ (and π);
-        `loss_mask` (per token) marks the sampled tokens of a response that also holds tool output."""
+        `loss_mask` (per token) marks the sampled tokens of a response that also holds tool output;
+        `entropy` (per token) is the trainer's, in nats."""
         if step != self.step:
             self.flush()
             self.step = step
@@ -55,6 +57,8 @@ class StepWriter:
                 row["prompt_index"] = int(prompt_index[i])
             if loss_mask is not None:
                 row["loss_mask"] = [bool(m) for m in loss_mask[i]]
+            if entropy is not None:
+                row["entropy"] = [float(x) for x in entropy[i]]
             if temperature is not None:
                 row["temperature"] = float(temperature)
             self.rows.append(row)

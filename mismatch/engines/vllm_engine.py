@@ -16,7 +16,7 @@ import torch
 
 from mismatch.engines import vllm_support
 from mismatch.engines.base import RowPlan, Rows
-from mismatch.engines.vllm_distribution import unavailable_reason, vllm_distribution
+from mismatch.engines.vllm_distribution import checked, unavailable_reason, vllm_distribution
 from mismatch.engines.vllm_routing import (
     Recording,
     returned_rows,
@@ -225,8 +225,7 @@ class VLLMEngine:
             return self.generate(prompts, samples, sampling, progress), reason
         with vllm_distribution(self.llm, plan) as recording:
             rollouts = self.generate(prompts, samples, sampling, progress)
-        rows = recording.rows()
-        return rollouts, rows if isinstance(rows, str) else rows.within(rollouts)
+        return rollouts, checked(recording.rows(), rollouts)
 
     def score(self, sequences: list[tuple[list[int], list[int]]], topk: int = 0, alone: bool = False) -> list[Scored]:
         from vllm import SamplingParams

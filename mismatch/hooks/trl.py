@@ -30,9 +30,10 @@ class MismatchDumpMixin(GRPOTrainer):
     computes it (vLLM importance sampling, or generation not aligned with optimizer steps): the
     trainer's forward at sampling time. Otherwise the loss forward's `per_token_logps`, but only
     for micro-batches still under the sampling policy (no optimizer step since their generation);
-    later ones are skipped, since π − μ would measure policy lag, not the engine. Each sequence is
-    written once, at its first use (`num_iterations` > 1 reuses it). `step` is the optimizer step
-    the micro-batch feeds, `global_step + 1`, so with `steps_per_generation` > gradient
+    later ones are skipped, since π − μ would measure policy lag, not the engine. `entropy`: the loss
+    forward's entropies (TRL's, of the tempered distribution), for micro-batches under the sampling
+    policy. Each sequence is written once, at its first use (`num_iterations` > 1 reuses it). `step`
+    is the optimizer step the micro-batch feeds, `global_step + 1`, so with `steps_per_generation` > gradient
     accumulation one group can spread over several steps. To add it to your own `GRPOTrainer`
     subclass, list it first among the bases.
     """
@@ -49,6 +50,7 @@ class MismatchDumpMixin(GRPOTrainer):
         self._mismatch_generations = 0  # generation batches so far: keeps group numbers unique across them
         self._mismatch_policy_step: int | None = None  # global_step when the buffered batch was sampled
         self._mismatch_pi: torch.Tensor | None = None
+        self._mismatch_entropy: torch.Tensor | None = None
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
@@ -94,6 +96,7 @@ class MismatchDumpMixin(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         output = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         self._mismatch_pi = output[0].detach()  # the last call inside _compute_loss is the loss forward
+        self._mismatch_entropy = None if output[1] is None else output[1].detach()  # TRL's loss forward computes it
         return output
 
     def _compute_loss(self, model, inputs):
@@ -116,12 +119,16 @@ class MismatchDumpMixin(GRPOTrainer):
                 "the generation backend returned no log-probs (μ); "
                 "use vLLM or TRL's plain HF generate, not continuous batching"
             )
+        sampling_policy = self.state.global_step == self._mismatch_policy_step  # the loss forward's weights sampled
         pi = inputs.get("old_per_token_logps")
         if pi is None:
-            if self.state.global_step != self._mismatch_policy_step:
+            if not sampling_policy:
                 return  # the policy moved since sampling: π − μ would be policy lag
             pi = self._mismatch_pi
             assert pi is not None  # the loss forward of this micro-batch ran (`_compute_loss` records after it)
+        entropy = (
+            self._mismatch_entropy.float().cpu() if sampling_policy and self._mismatch_entropy is not None else None
+        )
         valid = inputs["completion_mask"].bool().cpu()  # the completion before padding (tool output included)
         sampled = (inputs["completion_mask"] * inputs.get("tool_mask", 1)).bool().cpu()
         mu = mu.float().cpu()
@@ -139,6 +146,7 @@ class MismatchDumpMixin(GRPOTrainer):
             prompt_index=inputs[GROUP_KEY][keep].tolist(),
             temperature=self.args.temperature,
             loss_mask=[sampled[i][valid[i]].tolist() for i in keep] if "tool_mask" in inputs else None,
+            entropy=[entropy[i][valid[i]].tolist() for i in keep] if entropy is not None else None,
         )
 
 

@@ -5,10 +5,13 @@ join the batch (`batch = batch.union(old_log_prob)`, where verl itself calls
 `calculate_debug_metrics`), with `actor_rollout_ref.rollout.calculate_log_probs=True`:
 
     from mismatch.hooks.verl import dump_verl_batch
-    dump_verl_batch(batch, self.global_steps, "<out>/mismatch")
+    dump_verl_batch(batch, self.global_steps, "<out>/mismatch", entropys=entropys)
 
 then run `mismatch analyze <out>/mismatch`. Not in bypass mode (`algorithm.rollout_correction.
 bypass_mode`), where verl sets old_log_probs = rollout_log_probs and π − μ is zero by construction.
+`entropys` (optional): the per-token entropies verl's `compute_log_prob` returned with the old
+log-probs and `fit` pops just before the union (the local `entropys`): the `entropy` column, the gap
+by entropy bucket and why it grows.
 
 Layout read, as in volcengine/verl (b178a3c): `prompts` (left-padded) and `responses`
 (right-padded) from verl/experimental/agent_loop/agent_loop.py `_postprocess`; `response_mask`
@@ -27,7 +30,15 @@ from mismatch.dumps.writer import StepWriter
 from mismatch.errors import DumpError
 
 
-def dump_verl_batch(batch: Any, step: int, out_dir: str | Path, *, rank: int = 0, world_size: int = 1) -> Path | None:
+def dump_verl_batch(
+    batch: Any,
+    step: int,
+    out_dir: str | Path,
+    *,
+    entropys: Any = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Path | None:
     """Write the batch's sequences as `step`, each response up to its padding with `loss_mask` =
     response_mask (0 on tool tokens, which are then not measured); returns the file written."""
     tensors = batch.batch
@@ -43,6 +54,7 @@ def dump_verl_batch(batch: Any, step: int, out_dir: str | Path, *, rank: int = 0
     prompt_mask = attention_mask[:, : prompts.size(1)].bool()
     mu = tensors["rollout_log_probs"].float().cpu()
     pi = tensors["old_log_probs"].float().cpu()
+    entropy = None if entropys is None else entropys.float().cpu()
 
     groups: dict[Any, int] = {}  # uid → prompt_index, by first appearance (balance_batch reorders rows)
     prompt_index = [groups.setdefault(uid, len(groups)) for uid in batch.non_tensor_batch["uid"]]
@@ -57,5 +69,6 @@ def dump_verl_batch(batch: Any, step: int, out_dir: str | Path, *, rank: int = 0
         prompt_index=[prompt_index[i] for i in keep],
         temperature=getattr(batch, "meta_info", {}).get("temperature"),
         loss_mask=[mask[i][valid[i]].tolist() for i in keep],
+        entropy=None if entropy is None else [entropy[i][valid[i]].tolist() for i in keep],
     )
     return writer.flush()

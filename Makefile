@@ -34,7 +34,8 @@ $(STAMP): pyproject.toml Makefile
 	) > $(LOG) 2>&1 || { tail -n 40 $(LOG); echo "set-up failed; the whole log is in $(LOG)"; exit 1; }
 	@touch $@
 
-# What the tests add: pytest, Playwright, TRL (the TRL hook runs inside a real GRPOTrainer), and
+# What the tests add: pytest, Playwright, TRL (the TRL hook runs inside a real GRPOTrainer), build and
+# twine (the packaging test builds and checks the wheel), and
 # Debian's chromium that renders report.html in the report tests (Playwright drives it; no browser download).
 $(TEST_STAMP): $(STAMP)
 	@echo "adding the test dependencies (installer log in $(LOG))"

@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import signal
 import sys
 import typing
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,9 +25,10 @@ from typing import Annotated, Any
 import typer
 import typer.core
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mismatch import quiet  # first: it sets switches read when torch and tqdm load
+from mismatch import DISTRIBUTION, quiet  # quiet first: it sets switches read when torch and tqdm load
 from mismatch.config import (
     MAX_TOKENS,
     PANELS,
@@ -43,7 +46,7 @@ from mismatch.config import (
 )
 from mismatch.engines import default_engine
 from mismatch.engines.vllm_support import vllm_range_notice
-from mismatch.errors import ConfigError, MismatchError
+from mismatch.errors import ConfigError, EngineDied, MismatchError
 from mismatch.model.loading import DEFAULT_MODEL
 from mismatch.records import Sampling, parse_dtypes
 from mismatch.report.content import distribution_view, headroom_text
@@ -93,7 +96,13 @@ Out = Annotated[
     Path | None,
     typer.Option(help="Output folder (default reports/<name>-<timestamp>/).", rich_help_panel=Panel.OUTPUT),
 ]
-Force = Annotated[bool, typer.Option(help="Write into a non-empty output folder.", rich_help_panel=Panel.OUTPUT)]
+Force = Annotated[
+    bool,
+    typer.Option(
+        help="Replace an earlier run in --out: its files are removed first (a folder holding other files is refused).",
+        rich_help_panel=Panel.OUTPUT,
+    ),
+]
 Resume = Annotated[
     bool,
     typer.Option(
@@ -158,6 +167,31 @@ def panel_rank(parameter: inspect.Parameter) -> int:
     return PANELS.index(panel) if panel in PANELS else -1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's pre-emption, `kill`): the run stops as on Ctrl-C."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises `Terminated`, once: a second SIGTERM ends the process at once."""
+
+    def terminated(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_code(interrupt: KeyboardInterrupt) -> int:
+    """The exit code of an interrupted command: 143 after SIGTERM, 130 after Ctrl-C, 128 + the signal as shells
+    and job schedulers report a process the signal ended, so a pre-empted run reads as pre-empted."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
 def command(config: type | None = None, *, leave_out: Collection[str] = ()) -> Callable[[Callable], Callable]:
     """Register a command: its own parameters, and the options `config` declares (passed in `**options`).
     User-facing errors end as one line on stderr and exit code 2."""
@@ -175,10 +209,18 @@ def command(config: type | None = None, *, leave_out: Collection[str] = ()) -> C
         @functools.wraps(function)
         def run(**parsed: Any) -> Any:
             try:
-                return function(**parse_texts(config, parsed))
+                with sigterm_as_interrupt():
+                    return function(**parse_texts(config, parsed))
             except MismatchError as exc:
-                errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                errors.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
+            except KeyboardInterrupt as exc:  # a command that does not say more itself (scan does)
+                errors.print(
+                    "interrupted: nothing is left looking complete; run the command again",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                raise typer.Exit(interrupted_code(exc)) from None
 
         # typer reads the options from the signature
         run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]  # not in typeshed's wrapper
@@ -190,7 +232,7 @@ def command(config: type | None = None, *, leave_out: Collection[str] = ()) -> C
 
 def print_version(asked: bool) -> None:
     if asked:
-        console.print(f"mismatch {package_version('mismatch')}", highlight=False)
+        console.print(f"{DISTRIBUTION} {package_version(DISTRIBUTION)}", highlight=False)
         raise typer.Exit()
 
 
@@ -245,12 +287,18 @@ def scan(
     try:
         with RichProgress() as progress:
             summary = run_scan(config, progress, resume=resume, force=force)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         errors.print(
             f"interrupted: {config.out} is marked incomplete; continue with the same command and --resume --out"
-            f" {config.out}"
+            f" {config.out}",
+            highlight=False,
+            soft_wrap=True,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupted_code(exc)) from None
+    except EngineDied as exc:
+        raise EngineDied(
+            f"{exc}; {config.out} is marked incomplete: continue with the same command and --resume --out {config.out}"
+        ) from None
     console.print(pair_table_view(summary["pairs"]))
     if skipped := summary["skipped_prompts"]:
         errors.print(
@@ -269,6 +317,11 @@ def scan(
     print_distribution(summary)
     console.print(f"[bold]Verdict:[/] {summary['recommendation']['summary']}", highlight=False)
     console.print(f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, summary.json)")
+    gate_exit(summary)
+
+
+def gate_exit(summary: dict) -> None:
+    """The gate's notices and failures; exit 1 when a condition holds."""
     for condition in summary.get("gate", {}).get("not_measured", []):
         errors.print(f"notice: {condition}", highlight=False, soft_wrap=True)
     if failed := summary.get("gate", {}).get("failed"):
@@ -336,9 +389,9 @@ def print_distribution(summary: dict[str, Any]) -> None:
 
 def scanned_settings(run: Path) -> dict[str, Any]:
     """The model, prompts and sampling a scan run folder records, as `DiagnoseConfig` fields."""
-    from mismatch.runs import read_summary
+    from mismatch.runs import scan_settings
 
-    scanned = read_summary(run, ("scan",))["config"]
+    scanned = scan_settings(run)
     return {k: scanned[k] for k in ("model", "dtypes", "num_prompts", "samples", "chat_template")} | {
         "prompts": scanned["prompts"] and Path(scanned["prompts"]),
         "sampling": Sampling(max_tokens=scanned["sampling"]["max_tokens"], seed=scanned["sampling"]["seed"]),
@@ -368,6 +421,7 @@ def analyze(paths: Dumps, out: Out = None, force: Force = False, **options: Any)
     console.print(
         f"Run folder: {config.out} (report.html, summary.md, tokens.parquet, metrics.csv{steps}, summary.json)"
     )
+    gate_exit(summary)
 
 
 @command()

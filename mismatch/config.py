@@ -19,7 +19,7 @@ from mismatch.engines import ENGINES
 from mismatch.engines.base import DISTRIBUTION_ROWS, RowPlan, plan_rows, row_budget
 from mismatch.errors import ConfigError
 from mismatch.model.lora import read_adapter, vllm_max_rank
-from mismatch.records import Sampling, parse_dtypes
+from mismatch.records import DTYPE_NAMES, DUMP_SIDES, Sampling, parse_dtypes
 from mismatch.stats.corrections import with_thresholds
 from mismatch.verdict.gate import Condition, check_pairs, parse_condition
 
@@ -534,6 +534,14 @@ class AnalyzeConfig:
         ),
     )
     trust_remote_code: bool = option(False, replace(TRUST_REMOTE_CODE, panel=Panel.RESCORING))
+    fail_on: list[str] = option(  # the conditions of mismatch.verdict.gate, on every pair by default
+        [],
+        Option(
+            'CI gate, repeatable: "[ENGINE/TRAINER:]METRIC>VALUE" (>, >=, <, <=); default: every pair (engine/trainer,'
+            " engine/DTYPE with --model). Exit 1 when one holds.",
+            Panel.GATE,
+        ),
+    )
 
     def __post_init__(self):
         self.paths = [Path(p) for p in self.paths]
@@ -544,6 +552,11 @@ class AnalyzeConfig:
         if not self.paths:
             raise ConfigError("analyze needs at least one dump file or folder")
         with_thresholds(self.corrections)
+        self.conditions()
+
+    def conditions(self) -> list[Condition]:
+        """The parsed `--fail-on` gate: a pair's sides are the dump's engine and trainer and the dtypes."""
+        return [parse_condition(text, (*DUMP_SIDES, *DTYPE_NAMES)) for text in self.fail_on]
 
     def to_json(self) -> dict:
         return _json(self)

@@ -31,8 +31,21 @@ class EngineError(MismatchError):
     """An engine that cannot run as asked; the message names the option to change."""
 
 
+class EngineDied(EngineError):
+    """The engine's child process ended in the middle of the run (killed, out of memory, crashed)."""
+
+
 class OutputExists(MismatchError):
-    """The output folder already holds files and `--force` was not given."""
+    """The output folder already holds files and `--force` was not given, or holds files no run of ours wrote."""
+
+
+class FolderInUse(MismatchError):
+    """Another mismatch process holds the run folder (`runs.folder_lock`); the message names it."""
+
+
+class DiskFull(MismatchError):
+    """A run folder's file could not be written for lack of space (ENOSPC, EDQUOT, EFBIG); nothing half-written
+    is left under its name."""
 
 
 class RunFolderError(MismatchError):

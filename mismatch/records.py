@@ -11,6 +11,7 @@ import numpy as np
 from mismatch.errors import ConfigError
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
+DUMP_SIDES = ("engine", "trainer")  # an analysed dump's own pair: its μ and its π
 
 Advance = Callable[[int], None]
 """Called with the number of sequences just finished."""

@@ -167,6 +167,21 @@ def test_steps_are_measured_one_by_one_and_the_drift_is_found(tmp_path):
     assert (tmp_path / "a" / "summary.md").read_text().count("departs from its start at step 7") >= 1
 
 
+def test_the_gate_fails_an_analysed_dump_after_writing_it_all(tmp_path):
+    """`analyze --fail-on`: every pair by default; the run folder is complete, then exit 1 naming the value."""
+    dump = _steps_dump(tmp_path / "dump", steps=2)
+    result = cli("analyze", dump, "--out", tmp_path / "a", "--fail-on", "k3>1e-6", "--fail-on", "k3>1")
+    assert result.exit_code == 1, result.output
+    summary = summary_of(tmp_path / "a")
+    assert summary["complete"] and summary["gate"]["conditions"] == ["k3>1e-6", "k3>1"]
+    (failed,) = summary["gate"]["failed"]
+    assert failed.startswith("engine/trainer:k3 = ") and failed in result.output
+    assert cli("analyze", dump, "--out", tmp_path / "b", "--fail-on", "k3>1").exit_code == 0
+    refused = cli("analyze", dump, "--out", tmp_path / "c", "--fail-on", "k3=>1")
+    assert refused.exit_code == 2 and "expected [ENGINE/TRAINER:]METRIC" in refused.output
+    assert not (tmp_path / "c").exists()
+
+
 def _logits_dump(
     path, temperature_mu=1.0, temperature_pi=1.0, top_p_mu=None, noise=0.0, recorded_temperature=None, seed=0
 ):
@@ -296,7 +311,7 @@ def test_correction_replay_by_hand():
 
 def test_health_checks_by_hand():
     pi, mu = np.log([0.5, 0.9]), np.log([0.4, 0.9])
-    rows = {r["metric"]: r for r in health.evaluate(pi, mu)}
+    rows = {r["metric"]: r for r in health.evaluate(pi, mu, [0, 1])}  # one token per sequence
     assert (
         rows["training/rollout_probs_diff_mean"]["value"] == pytest.approx(0.05)
         and rows["training/rollout_probs_diff_mean"]["status"] == "fail"

@@ -10,6 +10,7 @@ import typer.core
 import typer.main
 from typer.testing import CliRunner
 
+from mismatch import DISTRIBUTION
 from mismatch.cli import app
 from mismatch.config import PANELS
 
@@ -106,7 +107,7 @@ def test_scan_help_groups_its_options_in_panels():
 
 def test_version_prints_the_package_version():
     result = runner.invoke(app, ["--version"])
-    assert result.exit_code == 0 and result.output == f"mismatch {version('mismatch')}\n"
+    assert result.exit_code == 0 and result.output == f"mismatch-rl {version(DISTRIBUTION)}\n"
 
 
 def test_a_list_given_as_text_is_parsed_with_the_config_message(tmp_path):

@@ -305,3 +305,26 @@ def test_slime_errors(tmp_path):
     (tmp_path / "3.pt").write_text("not a torch file")
     with pytest.raises(DumpError, match=r"3.pt: torch.load failed .*expected slime's"):
         list(slime.read([tmp_path / "3.pt"]))
+
+
+def test_slime_dumps_with_arrays_and_tensors_load_and_nothing_else_does(tmp_path):
+    """slime v0.2.2 to v0.3.0 keep routed experts as a numpy int32 array, v0.3.1 as a tensor; both load
+    under weights_only, as do tensors of multimodal inputs and numpy log-probs. An object array does not."""
+    experts = np.frombuffer(np.arange(12, dtype=np.int32).tobytes(), dtype=np.int32).reshape(2, 3, 2)
+    samples = [
+        _sample(0, 0, [1], [2, 3], np.array([-0.5, -0.25])) | {"rollout_routed_experts": experts},
+        _sample(1, 0, [1], [4], [-1.0])
+        | {
+            "rollout_routed_experts": torch.zeros(1, 3, 2, dtype=torch.int32),
+            "multimodal_train_inputs": {"pixel_values": torch.ones(1, 3)},
+        },
+    ]
+    torch.save({"rollout_id": 0, "samples": samples}, tmp_path / "0.pt")
+    assert slime.detect([tmp_path / "0.pt"])
+    (chunk,) = slime.read([tmp_path / "0.pt"])
+    assert chunk.tokens["token_id"].tolist() == [2, 3, 4]
+    assert chunk.tokens["logp_engine"].tolist() == [-0.5, -0.25, -1.0]
+    samples[1]["metadata"] = {"objects": np.array([{"a": 1}], dtype=object)}
+    torch.save({"rollout_id": 0, "samples": samples}, tmp_path / "1.pt")
+    with pytest.raises(DumpError, match=r"1.pt: (refused|torch.load failed)"):
+        slime.detect([tmp_path / "1.pt"])

@@ -1,5 +1,6 @@
 import pytest
 
+from mismatch.records import DTYPE_NAMES, DUMP_SIDES
 from mismatch.verdict.gate import Condition, check_pairs, evaluate, parse_condition
 
 PAIRS = [
@@ -35,3 +36,21 @@ def test_undefined_value_is_not_measured_and_does_not_fail_the_gate():
 def test_conditions_must_match_a_scanned_pair():
     with pytest.raises(ValueError, match="no pair of equal dtypes"):
         check_pairs([parse_condition("k3>1")], [("bf16", "fp32")])
+
+
+def test_an_analysed_dumps_gate_applies_to_every_pair_unless_one_is_named():
+    pairs = [
+        {"engine_dtype": "engine", "trainer_dtype": "trainer", "k3": 3e-3},
+        {"engine_dtype": "engine", "trainer_dtype": "bf16", "k3": 5e-4},
+    ]
+    gate = evaluate([parse_condition("k3>1e-3")], pairs, every_pair=True)
+    assert gate["failed"] == ["engine/trainer:k3 = 0.003 > 0.001"]
+    assert evaluate([parse_condition("k3>1e-4")], pairs, every_pair=True)["failed"] == [
+        "engine/trainer:k3 = 0.003 > 0.0001",
+        "engine/bf16:k3 = 0.0005 > 0.0001",
+    ]
+    assert evaluate([parse_condition("k3>1e-3")], pairs)["failed"] == []  # a scan's default: equal dtypes, none here
+    named = evaluate([parse_condition("engine/fp16:k3>1e-3", (*DUMP_SIDES, *DTYPE_NAMES))], pairs, every_pair=True)
+    assert named["failed"] == [] and named["not_measured"] == [
+        "engine/fp16:k3: the pair was not measured (gate engine/fp16:k3>1e-3 not applied)"
+    ]

@@ -10,9 +10,10 @@ from browser import open_report
 from typer.testing import CliRunner
 
 from mismatch.cli import app
-from mismatch.report.content import COMPILED_GRAPHS, header_facts
+from mismatch.report.content import COMPILED_GRAPHS, binding_corrections, checks_line, header_facts, health_matrix
 from mismatch.report.diagnosis import render_diagnosis_markdown
-from mismatch.report.html import render_report
+from mismatch.report.frameworks import settings_for
+from mismatch.report.html import render_compare, render_report
 from mismatch.report.markdown import LIMIT, escape, render_markdown
 from mismatch.runs import DiagnoseRun, ScanRun, load_scan
 
@@ -84,13 +85,166 @@ def test_report_renders_in_headless_chromium(hostile_run, tmp_path):
     assert PAYLOAD in seen["texts"]["#worst"]  # shown as text
     assert "k3" in seen["texts"]["#verdict"]
     assert "entropy" in seen["texts"]["#buckets"]
-    assert (
-        "trl_sequence_mask" in seen["texts"]["#corrections"]
-        and "token_mult_prob_error" in seen["texts"]["#health"]
-        and "truncation" in seen["texts"]["#audit"]
-    )
+    shown, held = seen["texts"], seen["all_texts"]
+    summary = json.loads((hostile_run / "summary.json").read_text())
+    # health: the matrix's marks shown, each check's name, value and source on expand
+    assert all(h["framework"] in shown["#health"] for h in summary["health"])
+    assert "token_mult_prob_error" in held["#health"] and "token_mult_prob_error" not in shown["#health"]
+    printed = seen["printed"]  # on paper, every collapsed part is shown
+    assert all("".join(held[s].split()) == "".join(printed[s].split()) for s in ("#health", "#corrections", "#audit"))
+    # corrections: those that change a token or a sequence shown, the others collapsed
+    idle = [c for c in summary["corrections"] if c["share_tokens_changed"] == 0 and c["share_seqs_changed"] == 0]
+    binding = [c for c in summary["corrections"] if c not in idle]
+    assert all(c["correction"] in shown["#corrections"] for c in binding)
+    assert "trl_sequence_mask" in held["#corrections"]
+    if idle:
+        assert (
+            f"{len(idle)} {'more ' if binding else ''}(pair, correction) rows that change nothing"
+            in shown["#corrections"]
+        )
+    # audit: shown where it flags, else one line
+    audit = [a for rows in summary["audit_by_pair"].values() for a in rows]
+    flagged = [a for a in audit if a["status"] in ("warn", "fail")]
+    assert "truncation" in held["#audit"]
+    if flagged:
+        assert all(a["detail"] in shown["#audit"] for a in flagged)
+    else:  # one line: how the checks came out
+        assert shown["#audit"].strip() == f"Setup audit: {audit_line(audit)}" and "truncation" not in shown["#audit"]
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
+
+
+def audit_line(audit: list[dict]) -> str:
+    """What the report says of an audit that flags nothing."""
+    ok = sum(a["status"] == "ok" for a in audit)
+    return (
+        f"all {ok} checks pass"
+        if ok == len(audit)
+        else f"{len(audit)} checks: {ok} pass, {len(audit) - ok} not measured"
+    )
+
+
+def six_pairs(run: ScanRun) -> ScanRun:
+    """The run with a sixth pair, bf16 → fp16 (bf16 → bf16's tokens and row again), its row as wide as a pair row
+    gets (non-finite and outside-nucleus counts, a large ratio), and a failed CI gate under the verdict: the most
+    pairs the first screen must hold (all the pairs of --dtypes bf16,fp16,fp32 but the FP32 engine's)."""
+    same = (run.tokens["engine_dtype"] == "bf16") & (run.tokens["trainer_dtype"] == "bf16")
+    tokens = pd.concat([run.tokens, run.tokens[same].assign(trainer_dtype="fp16")], ignore_index=True)
+    first = next(p for p in run.pairs if p["engine_dtype"] == p["trainer_dtype"] == "bf16")
+    wide = {**first, "trainer_dtype": "fp16", "n_nonfinite": 12, "n_outside_nucleus": 345, "max_ratio": 1234.5678}
+    gate = {"conditions": ["k3>1e-9"], "failed": [f"bf16/bf16:k3 = {first['k3']:.3g} > 1e-09"], "not_measured": []}
+    summary = {**run.summary, "pairs": [*run.pairs, wide], "gate": gate}
+    return ScanRun(run.path, summary, tokens, run.rollouts)
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("widen", [False, True], ids=["as-scanned", "six-pairs"])
+def test_the_verdict_scatter_and_pair_table_come_first_and_fit_1280_px(hostile_run, tmp_path, widen):
+    """At 1,280 px the verdict and the whole scatter lie within the first 1,400 px, the pair table right under
+    them, and nothing from the title to the pair table scrolls sideways (nor does the page)."""
+    run = six_pairs(load_scan(hostile_run)) if widen else load_scan(hostile_run)
+    page = tmp_path / "report.html"
+    page.write_text(render_report(run))
+    seen = open_report(page, tmp_path / "report.png", ("#verdict", "#scatter", "#pairs", "#health"), within="#overview")
+    assert seen["problems"] == [] and seen["images"][0][0]
+    boxes = seen["boxes"]
+    assert boxes["#verdict"][0] < boxes["#verdict"][1] < boxes["#scatter"][0] < boxes["#scatter"][1] <= 1400
+    assert boxes["#scatter"][1] < boxes["#pairs"][0] < boxes["#pairs"][1] < boxes["#health"][0]
+    assert seen["overflowing"] == []
+    assert seen["page"][0] <= seen["page"][1]
+    assert all(f"{p['engine_dtype']} → {p['trainer_dtype']}" in seen["texts"]["#pairs"] for p in run.pairs)
+    if widen:
+        assert "1234.5678" in seen["texts"]["#pairs"] and "(+345 outside nucleus)" in seen["texts"]["#pairs"]
+
+
+@pytest.mark.browser
+def test_the_compare_page_fits_1280_px(hostile_run, tmp_path):
+    run = load_scan(hostile_run)
+    page = tmp_path / "compare.html"
+    page.write_text(render_compare(run, run))
+    seen = open_report(page, tmp_path / "compare.png", ("#compare",), within="main")
+    assert seen["problems"] == [] and len(seen["images"]) == 2 and all(done for done, _, _ in seen["images"])
+    assert seen["overflowing"] == [] and seen["page"][0] <= seen["page"][1]
+    assert all(f"{p['engine_dtype']} → {p['trainer_dtype']}" in seen["texts"]["#compare"] for p in run.pairs)
+
+
+def test_report_and_summary_read_top_down(hostile_run):
+    """report.html: the verdict, the scatter, the pair table, then health, corrections, audit, the settings to
+    paste, the other figures; summary.md the same order."""
+    run = load_scan(hostile_run)
+    html = (hostile_run / "report.html").read_text()
+    settings = bool(settings_for(run.summary["recommendation"]["verdict"]))
+    marks = ['id="verdict"', 'id="scatter"', 'id="pairs"', 'id="all-metrics"', 'id="health"', 'id="corrections"']
+    marks += ['id="audit"', *(['id="settings"'] if settings else []), 'alt="Sum of log ratio', 'id="worst"']
+    assert [html.index(m) for m in marks] == sorted(html.index(m) for m in marks)
+    assert html.count("<details open>") == int(settings)  # the first framework's snippet only
+    markdown = (hostile_run / "summary.md").read_text()
+    marks = ["**Verdict:**", "| bf16 → bf16 |", "**Health:**", "**Corrections", "**Setup audit:**"]
+    marks += [*(["**What to change, ready to paste:**"] if settings else []), "<summary>Worst tokens"]
+    assert [markdown.index(m) for m in marks] == sorted(markdown.index(m) for m in marks)
+    audit = [a for rows in run.summary["audit_by_pair"].values() for a in rows]
+    if not any(a["status"] in ("warn", "fail") for a in audit):
+        assert f"**Setup audit:** {audit_line(audit)}\n\n" in markdown
+
+
+def health_row(pair, framework, metric, status, steps_flagged=0):
+    return {
+        "pair": pair,
+        "framework": framework,
+        "metric": metric,
+        "definition": "d",
+        "value": 1.0,
+        "threshold": "t",
+        "status": status,
+        "source": "s",
+        "steps": 4,
+        "steps_flagged": steps_flagged,
+    }
+
+
+HEALTH = [
+    health_row("bf16→bf16", "verl", "a", "ok"),
+    health_row("bf16→bf16", "verl", "b", "warn", 1),
+    health_row("bf16→bf16", "slime", "c", "not_measured"),
+    health_row("fp16→fp16", "verl", "a", "ok"),
+    health_row("fp16→fp16", "verl", "b", "fail", 3),
+    health_row("fp16→fp16", "slime", "c", "ok"),
+    health_row("fp16→fp16", "TRL", "d", "ok"),
+]
+
+
+def test_the_health_matrix_holds_the_worst_check_per_pair_and_framework():
+    frameworks, rows = health_matrix(HEALTH)
+    assert frameworks == ["verl", "slime", "TRL"]
+    marks = [(pair, [c and (c["status"], c["steps_flagged"], len(c["checks"])) for c in cells]) for pair, cells in rows]
+    assert marks == [
+        ("bf16→bf16", [("warn", 1, 2), ("not_measured", 0, 1), None]),
+        ("fp16→fp16", [("fail", 3, 2), ("ok", 0, 1), ("ok", 0, 1)]),
+    ]
+    assert checks_line([h["status"] for h in HEALTH]) == "2 of 7 checks flagged (1 fail, 1 warn)"
+    assert checks_line(["ok", "ok", "not_measured"]) == "3 checks: 2 pass, 1 not measured"
+    assert checks_line(["ok"] * 15) == "all 15 checks pass"
+
+
+def test_summary_md_shows_the_health_matrix_when_a_check_flags(hostile_run):
+    run = load_scan(hostile_run)
+    text = render_markdown(ScanRun(run.path, {**run.summary, "health": HEALTH}, run.tokens, run.rollouts))
+    assert "**Health:** 2 of 7 framework checks flagged\n\n| engine → trainer | verl | slime | TRL |\n" in text
+    assert "| bf16→bf16 | ⚠ warn | – not measured | – |\n| fp16→fp16 | ✗ fail | ✓ pass | ✓ pass |\n" in text
+    assert "<details><summary>The checks flagged</summary>" in text and "| fp16→fp16 | verl | b | 1 | t | fail" in text
+    html = render_report(ScanRun(run.path, {**run.summary, "health": HEALTH}, run.tokens, run.rollouts))
+    assert '<th class="left">slime</th><th class="left">TRL</th></tr>' in html
+    assert 'class="mark-fail">✗ fail</summary>' in html and '<td class="left">–</td>' in html
+
+
+def test_corrections_that_change_nothing_come_after_those_that_bind():
+    rows = [
+        {"correction": "a", "share_tokens_changed": 0.0, "share_seqs_changed": 0.0},
+        {"correction": "b", "share_tokens_changed": 0.25, "share_seqs_changed": 0.5},
+        {"correction": "c", "share_tokens_changed": 0.0, "share_seqs_changed": 0.125},
+    ]
+    binding, idle = binding_corrections(rows)
+    assert [c["correction"] for c in binding] == ["b", "c"] and [c["correction"] for c in idle] == ["a"]
 
 
 def test_report_command_rebuilds_identical_numbers(hostile_run):
@@ -288,7 +442,7 @@ def test_fail_on_passing_gate_exits_0(tiny_model, tmp_path):
         ("k3=>1", "expected [ENGINE/TRAINER:]METRIC"),
         ("kl>1", "unknown metric 'kl'"),
         ("k3>big", "'big' is not a number"),
-        ("fp8/fp8:k3>1", "pair dtypes must be among"),
+        ("fp8/fp8:k3>1", "a pair's sides must be among"),
         ("fp32/fp32:k3>1", "does not measure fp32/fp32"),
     ],
 )

@@ -19,16 +19,16 @@ from mismatch.commands.progress import Progress, Silent
 from mismatch.config import AnalyzeConfig
 from mismatch.dumps import Chunk, find_reader
 from mismatch.errors import DumpError, RunFolderError
-from mismatch.records import Rollout
+from mismatch.records import DUMP_SIDES, Rollout
 from mismatch.report import write_report
 from mismatch.stats.corrections import with_thresholds
 from mismatch.stats.drift import DRIFT_METRICS, DriftRow, drift
 from mismatch.stats.measures import Measures, WorstToken, pair_name, worst_tokens
+from mismatch.verdict.gate import evaluate
 from mismatch.verdict.recommend import recommend_run
 
 # pair names where the dump does not give its dtypes
-ENGINE = "engine"
-TRAINER = "trainer"
+ENGINE, TRAINER = DUMP_SIDES
 WORST = 25
 ASSUMED_TEMPERATURE = "not recorded in the dump: 1 assumed (give --temperature)"
 
@@ -65,6 +65,15 @@ class _Rescorer:
                 f"sequence {missing[0]} has no prompt token ids, so --model cannot rescore it: "
                 "add a prompt_ids field (a list per sequence)"
             )
+        assert self.model is not None  # `load` comes first
+        vocabulary = self.model.get_input_embeddings().num_embeddings
+        for s in seqs:
+            ids = np.concatenate([chunk.contexts[s][0], chunk.contexts[s][1]])
+            if len(ids) and not 0 <= ids.min() <= ids.max() < vocabulary:
+                raise DumpError(
+                    f"sequence {s} has token ids outside the model's vocabulary (0 to {vocabulary - 1}): "
+                    "the dump was not written with this model's tokenizer, or is damaged"
+                )
         rollouts = [
             Rollout(
                 prompt_index=0,
@@ -103,9 +112,13 @@ class _Rescorer:
 
 
 def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, *, force: bool = False) -> dict[str, Any]:
-    """Analyze the dump in `config.paths` into `config.out`; return its summary (also summary.json)."""
-    progress = progress or Silent()
-    runs.check_output_dir(config.out, force)
+    """Analyze the dump in `config.paths` into `config.out`, held for the whole run (`runs.claim`); return its
+    summary (also summary.json)."""
+    with runs.claim(config.out, force=force):
+        return _analyze(config, progress or Silent())
+
+
+def _analyze(config: AnalyzeConfig, progress: Progress) -> dict[str, Any]:
     reader = find_reader(config.paths, config.format)
     log = runs.RunLog(config.out, "analyze", config.to_json())
     summary = log.summary
@@ -184,6 +197,8 @@ def run_analyze(config: AnalyzeConfig, progress: Progress | None = None, *, forc
         summary["recommendation"] = recommend_run(
             pairs, health=health, audit=audit, drift=drifts, corrections=corrections
         )
+        if config.fail_on:
+            summary["gate"] = evaluate(config.conditions(), pairs, every_pair=True)
     log.finish()
     with stage("report"):
         write_report(config.out)
@@ -195,7 +210,7 @@ def _scan_seed(paths) -> int:
     folder = paths[0] if paths[0].is_dir() else paths[0].parent
     if len(paths) == 1 and (folder / runs.SUMMARY).is_file():
         try:
-            return int(runs.read_summary(folder, ("scan",))["config"]["sampling"]["seed"])
+            return int(runs.scan_settings(folder)["sampling"]["seed"])
         except RunFolderError:
             pass
     return 0

@@ -78,9 +78,13 @@ def _reference_scores(engine, dtypes: list[str], rollouts: dict[str, list[Rollou
 
 
 def run_diagnose(config: DiagnoseConfig, progress: Progress | None = None, *, force: bool = False) -> dict[str, Any]:
-    """Diagnose into `config.out`; returns the summary (also written as summary.json)."""
-    progress = progress or Silent()
-    runs.check_output_dir(config.out, force)
+    """Diagnose into `config.out`, held for the whole run (`runs.claim`); returns the summary (also written as
+    summary.json)."""
+    with runs.claim(config.out, force=force):
+        return _diagnose(config, progress or Silent())
+
+
+def _diagnose(config: DiagnoseConfig, progress: Progress) -> dict[str, Any]:
     log = runs.RunLog(config.out, "diagnose", config.to_json())
     summary = log.summary
     stage = log.stage

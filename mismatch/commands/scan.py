@@ -57,20 +57,20 @@ def run_scan(
 ) -> dict[str, Any]:
     """Run a scan into `config.out` and return its summary (also written as summary.json).
 
-    The folder must be empty unless `force`; with `resume` the engine outputs already saved there
-    by an interrupted run of the same scan are reused instead of generated again.
+    The folder must be empty unless `force` (an earlier run's files are then removed); with `resume`
+    the engine outputs already saved there by an interrupted run of the same scan are reused instead
+    of generated again. The folder is held for the whole scan (`runs.claim`).
     """
-    progress = progress or Silent()
+    if resume and config.lora:
+        raise ResumeError(
+            "--resume does not cover --lora scans yet (two models' outputs); run the scan again without --resume"
+        )
+    with runs.claim(config.out, force=force, keep=resume):
+        return _scan(config, progress or Silent(), saved=_resumable(config) if resume else {})
+
+
+def _scan(config: ScanConfig, progress: Progress, *, saved: dict[str, list[Rollout]]) -> dict[str, Any]:
     out = config.out
-    if resume:
-        if config.lora:
-            raise ResumeError(
-                "--resume does not cover --lora scans yet (two models' outputs); run the scan again without --resume"
-            )
-        saved = _resumable(config)
-    else:
-        runs.check_output_dir(out, force)
-        saved = {}
     log = runs.RunLog(out, "scan", config.to_json())
     summary = log.summary
     stage = log.stage

@@ -353,11 +353,15 @@ def run_training(
 ) -> list[dict]:
     """One run per seed and dtype (`config.seed_list()` × `config.dtypes`, seed-major: each seed's
     dtypes share data order and sampling seeds), then validation.json and one report.html over all
-    of them in `config.out`. Ctrl-C ends the current run cleanly with what it has, and the runs
-    after it are not started. Returns each run's summary."""
+    of them in `config.out`, held for the whole time (`runs.claim`). Ctrl-C ends the current run
+    cleanly with what it has, and the runs after it are not started. Returns each run's summary."""
+    with runs.claim(config.out, force=force):
+        return _train(config, on_step)
+
+
+def _train(config: TrainConfig, on_step: Callable[[str, dict], None] | None) -> list[dict]:
     from mismatch.report.training import load_runs, render_training, training_validation
 
-    runs.check_output_dir(config.out, force)
     if config.lora_rank:
         check_lora_dtypes(lora_refused_dtypes(config.engine, config.dtypes))
     seeds = config.seed_list()
@@ -397,7 +401,7 @@ def train_one(
     summary.json `impact` at the measured steps. With `step0_check`, once the run is complete, the
     step-0 check (`check_step0`) into summary.json `step0_check`."""
     log = runs.RunLog(out, "train", config.to_json(dtype))
-    trainer = Trainer(config, dtype, reward_fn=reward_fn, live=out / ".live-adapter")
+    trainer = Trainer(config, dtype, reward_fn=reward_fn, live=out / runs.LIVE_ADAPTER)
     log.summary["policy"] = parameter_counts(trainer.policy)
     log.summary["engine_execution"] = trainer.engine.execution  # eager or compiled graphs, as the engine resolved it
     first_tasks = [trainer.tasks[i] for i in trainer.batch_indices(0)]
@@ -471,7 +475,7 @@ def check_step0(config: TrainConfig, dtype: str, out: Path, *, tasks: list[Promp
     base model, not the adapter's LoRA request."""
     if config.lora_rank:
         return {"dtype": dtype, "skipped": "a LoRA run: its engine serves a LoRA request, a scan of the base does not"}
-    prompts = out / "step0-prompts.jsonl"
+    prompts = out / runs.STEP0_PROMPTS
     runs.write_jsonl(prompts, [{"messages": list(t.messages), "answer": t.answer} for t in tasks])
     seed = step0_sampling_seed(config)
     scan = ScanConfig(

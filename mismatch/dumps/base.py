@@ -45,10 +45,10 @@ class Chunk:
 
 def first_record(path: Path) -> dict | None:
     """The first line of a JSON-lines file as a record, or None if it is not one (detection peeks here)."""
-    with path.open(encoding="utf-8") as handle:
-        line = handle.readline()
     try:
+        with path.open(encoding="utf-8") as handle:
+            line = handle.readline()
         record = json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, a 5,000-digit number, nested past the stack
         return None
     return record if isinstance(record, dict) else None

@@ -8,15 +8,17 @@ a dump without `step` is one chunk.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mismatch import runs
 from mismatch.dumps.base import OPTIONAL, REQUIRED, Chunk, first_record
-from mismatch.errors import DumpError
+from mismatch.errors import DumpError, first_line
 
 NAME = "open"
 SUFFIXES = (".parquet", ".jsonl")
@@ -52,8 +54,27 @@ def files(paths: list[Path]) -> list[Path]:
 def fields(path: Path) -> set[str]:
     """The column names of a file (parquet schema, or the first jsonl record's keys)."""
     if path.suffix == ".parquet":
-        return set(pq.read_schema(path).names)
+        with unreadable(path):
+            return set(pq.read_schema(path).names)
     return set(first_record(path) or {})
+
+
+@contextmanager
+def unreadable(path: Path) -> Iterator[None]:
+    """What pyarrow raises on a truncated or damaged parquet file, as one DumpError naming it."""
+    try:
+        yield
+    except (
+        pa.ArrowException,
+        OSError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+    ) as exc:  # also: damaged pandas metadata
+        raise DumpError(
+            f"{path} cannot be read as parquet ({first_line(exc)}); the file is truncated or damaged"
+        ) from None
 
 
 def detect(paths: list[Path]) -> bool:
@@ -75,8 +96,15 @@ def _frames(found: list[Path]) -> Iterator[pd.DataFrame]:
         if missing:
             raise DumpError(f"{path}: no {', '.join(sorted(missing))} field; the open format has {EXPECTED}")
         if path.suffix == ".parquet":
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
-                yield _token_rows(batch.to_pandas(), path)
+            with unreadable(path):
+                batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+            while True:
+                with unreadable(path):
+                    batch = next(batches, None)
+                    frame = None if batch is None else batch.to_pandas()
+                if frame is None:
+                    break
+                yield _token_rows(frame, path)
         else:
             frames = iter(pd.read_json(path, lines=True, chunksize=BATCH_ROWS, dtype=False))
             while True:
@@ -84,13 +112,21 @@ def _frames(found: list[Path]) -> Iterator[pd.DataFrame]:
                     frame = next(frames)
                 except StopIteration:
                     break
-                except ValueError as exc:
-                    raise DumpError(f"{path}: not JSON lines ({exc})") from None
+                except (ValueError, RecursionError) as exc:
+                    raise DumpError(f"{path}: not JSON lines ({first_line(exc)})") from None
                 yield _token_rows(frame, path)
 
 
 def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Sequence rows exploded into token rows (positions 0…n−1); token rows as they are."""
+    """Sequence rows exploded into token rows (positions 0…n−1); token rows as they are; a value of
+    another type than its column's (text ids, nested lists, numbers past int64) is one DumpError."""
+    try:
+        return _rows(frame, path)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise DumpError(f"{path}: {first_line(exc)}; the open format has {EXPECTED}") from None
+
+
+def _rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     if len(frame) and frame["token_id"].map(_is_list).any():
         # an empty response has no token
         frame = frame[frame["token_id"].map(lambda ids: _is_list(ids) and len(ids) > 0)].reset_index(drop=True)
@@ -117,7 +153,12 @@ def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     frame = frame[keep]
     for column in ("logp_engine", "logp_trainer", "logp_trainer_full", "log_kept_mass", "temperature", "entropy"):
         if column in frame:
-            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(np.float64)
+            numbers = pd.to_numeric(frame[column], errors="coerce").astype(np.float64)
+            wrong = numbers.isna() & frame[column].notna()  # null is a non-finite value; text or a list is no number
+            if wrong.any():
+                shown = runs.shown(frame[column][wrong].iloc[0])
+                raise DumpError(f"{path}: {column} holds {shown}, not a number; the open format has {EXPECTED}")
+            frame[column] = numbers
     for column in ("logp_engine", "logp_trainer"):
         if column in frame and (frame[column] > POSITIVE_LIMIT).any():
             raise DumpError(
@@ -144,7 +185,18 @@ def _token_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
             frame[column] = frame[column].astype(np.int64)
     if "prompt_index" in frame:
         frame["prompt_index"] = frame["prompt_index"].astype(np.int64)
+    if "token" in frame:  # each token's text, for reading: a cell that is not text shows the id
+        text = frame["token"].map(lambda token: isinstance(token, str))
+        frame["token"] = frame["token"].where(text, "⟨" + frame["token_id"].astype(str) + "⟩")
     return frame
+
+
+def _ids(values) -> list[int]:
+    """Token ids as ints; a fraction or a number past int64 is no token id."""
+    ids = np.asarray(values, dtype=np.float64 if len(values) else np.int64)
+    if ids.ndim != 1 or not np.array_equal(ids, np.round(ids)) or np.abs(ids).max(initial=0) >= 2**63:
+        raise ValueError(f"{runs.shown(values)} are not integers")
+    return ids.astype(np.int64).tolist()
 
 
 def _is_list(value) -> bool:
@@ -191,10 +243,13 @@ def _chunk(frames: list[pd.DataFrame]) -> Chunk:
             prompt = rows["prompt_ids"].iat[0]
             if not _is_list(prompt):  # null (JSON null, NaN): this sequence cannot be rescored
                 continue
-            if "response_ids" in rows:
-                contexts[int(seq)] = ([int(i) for i in prompt], [int(i) for i in rows["response_ids"].iat[0]])
-            # token rows: the response is the rows
-            elif np.array_equal(rows["position"].to_numpy(), np.arange(len(rows))):
-                contexts[int(seq)] = ([int(i) for i in prompt], rows["token_id"].astype(int).tolist())
+            try:
+                if "response_ids" in rows:
+                    contexts[int(seq)] = (_ids(prompt), _ids(rows["response_ids"].iat[0]))
+                # token rows: the response is the rows
+                elif np.array_equal(rows["position"].to_numpy(), np.arange(len(rows))):
+                    contexts[int(seq)] = (_ids(prompt), rows["token_id"].astype(int).tolist())
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise DumpError(f"sequence {seq}: prompt_ids is not a list of token ids ({first_line(exc)})") from None
         tokens = tokens.drop(columns=[c for c in ("prompt_ids", "response_ids") if c in tokens])
     return Chunk(tokens, contexts)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from mismatch.dumps.base import Chunk, first_record
-from mismatch.errors import DumpError
+from mismatch.errors import DumpError, first_line
 
 NAME = "prime-rl"
 FIELDS = ("token_ids", "loss_mask", "inference_logprobs", "trainer_logprobs")
@@ -55,8 +55,10 @@ def read(paths: list[Path]) -> Iterator[Chunk]:
         record = first_record(path)
         if record is None or not {*FIELDS, "step", "rank"} <= set(record):
             raise DumpError(f"{path}: not {EXPECTED}")
-        step = int(record.get("export_step", record["step"]))  # multi-run exports: the run's step
-        by_step[step].append((int(record["rank"]), path))
+        step = record.get("export_step", record["step"])  # multi-run exports: the run's step
+        if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**63 for n in (step, record["rank"])):
+            raise DumpError(f"{path}: step and rank are not whole numbers ≥ 0; expected {EXPECTED}")
+        by_step[step].append((record["rank"], path))
     for step in sorted(by_step):
         frames: list[pd.DataFrame] = []
         contexts: dict[int, tuple[list[int], list[int]]] = {}
@@ -72,31 +74,52 @@ def _sequences(path: Path, contexts: dict[int, tuple[list[int], list[int]]]) -> 
     """The loss-masked token rows of each record in a rank file; each sequence's seq_id is the next
     free one in `contexts`, where its (prompt, response) token ids go."""
     frames = []
+    for where, record in _records(path):
+        columns = _columns(record, where)
+        mask = columns["loss_mask"]
+        if not mask.any():
+            continue
+        first = int(np.argmax(mask))
+        seq_id = len(contexts)
+        ids = columns["token_ids"]
+        frame = {
+            "seq_id": np.full(int(mask.sum()), seq_id, dtype=np.int64),
+            "position": np.flatnonzero(mask).astype(np.int64) - first,
+            "token_id": ids[mask],
+            "logp_engine": columns["inference_logprobs"][mask],
+            "logp_trainer": columns["trainer_logprobs"][mask],
+        }
+        frames.append(pd.DataFrame(frame))
+        contexts[seq_id] = (ids[:first].tolist(), ids[first:].tolist())
+    return frames
+
+
+def _records(path: Path) -> Iterator[tuple[str, dict]]:
+    """Each record of a rank file, with where it is (`path:line`), read line by line; a line that is
+    not UTF-8 or not a JSON object is a DumpError."""
     with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+        number = 0
+        while True:
+            number += 1
+            try:
+                line = handle.readline()
+            except UnicodeDecodeError as exc:
+                raise DumpError(
+                    f"{path}: not UTF-8 text (byte {exc.start} near line {number}); expected {EXPECTED}"
+                ) from None
+            if not line:
+                return
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DumpError(f"{path}:{number}: not a JSON record ({exc}); expected {EXPECTED}") from None
-            columns = _columns(record, f"{path}:{number}")
-            mask = columns["loss_mask"]
-            if not mask.any():
-                continue
-            first = int(np.argmax(mask))
-            seq_id = len(contexts)
-            ids = columns["token_ids"]
-            frame = {
-                "seq_id": np.full(int(mask.sum()), seq_id, dtype=np.int64),
-                "position": np.flatnonzero(mask).astype(np.int64) - first,
-                "token_id": ids[mask],
-                "logp_engine": columns["inference_logprobs"][mask],
-                "logp_trainer": columns["trainer_logprobs"][mask],
-            }
-            frames.append(pd.DataFrame(frame))
-            contexts[seq_id] = (ids[:first].tolist(), ids[first:].tolist())
-    return frames
+            except (ValueError, RecursionError) as exc:
+                raise DumpError(
+                    f"{path}:{number}: not a JSON record ({first_line(exc)}); expected {EXPECTED}"
+                ) from None
+            if not isinstance(record, dict):
+                raise DumpError(f"{path}:{number}: not a JSON object; expected {EXPECTED}")
+            yield f"{path}:{number}", record
 
 
 def _columns(record: dict, where: str) -> dict[str, np.ndarray]:
@@ -104,12 +127,16 @@ def _columns(record: dict, where: str) -> dict[str, np.ndarray]:
     missing = [f for f in FIELDS if f not in record]
     if missing:
         raise DumpError(f"{where}: no {', '.join(missing)} field; expected {EXPECTED}")
-    columns = {
-        "token_ids": np.asarray(record["token_ids"], dtype=np.int64),
-        "loss_mask": np.asarray(record["loss_mask"], dtype=bool),
-        "inference_logprobs": np.asarray(record["inference_logprobs"], dtype=np.float64),
-        "trainer_logprobs": np.asarray(record["trainer_logprobs"], dtype=np.float64),
-    }
+    types = {"token_ids": np.int64, "loss_mask": bool, "inference_logprobs": np.float64, "trainer_logprobs": np.float64}
+    columns = {}
+    for name, kind in types.items():
+        values = record[name]
+        try:
+            columns[name] = np.asarray(values, dtype=kind)
+        except (TypeError, ValueError, OverflowError) as exc:  # null token ids, numbers past int64, nested lists
+            raise DumpError(f"{where}: {name} cannot be read ({first_line(exc)}); expected {EXPECTED}") from None
+        if not isinstance(values, list) or columns[name].ndim != 1:
+            raise DumpError(f"{where}: {name} is not a list of numbers; expected {EXPECTED}")
     if len({len(c) for c in columns.values()}) > 1:
         lengths = ", ".join(f"{name} {len(c)}" for name, c in columns.items())
         raise DumpError(

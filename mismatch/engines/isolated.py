@@ -6,14 +6,19 @@ class with its torch.compile wrapper), after which transformers cannot build tha
 same process ("Current vLLM config is not set", seen with OLMo-2); and an in-process engine's
 memory is only returned as far as its own shutdown frees it. The child runs the real engine; this
 side forwards calls over a pipe (tensors travel through shared memory), relays progress, re-raises
-the child's user-facing errors as themselves, and notices a child that died.
+the child's user-facing errors as themselves, and notices a child that died (`EngineDied`, naming
+the signal that killed it), even where vLLM's own workers keep the pipe open. A call interrupted
+here (Ctrl-C, SIGTERM) interrupts the child too, so that closing it does not wait for the call.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
+import signal
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -33,38 +38,64 @@ class _Child:
         self._process = context.Process(target=_serve, args=(child,), daemon=False)
         self._process.start()
         child.close()
+        self._busy = False  # a call is in flight: its answer has not been read
         atexit.register(self.stop)  # an engine never closed must not keep the interpreter waiting at exit
 
     def call(self, command: str, *args, progress: Advance | None = None):
-        self._pipe.send((command, args))
+        try:
+            self._pipe.send((command, args))
+        except OSError:  # BrokenPipeError: the child is gone
+            raise self._died() from None
+        self._busy = True
         while True:
-            try:
-                kind, payload = self._pipe.recv()
-            except EOFError:
-                raise errors.EngineError(
-                    f"the vllm engine process ended unexpectedly (exit code {self._process.exitcode}); "
-                    "run again with --engine hf to compare"
-                ) from None
+            kind, payload = self._receive()
             if kind == "progress":
                 if progress:
                     progress(payload)
-            elif kind == "result":
-                return payload
-            elif kind == "user_error":  # a MismatchError in the child: the same class and message here
-                error_class, message = payload
-                raise getattr(errors, error_class, errors.EngineError)(message)
-            else:  # "crash": a bug, with the child's traceback
-                raise RuntimeError(f"the vllm engine process failed:\n{payload}")
+            else:
+                self._busy = False
+                if kind == "result":
+                    return payload
+                if kind == "user_error":  # a MismatchError in the child: the same class and message here
+                    error_class, message = payload
+                    raise getattr(errors, error_class, errors.EngineError)(message)
+                raise RuntimeError(f"the vllm engine process failed:\n{payload}")  # "crash": a bug, with its traceback
+
+    def _receive(self) -> tuple[str, Any]:
+        """The child's next message; `EngineDied` once it is gone. Its death is checked every second as well as
+        at the pipe's end: vLLM's worker processes may hold the child's end of the pipe open after it."""
+        while not self._pipe.poll(1.0):
+            if not self._process.is_alive() and not self._pipe.poll(0):
+                raise self._died()
+        try:
+            return self._pipe.recv()
+        except EOFError:
+            raise self._died() from None
+
+    def _died(self) -> errors.EngineDied:
+        self._process.join(timeout=10)  # the pipe can close just before the process is reaped
+        code = self._process.exitcode
+        if code is None or code >= 0:
+            return errors.EngineDied(f"the vllm engine process ended unexpectedly (exit code {code})")
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a real-time signal
+            name = f"signal {-code}"
+        oom = " (as the kernel's out-of-memory killer does)" if code == -signal.SIGKILL else ""
+        return errors.EngineDied(f"the vllm engine process was killed by {name}{oom}")
 
     def alive(self) -> bool:
         return self._process.is_alive()
 
     def stop(self) -> None:
         atexit.unregister(self.stop)
-        if self._process.is_alive():
+        pid = self._process.pid
+        if self._busy and pid is not None and self._process.is_alive():  # a call interrupted here: interrupt it there
+            os.kill(pid, signal.SIGINT)
+        elif self._process.is_alive():
             try:
                 self.call("close")
-            except (errors.EngineError, BrokenPipeError, OSError):
+            except (errors.EngineError, OSError):
                 pass
         self._process.join(timeout=60)
         if self._process.is_alive():
@@ -204,5 +235,6 @@ def _serve(pipe) -> None:
     except BaseException:
         pipe.send(("crash", traceback.format_exc()))
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the child too, and the parent may add one
         if engine is not None:
             engine.close()

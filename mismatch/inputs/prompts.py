@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from mismatch.errors import PromptError
+from mismatch.errors import PromptError, first_line
 
 PROMPT_FORMATS = (".jsonl", ".txt", ".csv", ".parquet")
 BUILTIN_PREFIX = "builtin:"
@@ -81,12 +82,9 @@ def load_prompts(path: Path) -> list[Prompt]:
     elif suffix == ".txt":
         prompts = [Prompt.from_text(line) for line in _read_text(path).splitlines() if line.strip()]
     elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            prompts = _from_rows(list(csv.DictReader(f)), path)
+        prompts = _from_rows(_read_csv(path), path)
     elif suffix == ".parquet":
-        import pandas as pd
-
-        prompts = _from_rows(pd.read_parquet(path).to_dict("records"), path)
+        prompts = _from_rows(_read_parquet(path), path)
     else:
         raise PromptError(f"unsupported prompt file {path.name}: use one of {', '.join(PROMPT_FORMATS)}")
     if not prompts:
@@ -99,6 +97,37 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise PromptError(f"{path} is not UTF-8 text (byte {exc.start}): re-encode it as UTF-8") from None
+    except OSError as exc:
+        raise PromptError(f"prompt file {path} cannot be read ({first_line(exc)})") from None
+
+
+def _read_csv(path: Path) -> list[dict]:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError as exc:
+        raise PromptError(f"{path} is not UTF-8 text (byte {exc.start}): re-encode it as UTF-8") from None
+    except (csv.Error, OSError) as exc:  # a NUL byte, a field over the csv module's limit
+        raise PromptError(f"{path} is not a CSV file this reads ({first_line(exc)})") from None
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pandas as pd
+    import pyarrow as pa
+
+    try:
+        return pd.read_parquet(path).to_dict("records")
+    except (
+        pa.ArrowException,
+        OSError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+    ) as exc:  # also: damaged pandas metadata
+        raise PromptError(
+            f"{path} cannot be read as parquet ({first_line(exc)}); the file is truncated or damaged"
+        ) from None
 
 
 def _read_jsonl(path: Path) -> list[Prompt]:
@@ -115,8 +144,14 @@ def _parse_jsonl(text: str, source: str) -> list[Prompt]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PromptError(f"{source}:{number}: malformed JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number, nesting past the stack
+            raise PromptError(f"{source}:{number}: malformed JSON ({first_line(exc)})") from None
+        if not isinstance(row, dict):
+            raise PromptError(f"{source}:{number}: each line needs a JSON object with 'prompt' or 'messages'")
         answer = None if row.get("answer") is None else str(row["answer"])
         if isinstance(row.get("messages"), list) and row["messages"]:
+            if not all(_is_message(m) for m in row["messages"]):
+                raise PromptError(f"{source}:{number}: each message needs a string 'role' and a string 'content'")
             prompts.append(Prompt(tuple(row["messages"]), answer))
         elif isinstance(row.get("prompt"), str):
             prompts.append(Prompt.from_text(row["prompt"], answer))
@@ -125,14 +160,25 @@ def _parse_jsonl(text: str, source: str) -> list[Prompt]:
     return prompts
 
 
+def _is_message(message: object) -> bool:
+    return (
+        isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
+    )
+
+
 def _from_rows(rows: list[dict], path: Path) -> list[Prompt]:
     if rows and "prompt" not in rows[0]:
         raise PromptError(f"{path} has no 'prompt' column (columns: {', '.join(map(str, rows[0]))})")
     return [
-        Prompt.from_text(str(row["prompt"]), None if row.get("answer") in (None, "") else str(row["answer"]))
+        Prompt.from_text(_cell(row["prompt"]), _cell(row.get("answer")) or None)
         for row in rows
-        if str(row["prompt"]).strip()
+        if _cell(row["prompt"]).strip()
     ]
+
+
+def _cell(value: object) -> str:
+    """A table cell as text; an empty cell (None, NaN: a short CSV row, a null in parquet) as ""."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
 
 def encode_prompts(tokenizer, prompts: list[Prompt], chat_template: bool = True) -> list[list[int]]:

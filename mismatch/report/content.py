@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from mismatch.report.values import bucket_label, interval, number, percent, ratio
 from mismatch.runs import AnalyzeRun, ScanRun
 from mismatch.stats import measures
+from mismatch.stats.audit import AuditRow
+from mismatch.stats.corrections import CorrectionRow
 from mismatch.stats.distribution import agreement_line
 from mismatch.stats.growth import Growth
+from mismatch.stats.health import HealthRow
 from mismatch.stats.impact import Estimate, ImpactResult
-from mismatch.stats.measures import WorstToken
+from mismatch.stats.measures import STATUS_ORDER, WorstToken
 from mismatch.stats.metrics import PairRow
 
 
@@ -110,6 +113,71 @@ def worst_tokens(run: ScanRun, n: int = 20) -> list[WorstToken]:
         return run.summary["worst_tokens"][:n]
     prompts = run.rollouts.set_index(["engine_dtype", "seq_id"])["prompt"]
     return measures.worst_tokens(run.tokens, lambda engine_dtype, seq_id: prompts[engine_dtype, seq_id], n)
+
+
+FLAGGED = ("warn", "fail")
+STATUS_MARKS = {"ok": "✓ pass", "warn": "⚠ warn", "fail": "✗ fail", "not_measured": "– not measured"}
+
+
+class HealthCell(TypedDict):
+    """One (pair, framework) cell of the health matrix: the worst status of that framework's checks on the pair;
+    with training steps, the most steps any of its checks flagged."""
+
+    status: str
+    checks: list[HealthRow]
+    steps_flagged: int
+    steps: int
+
+
+def health_matrix(health: list[HealthRow]) -> tuple[list[str], list[tuple[str, list[HealthCell | None]]]]:
+    """summary.json `health` as a matrix: the frameworks (columns, in the checks' order), and per pair (rows) a
+    cell per framework (None where the framework has no check on that pair)."""
+    frameworks = list(dict.fromkeys(h["framework"] for h in health))
+    rows = []
+    for pair in dict.fromkeys(h["pair"] for h in health):
+        cells: list[HealthCell | None] = []
+        for framework in frameworks:
+            checks = [h for h in health if h["pair"] == pair and h["framework"] == framework]
+            cells.append(
+                {
+                    "status": max((h["status"] for h in checks), key=STATUS_ORDER.__getitem__),
+                    "checks": checks,
+                    "steps_flagged": max(h["steps_flagged"] for h in checks),
+                    "steps": max(h["steps"] for h in checks),
+                }
+                if checks
+                else None
+            )
+        rows.append((pair, cells))
+    return frameworks, rows
+
+
+def binding_corrections(corrections: list[CorrectionRow]) -> tuple[list[CorrectionRow], list[CorrectionRow]]:
+    """The corrections that change something on these tokens (clamp or zero a token's weight, reject a
+    sequence), then those that change nothing."""
+    binding: list[CorrectionRow] = []
+    idle: list[CorrectionRow] = []
+    for c in corrections:
+        (binding if c["share_tokens_changed"] > 0 or c["share_seqs_changed"] > 0 else idle).append(c)
+    return binding, idle
+
+
+def checks_line(statuses: list[str]) -> str:
+    """How a list of checks came out, in a few words: `all 15 checks pass`, `2 of 15 checks flagged (1 fail,
+    1 warn)`, `15 checks: 13 pass, 2 not measured`."""
+    counts = {status: statuses.count(status) for status in STATUS_ORDER if status in statuses}
+    flagged = sum(counts.get(status, 0) for status in FLAGGED)
+    if flagged:
+        detail = ", ".join(f"{counts[s]} {s}" for s in reversed(FLAGGED) if s in counts)
+        return f"{flagged} of {len(statuses)} checks flagged ({detail})"
+    if counts.get("ok") == len(statuses):
+        return f"all {len(statuses)} checks pass"
+    return f"{len(statuses)} checks: {counts.get('ok', 0)} pass, {counts.get('not_measured', 0)} not measured"
+
+
+def audit_rows(audit_by_pair: dict[str, list[AuditRow]]) -> list[AuditRow]:
+    """summary.json `audit_by_pair` flattened, pair by pair."""
+    return [row for rows in audit_by_pair.values() for row in rows]
 
 
 def nucleus_text(pair: PairRow) -> str:

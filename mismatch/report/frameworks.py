@@ -8,6 +8,9 @@ note). Read at:
   TRL        huggingface/trl f2cd57710ae3 (2026-07-24; releases up to v1.9.0)
   OpenRLHF   OpenRLHF/OpenRLHF 3c3be6234e0c (v0.11.0)
   Oat        sail-sg/oat c1a074c320ff (v0.2.3); Precision-RL at sail-sg/Precision-RL 5b0448596e65
+The health checks' metrics (mismatch.stats.health, each check's `version`) were read at the latest releases:
+verl v0.9.0 (verl-project/verl 483b8a009ba3; v0.7.x's IS statistics separately), NeMo-RL v0.7.0, prime-rl v0.8.0,
+slime v0.3.1, TRL v1.9.0.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ CORRECTION = [
         "algorithm.rollout_is_veto_threshold=null (the veto defaults to 1e-4 and would drop whole sequences); "
         "actor_rollout_ref.actor.tis_imp_ratio_cap was only on main Aug–Oct 2025, never in a tagged release. Sequence "
         "MIS, cap 10: v0.6.1/v0.7.0 algorithm.rollout_correction.rollout_is=sequence rollout_is_threshold=10 "
-        "rollout_rs=sequence rollout_rs_threshold=10 (main after v0.7.0: rollout_rs=seq_sum_k1 "
+        "rollout_rs=sequence rollout_rs_threshold=10 (v0.7.1 to v0.9.0: rollout_rs=seq_sum_k1 "
         "rollout_rs_threshold=10); v0.6.0 algorithm.rollout_is=true rollout_is_level=sequence rollout_is_mode=mask "
         "rollout_is_threshold=10.",
         "source": "volcengine/verl verl/trainer/config/algorithm/rollout_correction.yaml, "
@@ -167,7 +170,8 @@ METRIC_NOTES = [
     {
         "name": "min_ratio / max_ratio",
         "definition": "min / max of π/μ",
-        "verl": "rollout_corr/rollout_is_min / _max (raw, when rollout_is is set)",
+        "verl": "rollout_corr/rollout_is_min / _max (when rollout_is=token is set; v0.7.x: raw; since v0.8.0: "
+        "after truncation, so _max ≤ rollout_is_threshold)",
         "trl": "sampling/importance_sampling_ratio/min / max (after truncation)",
     },
     {"name": "frac_outside_2", "definition": "share of tokens with π/μ outside [½, 2]", "verl": "—", "trl": "—"},

@@ -12,14 +12,20 @@ from mismatch.report.compare import differences, side_by_side
 from mismatch.report.content import (
     BUCKET_COLUMNS,
     DISTRIBUTION_COLUMNS,
+    FLAGGED,
     GROWTH_COLUMNS,
     IMPACT_COLUMNS,
     IMPACT_CORRECTION_COLUMNS,
+    STATUS_MARKS,
     analyze_facts,
+    audit_rows,
+    binding_corrections,
     bucket_rows,
+    checks_line,
     distribution_view,
     growth_rows,
     header_facts,
+    health_matrix,
     impact_correction_rows,
     impact_rows,
     worst_tokens,
@@ -40,7 +46,9 @@ def environment() -> Environment:
     env.filters["integer"] = partial(values.number, spec="d")
     env.filters["ratio"] = values.ratio
     env.filters["percent"] = values.percent
+    env.filters["tokens"] = partial(values.tokens_cell, parenthesised=True)
     env.globals["interval"] = values.interval
+    env.globals["marks"] = STATUS_MARKS
     return env
 
 
@@ -73,6 +81,10 @@ def render_report(run: ScanRun) -> str:
     config = run.summary["config"]
     analyzed = isinstance(run, AnalyzeRun)
     impact = run.summary.get("impact", {})
+    health = run.summary.get("health", [])
+    health_frameworks, health_rows = health_matrix(health)
+    binding, idle = binding_corrections(run.summary.get("corrections", []))
+    audit = audit_rows(run.summary.get("audit_by_pair", {}))
     return (
         environment()
         .get_template("report.html.j2")
@@ -80,9 +92,15 @@ def render_report(run: ScanRun) -> str:
             title=f"mismatch · {'analyze · ' + ' · '.join(config['paths']) if analyzed else config['model']}",
             analyzed=analyzed,
             facts=analyze_facts(run) if isinstance(run, AnalyzeRun) else header_facts(run),
-            health=run.summary.get("health", []),
-            audit=run.summary.get("audit_by_pair", {}),
-            corrections=run.summary.get("corrections", []),
+            health=health,
+            health_line=checks_line([h["status"] for h in health]),
+            health_frameworks=health_frameworks,
+            health_rows=health_rows,
+            audit=audit,
+            audit_flagged=[a for a in audit if a["status"] in FLAGGED],
+            audit_line=checks_line([a["status"] for a in audit]),
+            corrections_binding=binding,
+            corrections_idle=idle,
             drift=run.summary.get("drift", []),
             lora=run.summary.get("lora"),
             routing=run.summary.get("routing"),

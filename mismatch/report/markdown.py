@@ -7,16 +7,25 @@ from typing import Any
 from mismatch.report.compare import differences, side_by_side
 from mismatch.report.content import (
     DISTRIBUTION_COLUMNS,
+    FLAGGED,
     IMPACT_COLUMNS,
+    STATUS_MARKS,
     analyze_facts,
+    audit_rows,
+    binding_corrections,
+    checks_line,
     distribution_view,
     header_facts,
+    health_matrix,
     impact_rows,
     pair_rows,
     worst_tokens,
 )
+from mismatch.report.frameworks import settings_for
 from mismatch.report.values import FIXED, interval, number, percent, ratio, tokens_cell
 from mismatch.runs import AnalyzeRun, ScanRun
+from mismatch.stats.corrections import CorrectionRow
+from mismatch.stats.health import HealthRow
 from mismatch.stats.measures import WorstToken
 
 LIMIT = 60_000  # GitHub's comment body limit is 65,536 characters
@@ -85,11 +94,11 @@ def _render(run: ScanRun, worst: list[WorstToken]) -> str:
         "ℓ = log π(trainer) − log μ(engine) over sampled response tokens; k3 = mean(e^ℓ − 1 − ℓ) estimates KL[μ‖π].",
         "",
     ]
-    if impact := run.summary.get("impact"):
-        lines += _impact_lines(impact)
+    lines += _checks(run.summary)
+    lines += _settings_lines(settings_for(recommendation["verdict"]))
+    lines += _analyses(run.summary)
     facts = analyze_facts(run) if isinstance(run, AnalyzeRun) else header_facts(run)
     lines += [" · ".join(f"{name}: {escape(value)}" for name, value in facts if name != "tokens"), ""]
-    lines += _checks(run.summary)
     if worst:
         lines += _worst_lines(worst)
     version = escape(str(run.summary.get("versions", {}).get("mismatch")))
@@ -127,30 +136,29 @@ def _worst_lines(worst: list[WorstToken]) -> list[str]:
 
 
 def _checks(summary: dict[str, Any]) -> list[str]:
-    """The audit, the health checks that are not ok, the LoRA and routing tables, the correction replay and the
-    drift."""
-    lines = []
-    if audit := summary.get("audit"):
-        lines += ["**Setup audit:** " + " · ".join(f"{a['check']} {a['status']}" for a in audit), ""]
-        lines += [
-            f"- {a['check']} ({escape(a['pair'])}): {escape(a['detail'])}"
-            for a in audit
-            if a["status"] in ("warn", "fail")
-        ]
-        lines += [""] if lines[-1] else []
-    lines += _health_lines(summary.get("health", []))
-    if lora := summary.get("lora"):
-        lines += _lora_lines(lora)
-    lines += routing_lines(summary.get("routing"))
-    lines += distribution_lines(summary.get("distribution"))
-    if corrections := summary.get("corrections"):
-        lines += [
-            "<details><summary>What each correction would do</summary>",
-            "",
-            "| pair | correction | band | tokens changed | sequences changed | ESS before → after |",
-            "|---|---|---|--:|--:|--:|",
-        ]
-        lines += [
+    """The health checks, what binds among the corrections, and the setup audit where it flags."""
+    lines = _health_lines(summary.get("health", []))
+    lines += _correction_lines(summary.get("corrections", []))
+    if audit := audit_rows(summary.get("audit_by_pair", {})):
+        lines += [f"**Setup audit:** {checks_line([a['status'] for a in audit])}", ""]
+        if flagged := [a for a in audit if a["status"] in FLAGGED]:
+            lines += [f"- {a['check']} ({escape(a['pair'])}) {a['status']}: {escape(a['detail'])}" for a in flagged]
+            lines += [""]
+    return lines
+
+
+def _correction_lines(corrections: list[CorrectionRow]) -> list[str]:
+    """The corrections that change something on these tokens in a table, the others collapsed."""
+    if not corrections:
+        return []
+    binding, idle = binding_corrections(corrections)
+    head = [
+        "| pair | correction | band | tokens changed | sequences changed | ESS before → after |",
+        "|---|---|---|--:|--:|--:|",
+    ]
+
+    def table(rows: list[CorrectionRow]) -> list[str]:
+        return head + [
             row(
                 [
                     escape(c["pair"]),
@@ -161,9 +169,48 @@ def _checks(summary: dict[str, Any]) -> list[str]:
                     f"{number(c['ess_before'], '.3f')} → {number(c['ess_after'], '.3f')}",
                 ]
             )
-            for c in corrections
+            for c in rows
         ]
-        lines += ["", "</details>", ""]
+
+    if binding:
+        lines = [f"**Corrections that change something here** ({len(binding)} of {len(corrections)}):", ""]
+        lines += [*table(binding), ""]
+    else:
+        lines = [f"**Corrections:** none of the {len(corrections)} replayed changes a token or a sequence here", ""]
+    if idle:
+        more = "more " if binding else ""
+        lines += [
+            f"<details><summary>{len(idle)} {more}(pair, correction) rows that change nothing here</summary>",
+            "",
+            *table(idle),
+            "",
+        ]
+        lines += ["</details>", ""]
+    return lines
+
+
+def _settings_lines(settings: list[dict[str, str]]) -> list[str]:
+    """The ready-to-paste settings for the verdict: the first shown, the others collapsed."""
+    if not settings:
+        return []
+    lines = ["**What to change, ready to paste:**", ""]
+    for i, framework in enumerate(settings):
+        lines += [f"<details{' open' if i == 0 else ''}><summary>{framework['name']}</summary>", ""]
+        lines += ["```", framework["snippet"], "```", ""]
+        if framework.get("note"):
+            lines += [escape(framework["note"]), ""]
+        lines += ["</details>", ""]
+    return lines
+
+
+def _analyses(summary: dict[str, Any]) -> list[str]:
+    """After the checks: the gradient impact, the LoRA and routing tables, the whole distribution, the drift and
+    why the gap grew."""
+    lines = _impact_lines(impact) if (impact := summary.get("impact")) else []
+    if lora := summary.get("lora"):
+        lines += _lora_lines(lora)
+    lines += routing_lines(summary.get("routing"))
+    lines += distribution_lines(summary.get("distribution"))
     if departed := [d for d in summary.get("drift", []) if d["departs_at"] is not None]:
         lines += [
             "**Over training:** "
@@ -178,14 +225,22 @@ def _checks(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _health_lines(health: list[dict[str, Any]]) -> list[str]:
-    """The framework health checks: a table of those flagged, or that all pass."""
-    if flagged := [h for h in health if h["status"] in ("warn", "fail")]:
+def _health_lines(health: list[HealthRow]) -> list[str]:
+    """The framework health checks: that all pass; or the matrix (pair × framework, the worst of its checks)
+    and a table of those flagged, collapsed."""
+    if flagged := [h for h in health if h["status"] in FLAGGED]:
+        frameworks, matrix = health_matrix(health)
         lines = [
             f"**Health:** {len(flagged)} of {len(health)} framework checks flagged",
             "",
-            "| pair | framework | metric | value | healthy | status |",
-            "|---|---|---|--:|---|---|",
+            row(["engine → trainer", *frameworks]),
+            "|---|" + "---|" * len(frameworks),
+            *[row([escape(pair), *[STATUS_MARKS[c["status"]] if c else "–" for c in cells]]) for pair, cells in matrix],
+            "",
+            "<details><summary>The checks flagged</summary>",
+            "",
+            "| pair | framework | metric | value | healthy | status | source |",
+            "|---|---|---|--:|---|---|---|",
         ]
         lines += [
             row(
@@ -196,11 +251,12 @@ def _health_lines(health: list[dict[str, Any]]) -> list[str]:
                     number(h["value"], ".3g"),
                     escape(h["threshold"]),
                     h["status"],
+                    escape(", ".join(filter(None, (h.get("version"), h["source"])))),
                 ]
             )
             for h in flagged
         ]
-        return [*lines, ""]
+        return [*lines, "", "</details>", ""]
     if health:
         return [f"**Health:** all {len(health)} framework checks pass", ""]
     return []

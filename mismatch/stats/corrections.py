@@ -7,6 +7,11 @@ sequence ratio, a product of token ratios) or e^mean ℓ (`mean`: the geometric 
 0 outside (rejection sampling, no reweighting). Log-ratios are clamped to ±20 first, as verl does
 (SAFETY_BOUND in verl/trainer/ppo/rollout_corr_helper.py), so weights stay finite.
 
+verl's sequence rejections (`rollout_rs=seq_sum_k1` / `seq_mean_k1`, v0.7.1 to v0.9.0) band k1 = log μ − log π,
+not ℓ: the sum or mean over the sequence of each token's −ℓ clamped to ±20, kept when log low ≤ k1 ≤ log high.
+Their band bounds μ/π, the inverse of ρ (`bound="k1"`): "0.999_1.001" keeps e^{mean ℓ} within
+[1/1.001, 1/0.999], not [0.999, 1.001].
+
 The defaults are each framework's own, with the file they are read from. `Replay` streams: it
 keeps sums and a log-weight histogram, never the tokens.
 """
@@ -34,6 +39,7 @@ class Correction:
     low: float | None
     high: float | None
     source: str
+    bound: str = "ratio"  # ratio: the band bounds ρ = π/μ; k1: it bounds μ/π, as verl's *_k1 rejection
 
     @property
     def level(self) -> str:
@@ -42,10 +48,10 @@ class Correction:
     def band(self) -> str:
         low = "—" if self.low is None else f"{self.low:g}"
         high = "—" if self.high is None else f"{self.high:g}"
-        return f"[{low}, {high}]"
+        return f"μ/π ∈ [{low}, {high}]" if self.bound == "k1" else f"[{low}, {high}]"
 
 
-_VERL_CONFIG = "(trainer/config/algorithm.py)"
+_VERL_CONFIG = "(verl/trainer/config/algorithm.py, verl/trainer/ppo/rollout_corr_helper.py @ v0.9.0 483b8a009ba3)"
 CORRECTIONS = (
     Correction(
         name="token_tis",
@@ -54,7 +60,8 @@ CORRECTIONS = (
         low=None,
         high=2.0,
         source="verl rollout_is=token, rollout_is_threshold 2.0 (trainer/config/algorithm/rollout_correction.yaml); "
-        "slime --tis-clip 2.0",
+        "slime --use-tis --tis-clip 2.0 --tis-clip-low 0 (slime/utils/arguments.py @ v0.3.1 a6272da0d4f3), whose "
+        "tis_clipfrac is share_tokens_changed_per_seq (share_tokens_changed with --calculate-per-token-loss)",
     ),
     Correction(
         name="icepop",
@@ -72,6 +79,7 @@ CORRECTIONS = (
         low=0.5,
         high=2.0,
         source=f"verl decoupled_seq_is_rs: sequence IS 2.0 with seq_sum_k1 rejection '0.5_2.0' {_VERL_CONFIG}",
+        bound="k1",
     ),
     Correction(
         name="geometric",
@@ -79,7 +87,8 @@ CORRECTIONS = (
         action="reject",
         low=0.999,
         high=1.001,
-        source=f"verl decoupled_geo_rs: seq_mean_k1 rejection '0.999_1.001' {_VERL_CONFIG}",
+        source=f"verl decoupled_geo_rs: seq_mean_k1 rejection '0.999_1.001' on mean(log μ − log π) {_VERL_CONFIG}",
+        bound="k1",
     ),
     Correction(
         name="trl_token_truncate",
@@ -150,12 +159,15 @@ def with_thresholds(settings: list[str]) -> tuple[Correction, ...]:
 
 
 def ratios(correction: Correction, log_ratio: np.ndarray, seq_index: np.ndarray, n_seqs: int) -> np.ndarray:
-    """log ρ of each unit: per token, or per sequence (`seq_index` numbers the sequences 0…n−1)."""
+    """log ρ of each unit: per token, or per sequence (`seq_index` numbers the sequences 0…n−1). verl's k1
+    rejection clamps each token's ℓ before the sum, and its mean divides by (n + 1e-8) (`masked_mean`)."""
+    clamped = np.clip(log_ratio, -SAFETY_BOUND, SAFETY_BOUND)
     if correction.ratio == "token":
-        return np.clip(log_ratio, -SAFETY_BOUND, SAFETY_BOUND)
-    total: np.ndarray = np.bincount(seq_index, weights=log_ratio, minlength=n_seqs)
+        return clamped
+    k1 = correction.bound == "k1"
+    total: np.ndarray = np.bincount(seq_index, weights=clamped if k1 else log_ratio, minlength=n_seqs)
     if correction.ratio == "mean":
-        total = total / np.bincount(seq_index, minlength=n_seqs)
+        total = total / (np.bincount(seq_index, minlength=n_seqs) + (1e-8 if k1 else 0.0))
     return np.clip(total, -SAFETY_BOUND, SAFETY_BOUND)
 
 
@@ -164,7 +176,12 @@ def weights(correction: Correction, log_rho: np.ndarray) -> tuple[np.ndarray, np
     rho = np.exp(log_rho)
     low = -np.inf if correction.low is None else correction.low
     high = np.inf if correction.high is None else correction.high
-    outside = (rho < low) | (rho > high)
+    if correction.bound == "k1":  # verl keeps log low ≤ k1 = −log ρ ≤ log high
+        k1_low = -np.inf if correction.low is None else np.log(correction.low)
+        k1_high = np.inf if correction.high is None else np.log(correction.high)
+        outside = (-log_rho < k1_low) | (-log_rho > k1_high)
+    else:
+        outside = (rho < low) | (rho > high)
     if correction.action == "truncate":
         return np.clip(rho, low, high), outside
     if correction.action == "mask":
@@ -184,6 +201,7 @@ class CorrectionResult(TypedDict):
     source: str
     units: int  # tokens or sequences, by level
     share_tokens_changed: float
+    share_tokens_changed_per_seq: float  # each sequence's share, then their mean: slime's tis_clipfrac for token_tis
     share_seqs_changed: float
     share_units_zeroed: float
     mean_weight_before: float
@@ -213,6 +231,7 @@ class _Tally:
         self.changed_tokens = 0
         self.seqs = 0
         self.changed_seqs = 0
+        self.seq_shares = 0.0  # Σ over sequences of the share of its tokens changed
         self.sums = dict.fromkeys(("before", "before_sq", "after", "after_sq"), 0.0)
         self.hist = {
             "before": np.zeros(len(_EDGES) + 1, dtype=np.int64),
@@ -229,6 +248,7 @@ class _Tally:
         *,
         changed_tokens: int,
         changed_seqs: int,
+        seq_shares: float,
         tokens: int,
         seqs: int,
     ) -> None:
@@ -239,6 +259,7 @@ class _Tally:
         self.changed_tokens += changed_tokens
         self.seqs += seqs
         self.changed_seqs += changed_seqs
+        self.seq_shares += seq_shares
         for name, values in (("before", before), ("after", after)):
             self.sums[name] += float(values.sum())
             self.sums[name + "_sq"] += float((values**2).sum())
@@ -283,17 +304,19 @@ class Replay:
             return
         _, seq_index = np.unique(np.asarray(seq_ids), return_inverse=True)
         n_seqs = int(seq_index.max()) + 1
+        lengths = np.bincount(seq_index, minlength=n_seqs)
         for correction in self.corrections:
             log_rho = ratios(correction, log_ratio, seq_index, n_seqs)
             after, changed = weights(correction, log_rho)
             token_changed = changed if correction.level == "token" else changed[seq_index]
-            changed_seqs = int(np.bincount(seq_index, weights=token_changed, minlength=n_seqs).astype(bool).sum())
+            changed_per_seq = np.bincount(seq_index, weights=token_changed, minlength=n_seqs)
             self.tallies[correction.name].add(
                 log_rho,
                 after,
                 changed,
                 changed_tokens=int(token_changed.sum()),
-                changed_seqs=changed_seqs,
+                changed_seqs=int(changed_per_seq.astype(bool).sum()),
+                seq_shares=float((changed_per_seq / lengths).sum()),
                 tokens=len(log_ratio),
                 seqs=n_seqs,
             )
@@ -316,6 +339,7 @@ class Replay:
                     "source": correction.source,
                     "units": tally.units,
                     "share_tokens_changed": tally.changed_tokens / tally.tokens,
+                    "share_tokens_changed_per_seq": tally.seq_shares / tally.seqs,
                     "share_seqs_changed": tally.changed_seqs / tally.seqs,
                     "share_units_zeroed": tally.zeros_after / tally.units,
                     "mean_weight_before": tally.sums["before"] / tally.units,

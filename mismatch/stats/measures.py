@@ -119,7 +119,7 @@ class Measures:
             finite = np.isfinite(group["logp_trainer"].to_numpy()) & np.isfinite(group["logp_engine"].to_numpy())
             measured = group[finite]
             pair.replay.add(log_ratio(measured["logp_trainer"], measured["logp_engine"]), measured["seq_id"])
-            checks = health.evaluate(group["logp_trainer"], group["logp_engine"])
+            checks = health.evaluate(group["logp_trainer"], group["logp_engine"], group["seq_id"])
             pair.health.append(checks)
             pair.engine_prob.add(group["logp_trainer"], group["logp_engine"], clusters=clusters)
             if "entropy" in group and group["entropy"].notna().any():

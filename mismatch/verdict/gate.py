@@ -36,8 +36,9 @@ class Condition:
         return [self.pair] if self.pair else [(e, t) for e, t in pairs if e == t]
 
 
-def parse_condition(text: str) -> Condition:
-    """Parse one `--fail-on` expression; ConfigError with the accepted syntax otherwise."""
+def parse_condition(text: str, sides: tuple[str, ...] = DTYPE_NAMES) -> Condition:
+    """Parse one `--fail-on` expression, a named pair's sides among `sides`; ConfigError with the accepted
+    syntax otherwise."""
     match = _SYNTAX.match(text)
     usage = 'expected [ENGINE/TRAINER:]METRIC(>|>=|<|<=)NUMBER, e.g. "k3>1e-3" or "bf16/bf16:max_abs_dp>0.5"'
     if not match:
@@ -51,8 +52,8 @@ def parse_condition(text: str) -> Condition:
     pair = None
     if match["engine"]:
         pair = (match["engine"], match["trainer"])
-        if not set(pair) <= set(DTYPE_NAMES):
-            raise ConfigError(f"--fail-on {text!r}: pair dtypes must be among {', '.join(DTYPE_NAMES)}")
+        if not set(pair) <= set(sides):
+            raise ConfigError(f"--fail-on {text!r}: a pair's sides must be among {', '.join(sides)}")
     return Condition(text.strip(), match["metric"], match["op"], threshold, pair=pair)
 
 
@@ -78,14 +79,16 @@ class GateResult(TypedDict):
     not_measured: list[str]
 
 
-def evaluate(conditions: list[Condition], pairs: list[PairRow]) -> GateResult:
+def evaluate(conditions: list[Condition], pairs: list[PairRow], *, every_pair: bool = False) -> GateResult:
     """Each failure says which pair and what value; a metric that is undefined for a pair (e.g. the
-    length slope when every response has the same length) is listed as not measured, never as a failure."""
+    length slope when every response has the same length) is listed as not measured, never as a failure.
+    A condition naming no pair applies to the pairs of equal dtypes, or with `every_pair` to each pair
+    (an analysed dump's pairs are its engine against its trainer, never equal dtypes)."""
     by_pair = {(p["engine_dtype"], p["trainer_dtype"]): p for p in pairs}
     failed: list[str] = []
     not_measured: list[str] = []
     for condition in conditions:
-        for pair in condition.pairs_in(list(by_pair)):
+        for pair in list(by_pair) if every_pair and not condition.pair else condition.pairs_in(list(by_pair)):
             name = f"{'/'.join(pair)}:{condition.metric}"
             if pair not in by_pair:  # e.g. an engine dtype the engine refused for this model
                 not_measured.append(f"{name}: the pair was not measured (gate {condition.text} not applied)")

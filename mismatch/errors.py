@@ -6,6 +6,10 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class MismatchError(Exception):
     """Root of every error the user can act on; the message is the whole explanation."""
@@ -67,3 +71,15 @@ class DumpError(MismatchError):
 def first_line(exc: Exception) -> str:
     """A library exception's first non-empty line (its class name when it has none): what a one-line error quotes."""
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+@contextmanager
+def parquet_damage(path: Path, error: type[MismatchError], advice: str) -> Iterator[None]:
+    """What pyarrow and pandas raise on a truncated or damaged parquet file (its pandas metadata too), as one
+    `error` naming the file, then `advice`."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError, EOFError, ValueError, TypeError, KeyError) as exc:
+        raise error(f"{path} cannot be read as parquet ({first_line(exc)}); {advice}") from None

@@ -48,7 +48,15 @@ import numpy as np
 import pandas as pd
 
 from mismatch import DISTRIBUTION
-from mismatch.errors import DiskFull, FolderInUse, MismatchError, OutputExists, RunFolderError, first_line
+from mismatch.errors import (
+    DiskFull,
+    FolderInUse,
+    MismatchError,
+    OutputExists,
+    RunFolderError,
+    first_line,
+    parquet_damage,
+)
 from mismatch.model import precision
 from mismatch.records import DTYPE_NAMES, Rollout, seq_id
 
@@ -676,22 +684,9 @@ def read_parquet(
         return pd.read_parquet(file, columns=columns)
 
 
-@contextmanager
-def damaged_parquet(file: Path) -> Iterator[None]:
-    """What pyarrow raises on a truncated or damaged parquet file, as one RunFolderError naming it."""
-    import pyarrow as pa
-
-    try:
-        yield
-    except (
-        pa.ArrowException,
-        OSError,
-        EOFError,
-        ValueError,
-        TypeError,
-        KeyError,
-    ) as exc:  # also: damaged pandas metadata
-        raise RunFolderError(f"{file} cannot be read as parquet ({first_line(exc)}); {DAMAGED}") from None
+def damaged_parquet(file: Path):
+    """A truncated or damaged parquet file of a run folder as one RunFolderError naming it."""
+    return parquet_damage(file, RunFolderError, DAMAGED)
 
 
 def folder_kind(path: Path) -> str:

@@ -8,17 +8,15 @@ a dump without `step` is one chunk.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mismatch import runs
 from mismatch.dumps.base import OPTIONAL, REQUIRED, Chunk, first_record
-from mismatch.errors import DumpError, first_line
+from mismatch.errors import DumpError, first_line, parquet_damage
 
 NAME = "open"
 SUFFIXES = (".parquet", ".jsonl")
@@ -59,22 +57,9 @@ def fields(path: Path) -> set[str]:
     return set(first_record(path) or {})
 
 
-@contextmanager
-def unreadable(path: Path) -> Iterator[None]:
-    """What pyarrow raises on a truncated or damaged parquet file, as one DumpError naming it."""
-    try:
-        yield
-    except (
-        pa.ArrowException,
-        OSError,
-        EOFError,
-        ValueError,
-        TypeError,
-        KeyError,
-    ) as exc:  # also: damaged pandas metadata
-        raise DumpError(
-            f"{path} cannot be read as parquet ({first_line(exc)}); the file is truncated or damaged"
-        ) from None
+def unreadable(path: Path):
+    """A truncated or damaged parquet dump as one DumpError naming it."""
+    return parquet_damage(path, DumpError, "the file is truncated or damaged")
 
 
 def detect(paths: list[Path]) -> bool:

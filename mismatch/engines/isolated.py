@@ -64,12 +64,12 @@ class _Child:
     def _receive(self) -> tuple[str, Any]:
         """The child's next message; `EngineDied` once it is gone. Its death is checked every second as well as
         at the pipe's end: vLLM's worker processes may hold the child's end of the pipe open after it."""
-        while not self._pipe.poll(1.0):
-            if not self._process.is_alive() and not self._pipe.poll(0):
-                raise self._died()
         try:
+            while not self._pipe.poll(1.0):
+                if not self._process.is_alive() and not self._pipe.poll(0):
+                    raise self._died()
             return self._pipe.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the pipe's end, or its connection reset by the child's death
             raise self._died() from None
 
     def _died(self) -> errors.EngineDied:

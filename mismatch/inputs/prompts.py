@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from mismatch.errors import PromptError, first_line
+from mismatch.errors import PromptError, first_line, parquet_damage
 
 PROMPT_FORMATS = (".jsonl", ".txt", ".csv", ".parquet")
 BUILTIN_PREFIX = "builtin:"
@@ -113,21 +113,9 @@ def _read_csv(path: Path) -> list[dict]:
 
 def _read_parquet(path: Path) -> list[dict]:
     import pandas as pd
-    import pyarrow as pa
 
-    try:
+    with parquet_damage(path, PromptError, "the file is truncated or damaged"):
         return pd.read_parquet(path).to_dict("records")
-    except (
-        pa.ArrowException,
-        OSError,
-        EOFError,
-        ValueError,
-        TypeError,
-        KeyError,
-    ) as exc:  # also: damaged pandas metadata
-        raise PromptError(
-            f"{path} cannot be read as parquet ({first_line(exc)}); the file is truncated or damaged"
-        ) from None
 
 
 def _read_jsonl(path: Path) -> list[Prompt]:
